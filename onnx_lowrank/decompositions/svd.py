@@ -1,0 +1,71 @@
+"""Truncated SVD of the weight matrix: one layer becomes two thinner ones (004 for FC and 1x1
+convs, 001's SVD block). On a conv the first factor keeps the whole kernel and the geometry
+(C -> r, DxD) and the second is a 1x1 (r -> T), which is AIMET's "weight SVD"."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .base import (ConvGeometry, ConvStep, DenseStep, Factors, Layer, RankSpec, Step, check_eps,
+                   choose_rank, conv_macs, normalize_ranks)
+
+
+class SVDFactors(Factors):
+    method = "svd"
+
+    def __init__(self, layer: Layer, first: np.ndarray, second: np.ndarray):
+        super().__init__(layer)
+        self.first = first    # (r, in, *kernel)
+        self.second = second  # (out, r)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.second.shape[1],)
+
+    def reconstruct(self) -> np.ndarray:
+        r = self.ranks[0]
+        return (self.second @ self.first.reshape(r, -1)).reshape(self.layer.weight.shape)
+
+    def chain(self) -> list[Step]:
+        layer = self.layer
+        if not layer.is_conv:
+            return [DenseStep(self.first), DenseStep(self.second, layer.bias)]
+        ndim = layer.geometry.ndim
+        second = self.second.reshape(self.second.shape + (1,) * ndim)
+        return [ConvStep(self.first, layer.geometry),
+                ConvStep(second, ConvGeometry.pointwise(ndim), bias=layer.bias)]
+
+    @property
+    def weight_params(self) -> int:
+        return self.first.size + self.second.size
+
+    def weight_macs(self, in_spatial: Sequence[int]) -> int:
+        r = self.ranks[0]
+        if not self.layer.is_conv:
+            return in_spatial[0] * (self.first.size + self.second.size)
+        out = self.layer.geometry.out_size(in_spatial)
+        return (conv_macs(r, self.layer.in_per_group, self.layer.kernel, out)
+                + conv_macs(self.layer.out_channels, r, (), out))
+
+
+def check(layer: Layer) -> str | None:
+    return None
+
+
+def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = None) -> SVDFactors:
+    """Best rank-r approximation of the (out, in*kernel) matrix; with `eps`, the smallest rank
+    whose relative Frobenius error is <= eps."""
+    check_eps(eps)
+    w = layer.weight.astype(np.float64)
+    matrix = w.reshape(w.shape[0], -1)
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    if rank is not None:
+        (r,) = normalize_ranks(rank, [len(s)])
+    else:
+        r = choose_rank(s, None, (eps or 0.0) * np.linalg.norm(s), None)
+    root = np.sqrt(s[:r])  # split the singular values evenly so neither factor dominates
+    first = (root[:, None] * vt[:r]).reshape((r,) + w.shape[1:])
+    second = u[:, :r] * root
+    return SVDFactors(layer, first, second)

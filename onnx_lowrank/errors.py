@@ -1,0 +1,18 @@
+"""Errors the converter raises on purpose. Each message is one line a user can act on; the CLI
+prints it and exits non-zero instead of showing a traceback."""
+
+
+class OnnxLowrankError(Exception):
+    """Base of every error the converter reports to the user."""
+
+
+class InvalidModel(OnnxLowrankError):
+    """The input is not a model we can read: missing, not ONNX, truncated, inconsistent."""
+
+
+class UnsupportedLayer(OnnxLowrankError):
+    """A decomposition method cannot handle this layer; the message says why."""
+
+
+class OutputError(OnnxLowrankError):
+    """The result could not be written where asked."""

@@ -1,0 +1,78 @@
+"""Reading and writing models. Reading rejects what is not a usable model with one clear line;
+writing is atomic (a temporary file renamed into place) and switches to external data when the
+weights pass protobuf's 2 GB limit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from ..errors import InvalidModel, OutputError
+
+# protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.exists():
+        raise InvalidModel(f"{p}: no such file")
+    if not p.is_file():
+        raise InvalidModel(f"{p}: not a file")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except DecodeError:
+        raise InvalidModel(f"{p}: not an ONNX model (the file does not parse as one; truncated?)") from None
+    except (OSError, ValueError) as e:
+        raise InvalidModel(f"{p}: cannot read the model or its external data: {e}") from None
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise InvalidModel(f"{p}: not an ONNX model (no IR version, graph or opset)")
+    if not model.graph.node:
+        raise InvalidModel(f"{p}: the model's graph has no nodes")
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < EXTERNAL_DATA_THRESHOLD else str(p))
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidModel(f"{p}: invalid ONNX model: {first}") from None
+    return model
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write `model` to `path` atomically: everything goes to a temporary folder next to `path`
+    and is renamed into place, external data first, so a failure leaves no partial file."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{p}: the folder {folder} does not exist")
+    external = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    data_name = p.name + ".data"
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", dir=folder))
+    except OSError as e:
+        raise OutputError(f"{p}: cannot write to {folder}: {e.strerror}") from None
+    try:
+        if external:
+            to_write = onnx.ModelProto()
+            to_write.CopyFrom(model)  # converting to external data changes the tensors in place
+            onnx.save_model(to_write, str(tmp / p.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(tmp / data_name, folder / data_name)
+        else:
+            onnx.save_model(model, str(tmp / p.name))
+        os.replace(tmp / p.name, p)
+    except OSError as e:
+        raise OutputError(f"{p}: cannot write: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
