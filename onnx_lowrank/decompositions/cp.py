@@ -121,14 +121,20 @@ def _column_norms2(factors: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.sum(f * f, axis=0) for f in factors]
 
 
-def sensitivity(factors: Sequence[np.ndarray]) -> float:
-    """001 Lemma 1, any number of ways: sum over modes n of the sum over r of the product of the
-    other factors' squared column norms."""
+def sensitivity_terms(factors: Sequence[np.ndarray]) -> list[float]:
+    """Per mode n: sum over r of the product of the other factors' squared column norms."""
     n2 = _column_norms2(factors)
-    total = 0.0
-    for n in range(len(factors)):
-        total += np.prod([n2[m] for m in range(len(factors)) if m != n], axis=0).sum()
-    return float(total)
+    return [float(np.prod([n2[m] for m in range(len(factors)) if m != n], axis=0).sum())
+            for n in range(len(factors))]
+
+
+def sensitivity(factors: Sequence[np.ndarray]) -> float:
+    """001 Lemma 1 (eq. 5), for any number of ways: the sum of `sensitivity_terms`.
+
+    The limit in 001's definition (eq. 4) weighs mode n's term by that mode's size I_n rather
+    than by R: step (7) of the proof replaces tr(M kron I_{I_n}) by R tr(M). We use Lemma 1 as
+    printed, the measure 001 minimises and reports; the test checks both against eq. 4."""
+    return sum(sensitivity_terms(factors))
 
 
 def intensities(factors: Sequence[np.ndarray]) -> np.ndarray:
