@@ -112,7 +112,7 @@ def from_cp_tensor(tensor: np.ndarray, shape: tuple[int, ...], ways: int) -> np.
 
 def cp_to_tensor(factors: Sequence[np.ndarray]) -> np.ndarray:
     letters = "abcdefgh"[: len(factors)]
-    return np.einsum(",".join(f"{l}z" for l in letters) + "->" + letters, *factors)
+    return np.einsum(",".join(f"{l}z" for l in letters) + "->" + letters, *factors, optimize=True)
 
 
 # ---- degeneracy measures (001 eqs. 3-5) -----------------------------------------------------
@@ -190,7 +190,7 @@ def _mttkrp(tensor: np.ndarray, factors: Sequence[np.ndarray], mode: int) -> np.
     letters = "abcdefgh"[: tensor.ndim]
     ins = [letters] + [f"{letters[m]}z" for m in range(tensor.ndim) if m != mode]
     ops = [tensor] + [factors[m] for m in range(tensor.ndim) if m != mode]
-    return np.einsum(",".join(ins) + f"->{letters[mode]}z", *ops)
+    return np.einsum(",".join(ins) + f"->{letters[mode]}z", *ops, optimize=True)
 
 
 def _epc_update(tensor: np.ndarray, norm2: float, factors: list[np.ndarray], mode: int,

@@ -25,7 +25,7 @@ class SpatialSVDFactors(Factors):
         return (self.vertical.shape[0],)
 
     def reconstruct(self) -> np.ndarray:
-        return np.einsum("trb,rca->tcab", self.horizontal[:, :, 0, :], self.vertical[..., 0])
+        return np.einsum("trb,rca->tcab", self.horizontal[:, :, 0, :], self.vertical[..., 0], optimize=True)
 
     def chain(self) -> list[Step]:
         g = self.layer.geometry

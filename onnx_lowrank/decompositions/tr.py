@@ -54,7 +54,7 @@ class TRFactors(Factors):
         return self.tr_ranks
 
     def reconstruct(self) -> np.ndarray:
-        return np.einsum("dta,acb,bxe,eyd->tcxy", *self.cores)
+        return np.einsum("dta,acb,bxe,eyd->tcxy", *self.cores, optimize=True)
 
     def chain(self) -> list[Step]:
         g = self.layer.geometry
@@ -82,6 +82,18 @@ class TRFactors(Factors):
         out = g.out_size(in_spatial)
         return (conv_macs(a * b, ch, (), in_spatial) + a * conv_macs(c, b, (d1,), mid)
                 + a * conv_macs(d, c, (d2,), out) + conv_macs(t, a * d, (), out))
+
+
+def table1_storage(shift: int, ranks: Sequence[int], t: int, c: int, d1: int, d2: int) -> int:
+    """003's Table 1 storage for tau_shift with TR ranks R1..R4 of that permutation. (The table
+    prints R4*T*R4 in the tau_2 row; its cores, Appendix A, give R3*T*R4, used here.)"""
+    r1, r2, r3, r4 = ranks
+    return {
+        0: r2 * c * r3 + r3 * d1 * r4 + r4 * d2 * r1 + r1 * t * r2,
+        1: r1 * c * r2 + r2 * d1 * r3 + r3 * d2 * r4 + r4 * t * r1,
+        2: r4 * c * r1 + r1 * d1 * r2 + r2 * d2 * r3 + r3 * t * r4,
+        3: r3 * c * r4 + r4 * d1 * r1 + r1 * d2 * r2 + r2 * t * r3,
+    }[shift]
 
 
 def divisors(n: int) -> list[int]:

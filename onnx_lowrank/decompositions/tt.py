@@ -32,7 +32,7 @@ class TTFactors(Factors):
 
     def reconstruct(self) -> np.ndarray:
         g1, g2, g3, g4 = self.cores
-        permuted = np.einsum("ca,axb,byd,dt->cxyt", g1[0], g2, g3, g4[:, :, 0])
+        permuted = np.einsum("ca,axb,byd,dt->cxyt", g1[0], g2, g3, g4[:, :, 0], optimize=True)
         return permuted.transpose(3, 0, 1, 2)
 
     def chain(self) -> list[Step]:

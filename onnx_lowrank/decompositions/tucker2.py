@@ -55,15 +55,15 @@ class Tucker2Factors(Factors):
 def project(w: np.ndarray, u: np.ndarray | None, v: np.ndarray | None) -> np.ndarray:
     """W x_C U^T x_T V^T (either projection skipped when None)."""
     if u is not None:
-        w = np.einsum("tc...,cr->tr...", w, u)
+        w = np.einsum("tc...,cr->tr...", w, u, optimize=True)
     if v is not None:
-        w = np.einsum("tc...,ts->sc...", w, v)
+        w = np.einsum("tc...,ts->sc...", w, v, optimize=True)
     return w
 
 
 def expand(core: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """G x_C U x_T V."""
-    return np.einsum("sr...,cr,ts->tc...", core, u, v)
+    return np.einsum("sr...,cr,ts->tc...", core, u, v, optimize=True)
 
 
 def _in_gram(w: np.ndarray) -> np.ndarray:
