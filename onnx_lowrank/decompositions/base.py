@@ -15,7 +15,6 @@ from typing import ClassVar, Sequence, Union
 
 import numpy as np
 
-from ..errors import UnsupportedLayer
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def from_cp_tensor(tensor: np.ndarray, shape: tuple[int, ...], ways: int) -> np.
 
 def cp_to_tensor(factors: Sequence[np.ndarray]) -> np.ndarray:
     letters = "abcdefgh"[: len(factors)]
-    return np.einsum(",".join(f"{l}z" for l in letters) + "->" + letters, *factors, optimize=True)
+    return np.einsum(",".join(f"{ch}z" for ch in letters) + "->" + letters, *factors, optimize=True)
 
 
 # ---- degeneracy measures (001 eqs. 3-5) -----------------------------------------------------
@@ -201,7 +201,7 @@ def _epc_update(tensor: np.ndarray, norm2: float, factors: list[np.ndarray], mod
     # it, of the products of the remaining factors' squared norms
     w2 = np.zeros_like(n2[mode])
     for m in others:
-        w2 += np.prod([n2[l] for l in others if l != m], axis=0) if len(others) > 1 else 1.0
+        w2 += np.prod([n2[k] for k in others if k != m], axis=0) if len(others) > 1 else 1.0
     w = np.sqrt(np.maximum(w2, 1e-300))
 
     gram = np.prod([factors[m].T @ factors[m] for m in others], axis=0)  # Z^T Z

@@ -84,8 +84,12 @@ def find_targets(model: onnx.ModelProto) -> tuple[list[LayerTarget], list[Skippe
     return targets, skipped
 
 
-def _weight(index: GraphIndex, name: str) -> np.ndarray | str:
-    """The constant weight called `name`, or why it cannot be factored."""
+def _weight(index: GraphIndex, name: str, activation: str) -> np.ndarray | str:
+    """The constant weight called `name` of a layer reading `activation`, or why the layer cannot
+    be factored."""
+    producer = index.producer.get(activation)
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return "quantized (QDQ) layer: its input is dequantized at run time"
     if name in index.graph_inputs:
         return "weight is a graph input (it can be fed at run time)"
     producer = index.producer.get(name)
@@ -103,24 +107,14 @@ def _weight(index: GraphIndex, name: str) -> np.ndarray | str:
     return value
 
 
-def _activation_reason(index: GraphIndex, name: str) -> str | None:
-    producer = index.producer.get(name)
-    if producer is not None and producer.op_type == "DequantizeLinear":
-        return "quantized (QDQ) layer: its input is dequantized at run time"
-    return None
-
-
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _conv(index: GraphIndex, node: onnx.NodeProto) -> LayerTarget | str:
-    weight = _weight(index, node.input[1])
+    weight = _weight(index, node.input[1], node.input[0])
     if isinstance(weight, str):
         return weight
-    reason = _activation_reason(index, node.input[0])
-    if reason:
-        return reason
     ndim = weight.ndim - 2
     if ndim not in (1, 2, 3):
         return f"{ndim}-D convolution: only 1-D, 2-D and 3-D are factored"
@@ -171,12 +165,9 @@ def same_pads(spatial, kernel, strides, dilations, auto_pad: str) -> tuple[int, 
 def _gemm(index: GraphIndex, node: onnx.NodeProto) -> LayerTarget | str:
     if index.is_constant(node.input[0]) and not index.is_constant(node.input[1]):
         return "the constant is Gemm's A input; only a constant B is factored"
-    weight = _weight(index, node.input[1])
+    weight = _weight(index, node.input[1], node.input[0])
     if isinstance(weight, str):
         return weight
-    reason = _activation_reason(index, node.input[0])
-    if reason:
-        return reason
     attrs = _attrs(node)
     alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
     b = weight.T if attrs.get("transB", 0) else weight            # (K, N)
@@ -209,14 +200,11 @@ def _matmul(index: GraphIndex, node: onnx.NodeProto) -> LayerTarget | str:
         return "no constant weight: both inputs are computed at run time"
     side = "right" if b_const else "left"
     w_name, x_name = (node.input[1], node.input[0]) if b_const else (node.input[0], node.input[1])
-    weight = _weight(index, w_name)
+    weight = _weight(index, w_name, x_name)
     if isinstance(weight, str):
         return weight
     if weight.ndim != 2:
         return f"weight has {weight.ndim} dims: only 2-D MatMul weights are factored"
-    reason = _activation_reason(index, x_name)
-    if reason:
-        return reason
     matrix = weight.T if side == "right" else weight  # (out, in)
     target = LayerTarget(node_name(node), "MatMul", node, Layer(matrix), weight.dtype,
                          index.shape(x_name), weight_side=side, absorbed=[w_name])

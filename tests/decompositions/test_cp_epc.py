@@ -50,7 +50,8 @@ def test_epc_tames_a_degenerate_cp():
     v = [rng.standard_normal((n, 1)) for n in (6, 7, 8)]
     eps = 1e-4
     # add big*u∘v∘w and -big*(u+eps)∘v∘w: they cancel up to a small term
-    degenerate = [np.hstack([a, big * v[0], -big * (v[0] + eps)]), np.hstack([b, v[1], v[1]]), np.hstack([c, v[2], v[2]])]
+    degenerate = [np.hstack([a, big * v[0], -big * (v[0] + eps)]),
+                  np.hstack([b, v[1], v[1]]), np.hstack([c, v[2], v[2]])]
     err = np.linalg.norm(tensor - cp_to_tensor(degenerate))
     corrected = epc(tensor, degenerate)
     assert np.linalg.norm(tensor - cp_to_tensor(corrected)) == pytest.approx(err, rel=1e-6)

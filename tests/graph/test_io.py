@@ -13,7 +13,8 @@ from onnx_lowrank.graph import io, load_model, save_model
 
 @pytest.fixture
 def model():
-    return conv_model(np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32), input_shape=(1, 8, 8, 8))
+    weight = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)
+    return conv_model(weight, input_shape=(1, 8, 8, 8))
 
 
 def test_round_trip(tmp_path, model):

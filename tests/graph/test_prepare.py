@@ -59,9 +59,9 @@ def test_conv_read_elsewhere_is_not_folded():
 def test_batchnorm_folds_into_gemm_with_beta():
     rng = np.random.default_rng(0)
     names = ["s", "b", "m", "v"]
-    inits = [init("B", rng.standard_normal((5, 8)).astype(np.float32)), init("C", rng.standard_normal(5).astype(np.float32))]
-    inits += [init(n, v.astype(np.float32)) for n, v in zip(names, [rng.standard_normal(5), rng.standard_normal(5),
-                                                                      rng.standard_normal(5), rng.uniform(0.5, 2, 5)])]
+    values = [rng.standard_normal((5, 8)), rng.standard_normal(5), rng.standard_normal(5), rng.standard_normal(5),
+              rng.standard_normal(5), rng.uniform(0.5, 2, 5)]
+    inits = [init(n, v.astype(np.float32)) for n, v in zip(["B", "C"] + names, values)]
     nodes = [helper.make_node("Gemm", ["x", "B", "C"], ["g"], transB=1, alpha=0.5, beta=2.0),
              helper.make_node("BatchNormalization", ["g"] + names, ["y"])]
     model = make_model(nodes, [tensor("x", [3, 8])], [tensor("y", None)], inits)
