@@ -1,0 +1,224 @@
+"""ONNX → torch.nn.Module through onnx2torch, and the way back from an ONNX node name to the
+torch parameter holding its weight.
+
+onnx2torch converts up to about opset 17 and leaves out a few attribute values; it fails loudly
+(NotImplementedError) rather than silently wrong. `prepare_for_onnx2torch` rewrites a copy of the
+model into the form it takes, without changing what the model computes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import onnx
+from onnx import numpy_helper
+
+from ..errors import OnnxLowrankError
+from ..graph.index import GraphIndex, constant_node_value
+from ..graph.prepare import infer_shapes
+from ..graph.targets import TARGET_OPS, node_name
+from . import deps
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_OPSET = 17  # the newest opset onnx2torch has converters for (AveragePool-19, Pad-18 … are missing)
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def to_torch(model: onnx.ModelProto) -> torch.nn.Module:
+    """The model as a torch.fx.GraphModule in eval mode, taking the graph inputs positionally
+    (initializers excluded) in graph order. Every weight of a Conv, Gemm or MatMul is an
+    nn.Parameter, so it trains. The input model is not modified."""
+    deps.require_torch()
+    import onnx2torch
+
+    prepared = prepare_for_onnx2torch(model)
+    if deps.torchvision_stubbed:
+        used = sorted({n.op_type for n in prepared.graph.node} & set(deps.TORCHVISION_OPS))
+        if used:
+            raise OnnxLowrankError(f"the model uses {', '.join(used)}, which onnx2torch runs through "
+                                   "torchvision; torchvision is not installed")
+    try:
+        # attach_onnx_mapping records each module's ONNX input/output names: layer_weights uses it
+        module = onnx2torch.convert(prepared, attach_onnx_mapping=True)
+    except NotImplementedError as e:
+        raise OnnxLowrankError(f"onnx2torch cannot convert this model: {e}") from None
+    _constant_weights_to_parameters(module)
+    return module.eval()
+
+
+def prepare_for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` that onnx2torch converts and that computes the same thing: opset lowered
+    to 17, tensor Constant nodes made initializers (onnx2torch reads Conv weights only from
+    initializers), Conv auto_pad made explicit pads, and allowzero=1 dropped from Reshapes whose
+    constant shape has no zero (allowzero only changes what a 0 in the shape means)."""
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    opset = next((o.version for o in prepared.opset_import if o.domain in ONNX_DOMAINS), MAX_OPSET)
+    if opset > MAX_OPSET:
+        try:
+            prepared = onnx.version_converter.convert_version(prepared, MAX_OPSET)
+        except Exception as e:  # noqa: BLE001 - the C++ converter raises bare RuntimeErrors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OnnxLowrankError(f"cannot lower opset {opset} to {MAX_OPSET} for onnx2torch: {first}") from None
+    _constants_to_initializers(prepared.graph)
+    prepared = infer_shapes(prepared)  # auto_pad needs the input sizes
+    index = GraphIndex(prepared.graph)
+    for node in prepared.graph.node:
+        if node.domain not in ONNX_DOMAINS:
+            continue
+        if node.op_type == "Conv":
+            _explicit_pads(index, node)
+        elif node.op_type == "Reshape":
+            _drop_needless_allowzero(index, node)
+    return prepared
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    graph_outputs = {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type != "Constant" or node.domain not in ONNX_DOMAINS or node.output[0] in graph_outputs:
+            continue
+        value = constant_node_value(node)
+        if value is None or value.dtype.kind not in "biuf":  # strings and sparse values stay nodes
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        graph.node.remove(node)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    _drop_attr(node, name)
+    if value is not None:
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _drop_attr(node: onnx.NodeProto, name: str) -> None:
+    for a in [a for a in node.attribute if a.name == name]:
+        node.attribute.remove(a)
+
+
+def _explicit_pads(index: GraphIndex, node: onnx.NodeProto) -> None:
+    """Replace Conv's auto_pad by the pads it stands for (onnx2torch implements only NOTSET and
+    VALID). SAME_* pads so that out = ceil(in / stride), the odd pixel at the end (UPPER) or at
+    the start (LOWER), as in the ONNX spec and onnxruntime."""
+    attrs = _attrs(node)
+    auto_pad = attrs.get("auto_pad", b"NOTSET").decode()
+    if auto_pad == "NOTSET":
+        return
+    weight_shape = index.shape(node.input[1])
+    kernel = attrs.get("kernel_shape") or (weight_shape[2:] if weight_shape else None)
+    if kernel is None or not all(isinstance(k, int) for k in kernel):
+        raise OnnxLowrankError(f"{node_name(node)}: cannot make auto_pad explicit, the kernel size is unknown")
+    rank = len(kernel)
+    head, tail = [0] * rank, [0] * rank
+    if auto_pad != "VALID":
+        strides = attrs.get("strides", [1] * rank)
+        dilations = attrs.get("dilations", [1] * rank)
+        in_shape = index.shape(node.input[0])
+        for i, (k, s, d) in enumerate(zip(kernel, strides, dilations)):
+            extent = (k - 1) * d + 1
+            if s == 1:
+                total = extent - 1  # does not depend on the input size
+            else:
+                size = in_shape[2 + i] if in_shape and len(in_shape) == rank + 2 else None
+                if not isinstance(size, int):
+                    raise OnnxLowrankError(f"{node_name(node)}: auto_pad={auto_pad} with stride {s} needs a "
+                                           "static input size, and the input's spatial size is not known")
+                total = max(0, (-(-size // s) - 1) * s + extent - size)
+            head[i] = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            tail[i] = total - head[i]
+    _drop_attr(node, "auto_pad")
+    _set_attr(node, "pads", head + tail)
+
+
+def _drop_needless_allowzero(index: GraphIndex, node: onnx.NodeProto) -> None:
+    if _attrs(node).get("allowzero", 0) != 1:
+        return
+    shape = index.constant(node.input[1])
+    if shape is not None and not (shape == 0).any():
+        _drop_attr(node, "allowzero")
+
+
+def _constant_weights_to_parameters(module: torch.fx.GraphModule) -> None:
+    """onnx2torch keeps the constant operands of MatMul (and of a Gemm it cannot turn into
+    nn.Linear) as buffers of `module.initializers`; make them Parameters so fine-tuning trains
+    them. Other constants (shapes, scales of Mul/Div, exponents) stay buffers."""
+    import torch
+    from onnx2torch.node_converters.gemm import OnnxGemm
+    from onnx2torch.node_converters.matmul import OnnxMatMul
+
+    for fx_node in module.graph.nodes:
+        if fx_node.op != "call_module" or not isinstance(module.get_submodule(fx_node.target), (OnnxGemm, OnnxMatMul)):
+            continue
+        for arg in fx_node.args:
+            if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
+                continue
+            owner_name, _, attr = arg.target.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if attr in owner._buffers and owner._buffers[attr].is_floating_point():
+                value = getattr(owner, attr)
+                delattr(owner, attr)
+                owner.register_parameter(attr, torch.nn.Parameter(value))
+
+
+class LayerWeight(NamedTuple):
+    """The torch parameter holding an ONNX layer's weight: parameter = scale · weight (transposed
+    where onnx2torch made a Gemm an nn.Linear). scale is Gemm's alpha, which nn.Linear folds into
+    its weight, else 1; so derivatives with respect to the ONNX weight are scale times (second
+    derivatives scale² times) those with respect to the parameter."""
+    parameter: torch.nn.Parameter
+    scale: float
+
+
+def layer_weights(module: torch.fx.GraphModule, model: onnx.ModelProto,
+                  node_names: list[str]) -> dict[str, LayerWeight]:
+    """For each named Conv/Gemm/MatMul node of `model` (a node without a name is
+    f"{op_type}:{output_name}", as in find_targets), the parameter of `module` = to_torch(model)
+    holding its weight. The node is found through the ONNX output name onnx2torch attaches to
+    every module, not through onnx2torch's module naming (which rewrites names and numbers
+    duplicates)."""
+    import torch
+
+    nodes: dict[str, onnx.NodeProto | None] = {}
+    for node in model.graph.node:
+        key = node_name(node)
+        nodes[key] = None if key in nodes else node  # None: the name is ambiguous
+    by_output = {m.onnx_mapping.outputs[0]: name for name, m in module.named_modules()
+                 if getattr(m, "onnx_mapping", None) is not None and m.onnx_mapping.outputs}
+    calls = {n.target: n for n in module.graph.nodes if n.op == "call_module"}
+    parameters = dict(module.named_parameters())
+
+    found = {}
+    for name in node_names:
+        if name not in nodes:
+            raise OnnxLowrankError(f"{name}: no node of that name in the model")
+        node = nodes[name]
+        if node is None:
+            raise OnnxLowrankError(f"{name}: several nodes have that name; it does not identify a layer")
+        if node.op_type not in TARGET_OPS:
+            raise OnnxLowrankError(f"{name}: a {node.op_type} node, not Conv, Gemm or MatMul")
+        if node.output[0] not in by_output:
+            raise OnnxLowrankError(f"{name}: the torch module has no layer for this node")
+        module_name = by_output[node.output[0]]
+        sub = module.get_submodule(module_name)
+        scale = 1.0
+        if isinstance(sub, torch.nn.Sequential):  # Conv with asymmetric pads: (Pad, ConvNd)
+            sub = sub[-1]
+        if isinstance(sub, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+            param = sub.weight
+            if isinstance(sub, torch.nn.Linear):
+                scale = float(_attrs(node).get("alpha", 1.0))
+        else:
+            args = calls[module_name].args
+            # Gemm: B; MatMul: the constant side, right (X @ W) before left (W @ X)
+            candidates = args[1:2] if node.op_type == "Gemm" else (args[1], args[0])
+            targets = [a.target for a in candidates if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+            param = parameters.get(targets[0]) if targets else None
+        if not isinstance(param, torch.nn.Parameter):
+            raise OnnxLowrankError(f"{name}: the layer's weight is not a constant of the model")
+        found[name] = LayerWeight(param, scale)
+    return found
