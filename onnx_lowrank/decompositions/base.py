@@ -68,12 +68,18 @@ class ConvGeometry:
 @dataclass(frozen=True, eq=False)
 class Layer:
     """A layer to factor. Conv: weight (out, in/groups, *kernel) with its geometry. Dense
-    (Gemm/MatMul): weight (out, in), geometry None. Bias, when present, has shape (out,)."""
+    (Gemm/MatMul): weight (out, in), geometry None. Bias, when present, has shape (out,).
+
+    `input_cov`, when given, is the second moment E[x x^T] of the layer's inputs in the weight's
+    input space (a conv's im2col patches, ordered like weight.reshape(out, -1)); shape (d, d), or
+    (groups, d, d) for a grouped conv. With it the methods factor data-aware: they minimise the
+    error of the layer's outputs on those inputs rather than of its weights."""
 
     weight: np.ndarray
     bias: np.ndarray | None = None
     geometry: ConvGeometry | None = None
     groups: int = 1
+    input_cov: np.ndarray | None = None
 
     @property
     def is_conv(self) -> bool:
@@ -109,7 +115,17 @@ class Layer:
         per = self.out_channels // self.groups
         sl = slice(g * per, (g + 1) * per)
         bias = None if self.bias is None else self.bias[sl]
-        return replace(self, weight=self.weight[sl], bias=bias, groups=1)
+        cov = None if self.input_cov is None else self.input_cov[g]
+        return replace(self, weight=self.weight[sl], bias=bias, groups=1, input_cov=cov)
+
+    def channel_cov(self) -> np.ndarray | None:
+        """The input-channel block of `input_cov` (ungrouped layers): the patch covariance
+        averaged over kernel positions, as the channel modes of Tucker-2, CP, TT and TR see it."""
+        if self.input_cov is None:
+            return None
+        c, p = self.in_per_group, int(np.prod(self.kernel)) if self.is_conv else 1
+        blocks = self.input_cov.reshape(c, p, c, p)
+        return np.einsum("apbp->ab", blocks) / p
 
 
 # ---- chain steps: what a decomposition becomes, before it is ONNX -------------------------
@@ -192,6 +208,21 @@ class Factors(ABC):
         norm = np.linalg.norm(w)
         return float(np.linalg.norm(w - self.reconstruct()) / norm) if norm > 0 else 0.0
 
+    def output_error(self, cov: np.ndarray | None = None) -> float:
+        """Relative error of the layer's outputs (bias aside) on inputs with second moment S
+        (`cov`, default `layer.input_cov`): sqrt(tr(dW S dW^T) / tr(W S W^T)); the weight error
+        when there is no S."""
+        layer = self.layer
+        cov = layer.input_cov if cov is None else cov
+        if cov is None:
+            return self.error()
+        cov = cov.reshape((layer.groups,) + cov.shape[-2:])
+        w = layer.weight.reshape(layer.groups, layer.out_channels // layer.groups, -1)
+        dw = w - self.reconstruct().reshape(w.shape)
+        num = float(np.sum((dw @ cov) * dw))  # tr(dW S dW^T), through BLAS
+        den = float(np.sum((w @ cov) * w))
+        return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.method} ranks={self.ranks} params={self.params}>"
 
@@ -230,6 +261,36 @@ class GroupedFactors(Factors):
 
     def weight_macs(self, in_spatial: Sequence[int]) -> int:
         return sum(p.weight_macs(in_spatial) for p in self.parts)
+
+
+# ---- data-aware factors -------------------------------------------------------------------
+
+class Whitener:
+    """x = L z with E[x x^T] = L L^T: a factorization of W L (what the layer applies to white
+    inputs) truncates where the outputs lose least, then maps back with L^-1 (Zhang et al.'s
+    asymmetric reconstruction, SVD-LLM). `into(w)` is W L on the input axis; `back(f)` maps a
+    factor acting on that axis back: L^-T f."""
+
+    def __init__(self, cov: np.ndarray):
+        d = cov.shape[0]
+        # a little damping: unused inputs (dead channels, zero padding) make S singular
+        damp = 1e-6 * max(np.trace(cov) / d, 1e-30)
+        self.l = np.linalg.cholesky(cov + damp * np.eye(d))
+
+    def into(self, w: np.ndarray, axis: int) -> np.ndarray:
+        return np.moveaxis(np.tensordot(w, self.l, axes=([axis], [0])), -1, axis)
+
+    def back(self, f: np.ndarray, axis: int) -> np.ndarray:
+        from scipy.linalg import solve_triangular
+
+        moved = np.moveaxis(f, axis, 0)
+        solved = solve_triangular(self.l.T, moved.reshape(moved.shape[0], -1), lower=False)
+        return np.moveaxis(solved.reshape(moved.shape), 0, axis)
+
+
+def channel_whitener(layer: Layer) -> Whitener | None:
+    cov = layer.channel_cov()
+    return None if cov is None else Whitener(cov)
 
 
 # ---- ranks ---------------------------------------------------------------------------------

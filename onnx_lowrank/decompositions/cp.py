@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 from scipy.optimize import brentq
 
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, conv_macs, conv_reason,
-                   normalize_ranks)
+from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, conv_macs,
+                   conv_reason, normalize_ranks)
 
 
 class CPFactors(Factors):
@@ -264,8 +264,13 @@ def factorize(layer: Layer, rank: RankSpec = "full", ways: int = 3, correct: boo
     `exact_rank` (or "full") gives the exact CP by construction instead."""
     if ways not in (3, 4):
         raise ValueError(f"cp takes ways=3 or ways=4; got {ways}")
-    tensor = to_cp_tensor(layer.weight.astype(np.float64), ways)
-    return CPFactors(layer, fit(tensor, rank, correct, iterations, seed))
+    white = channel_whitener(layer)
+    w = layer.weight.astype(np.float64)
+    tensor = to_cp_tensor(w if white is None else white.into(w, 1), ways)
+    factors = fit(tensor, rank, correct, iterations, seed)
+    if white is not None:
+        factors[-2] = white.back(factors[-2], 0)  # the input-channel factor B
+    return CPFactors(layer, factors)
 
 
 def fit(tensor: np.ndarray, rank: RankSpec, correct: bool = True, iterations: int = 300,

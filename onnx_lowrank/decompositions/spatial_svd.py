@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvStep, Factors, Layer, RankSpec, Step, check_eps, choose_rank, conv_macs,
-                   conv_reason, normalize_ranks)
+from .base import (ConvStep, Factors, Layer, RankSpec, Step, Whitener, check_eps, choose_rank,
+                   conv_macs, conv_reason, normalize_ranks)
 
 
 class SpatialSVDFactors(Factors):
@@ -45,21 +45,50 @@ class SpatialSVDFactors(Factors):
         return conv_macs(r, c, (d1,), mid) + conv_macs(t, r, (d2,), out)
 
 
+def vertical_cov(cov: np.ndarray, c: int, d1: int, d2: int) -> np.ndarray:
+    """The second moment of the Dx1 conv's (C, D1) input patches, from that of the full (C, D1,
+    D2) patches: the blocks where both sides sit in the same column, averaged over columns. (It
+    leaves out how different columns correlate, which the two-conv chain cannot use anyway.)"""
+    blocks = cov.reshape(c, d1, d2, c, d1, d2)
+    return np.einsum("abkdek->abde", blocks).reshape(c * d1, c * d1) / d2
+
+
 def check(layer: Layer) -> str | None:
     return conv_reason(layer, "spatial-svd", [2])
 
 
+class Truncations:
+    """One SVD of the reshaped kernel (whitened when data-aware), truncated at any rank."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+        w = layer.weight.astype(np.float64)
+        t, c, d1, d2 = w.shape
+        matrix = w.transpose(1, 2, 0, 3).reshape(c * d1, t * d2)
+        self.white = None if layer.input_cov is None else Whitener(vertical_cov(layer.input_cov, c, d1, d2))
+        self.u, self.s, self.vt = np.linalg.svd(matrix if self.white is None else self.white.into(matrix, 0),
+                                                full_matrices=False)
+
+    @property
+    def full(self) -> int:
+        return len(self.s)
+
+    def at(self, r: int) -> SpatialSVDFactors:
+        t, c, d1, d2 = self.layer.weight.shape
+        root = np.sqrt(self.s[:r])
+        left = self.u[:, :r] * root
+        if self.white is not None:
+            left = self.white.back(left, 0)
+        vertical = left.T.reshape(r, c, d1, 1)
+        horizontal = (root[:, None] * self.vt[:r]).reshape(r, t, d2).transpose(1, 0, 2)[:, :, None, :]
+        return SpatialSVDFactors(self.layer, vertical, horizontal)
+
+
 def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = None) -> SpatialSVDFactors:
     check_eps(eps)
-    w = layer.weight.astype(np.float64)
-    t, c, d1, d2 = w.shape
-    matrix = w.transpose(1, 2, 0, 3).reshape(c * d1, t * d2)
-    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    t = Truncations(layer)
     if rank is not None:
-        (r,) = normalize_ranks(rank, [len(s)])
+        (r,) = normalize_ranks(rank, [t.full])
     else:
-        r = choose_rank(s, None, (eps or 0.0) * np.linalg.norm(s), None)
-    root = np.sqrt(s[:r])
-    vertical = (u[:, :r] * root).T.reshape(r, c, d1, 1)
-    horizontal = (root[:, None] * vt[:r]).reshape(r, t, d2).transpose(1, 0, 2)[:, :, None, :]
-    return SpatialSVDFactors(layer, vertical, horizontal)
+        r = choose_rank(t.s, None, (eps or 0.0) * np.linalg.norm(t.s), None)
+    return t.at(r)

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvGeometry, ConvStep, DenseStep, Factors, Layer, RankSpec, Step, check_eps,
-                   choose_rank, conv_macs, normalize_ranks)
+from .base import (ConvGeometry, ConvStep, DenseStep, Factors, Layer, RankSpec, Step, Whitener,
+                   check_eps, choose_rank, conv_macs, normalize_ranks)
 
 
 class SVDFactors(Factors):
@@ -54,18 +54,44 @@ def check(layer: Layer) -> str | None:
     return None
 
 
+class Truncations:
+    """One SVD of a layer (whitened when data-aware), truncated at any rank without redoing it."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+        w = layer.weight.astype(np.float64)
+        matrix = w.reshape(w.shape[0], -1)
+        self.white = None if layer.input_cov is None else Whitener(layer.input_cov)
+        self.u, self.s, self.vt = np.linalg.svd(matrix if self.white is None else self.white.into(matrix, 1),
+                                                full_matrices=False)
+
+    @property
+    def full(self) -> int:
+        return len(self.s)
+
+    def tail_error(self, r: int) -> float:
+        """The relative error at rank r: of the outputs on the layer's inputs when data-aware,
+        of the weight otherwise (Eckart-Young, in the whitened space)."""
+        total = float(np.sum(self.s ** 2))
+        return float(np.sqrt(np.sum(self.s[r:] ** 2) / total)) if total > 0 else 0.0
+
+    def at(self, r: int) -> SVDFactors:
+        root = np.sqrt(self.s[:r])  # split the singular values evenly so neither factor dominates
+        first = root[:, None] * self.vt[:r]
+        if self.white is not None:
+            first = self.white.back(first, 1)
+        w = self.layer.weight
+        return SVDFactors(self.layer, first.reshape((r,) + w.shape[1:]), self.u[:, :r] * root)
+
+
 def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = None) -> SVDFactors:
     """Best rank-r approximation of the (out, in*kernel) matrix; with `eps`, the smallest rank
-    whose relative Frobenius error is <= eps."""
+    whose relative error is <= eps. Data-aware (layer.input_cov) the error is that of the outputs
+    and the truncation is optimal for it."""
     check_eps(eps)
-    w = layer.weight.astype(np.float64)
-    matrix = w.reshape(w.shape[0], -1)
-    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    t = Truncations(layer)
     if rank is not None:
-        (r,) = normalize_ranks(rank, [len(s)])
+        (r,) = normalize_ranks(rank, [t.full])
     else:
-        r = choose_rank(s, None, (eps or 0.0) * np.linalg.norm(s), None)
-    root = np.sqrt(s[:r])  # split the singular values evenly so neither factor dominates
-    first = (root[:, None] * vt[:r]).reshape((r,) + w.shape[1:])
-    second = u[:, :r] * root
-    return SVDFactors(layer, first, second)
+        r = choose_rank(t.s, None, (eps or 0.0) * np.linalg.norm(t.s), None)
+    return t.at(r)

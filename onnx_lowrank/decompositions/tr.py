@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import (ConvGeometry, ConvStep, Factors, FoldChannels, Layer, Step, UnfoldChannels,
-                   check_eps, choose_rank, conv_macs, conv_reason)
+                   channel_whitener, check_eps, choose_rank, conv_macs, conv_reason)
 
 SHIFTS = 4
 
@@ -136,7 +136,10 @@ def check(layer: Layer, **_) -> str | None:
 def factorize(layer: Layer, eps: float = 0.0) -> TRFactors:
     """The ring with the fewest parameters whose relative error is <= eps (eps=0: exact)."""
     check_eps(eps)
+    white = channel_whitener(layer)
     w = layer.weight.astype(np.float64)
+    if white is not None:
+        w = white.into(w, 1)
     best: TRFactors | None = None
     for shift in range(SHIFTS):
         axes = [(shift + j) % SHIFTS for j in range(SHIFTS)]
@@ -147,4 +150,6 @@ def factorize(layer: Layer, eps: float = 0.0) -> TRFactors:
             candidate = TRFactors(layer, cores, shift)
             if best is None or candidate.weight_params < best.weight_params:
                 best = candidate
+    if white is not None:
+        best.cores[1] = white.back(best.cores[1], 1)  # G_C carries the input channels
     return best

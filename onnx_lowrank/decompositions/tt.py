@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, check_eps, choose_rank,
-                   conv_macs, conv_reason, normalize_ranks)
+from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, check_eps,
+                   choose_rank, conv_macs, conv_reason, normalize_ranks)
 
 
 class TTFactors(Factors):
@@ -90,7 +90,10 @@ def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = No
     check_eps(eps)
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy is a share in (0, 1]; got {energy}")
+    white = channel_whitener(layer)
     w = layer.weight.astype(np.float64)
+    if white is not None:
+        w = white.into(w, 1)
     permuted = w.transpose(1, 2, 3, 0)  # (C, D1, D2, T)
     if rank is not None:
         cores = tt_svd(permuted, ranks=normalize_ranks(rank, full_ranks(layer)))
@@ -98,4 +101,6 @@ def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = No
         cores = tt_svd(permuted, energy=energy)
     else:
         cores = tt_svd(permuted, delta=(eps or 0.0) * np.linalg.norm(w) / np.sqrt(3))
+    if white is not None:
+        cores[0] = white.back(cores[0], 1)
     return TTFactors(layer, cores)

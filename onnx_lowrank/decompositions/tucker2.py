@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, check_eps, conv_macs,
-                   conv_reason, normalize_ranks)
+from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, check_eps,
+                   conv_macs, conv_reason, normalize_ranks)
 
 
 class Tucker2Factors(Factors):
@@ -137,6 +137,24 @@ def smallest_with_bound(w: np.ndarray, delta: float) -> tuple[np.ndarray, np.nda
     return best[1], best[2]
 
 
+class Truncations:
+    """HOSVD of a layer (whitened when data-aware) once; any (R1, R2) by slicing its bases.
+    HOSVD bases are nested, so this is what `factorize(algorithm="hosvd")` gives at each rank."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+        self.white = channel_whitener(layer)
+        w = layer.weight.astype(np.float64)
+        self.w = w if self.white is None else self.white.into(w, 1)
+        self.u_all = _leading(_in_gram(self.w), self.w.shape[1])
+        self.v_all = _leading(_out_gram(self.w), self.w.shape[0])
+
+    def at(self, r1: int, r2: int) -> Tucker2Factors:
+        u, v = self.u_all[:, :r1], self.v_all[:, :r2]
+        core = project(self.w, u, v)
+        return Tucker2Factors(self.layer, u if self.white is None else self.white.back(u, 0), core, v)
+
+
 def full_ranks(layer: Layer) -> tuple[int, int]:
     """Ranks past which Tucker-2 is exact: each is capped by its unfolding's other side."""
     w = layer.weight
@@ -156,7 +174,10 @@ def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = No
     """`rank`: (R1, R2) or anything `normalize_ranks` takes; `algorithm` hosvd or hooi.
     `eps`: the smallest Tucker-2 with relative error <= eps (001)."""
     check_eps(eps)
+    white = channel_whitener(layer)
     w = layer.weight.astype(np.float64)
+    if white is not None:
+        w = white.into(w, 1)  # factor what the layer applies to whitened inputs
     if rank is None:
         u, v = smallest_with_bound(w, (eps or 0.0) * np.linalg.norm(w))
     else:
@@ -167,4 +188,5 @@ def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = No
             u, v = hooi(w, r1, r2)
         else:
             raise ValueError(f"algorithm must be hosvd or hooi; got {algorithm!r}")
-    return Tucker2Factors(layer, u, project(w, u, v), v)
+    core = project(w, u, v)
+    return Tucker2Factors(layer, u if white is None else white.back(u, 0), core, v)

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from . import cp, tucker2
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, conv_macs,
+from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, conv_macs,
                    normalize_ranks)
 
 
@@ -92,7 +92,10 @@ def check(layer: Layer) -> str | None:
 def factorize(layer: Layer, rank: RankSpec = "full", correct: bool = True, iterations: int = 300,
               seed: int = 0) -> Tucker2CPFactors:
     """`rank`: (R1, R2, R) — each an int or a fraction of its full value — or "full"."""
+    white = channel_whitener(layer)
     w = layer.weight.astype(np.float64)
+    if white is not None:
+        w = white.into(w, 1)
     full_tucker = tucker2.full_ranks(layer)
     if isinstance(rank, str):
         r1, r2 = normalize_ranks(rank, full_tucker)
@@ -108,4 +111,5 @@ def factorize(layer: Layer, rank: RankSpec = "full", correct: bool = True, itera
         u, v = tucker2.hooi(w, r1, r2)
     core = tucker2.project(w, u, v)                    # (R2, R1, *k)
     tensor = core.reshape(r2, r1, -1).transpose(2, 1, 0)  # (P, R1, R2)
-    return Tucker2CPFactors(layer, u, v, cp.fit(tensor, cp_rank, correct, iterations, seed))
+    factors = cp.fit(tensor, cp_rank, correct, iterations, seed)
+    return Tucker2CPFactors(layer, u if white is None else white.back(u, 0), v, factors)

@@ -1,0 +1,263 @@
+"""Calibration data: read from an .npz keyed by input name, an .npy for a single-input model, a
+folder of images, or any object with `get_next() -> dict | None` (onnxruntime's
+CalibrationDataReader protocol); checked against the model's inputs; split into a search part and
+a held-out part."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import OnnxLowrankError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SYNTHETIC_SAMPLES = 64
+
+
+class CalibrationError(OnnxLowrankError):
+    """Calibration data that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a folder of images becomes model inputs: the shorter side resized to size / crop, the
+    centre size x size cropped, pixel values times `scale`, then (x - mean) / std per channel."""
+
+    size: int | None = None          # None: the model input's own spatial size
+    crop: float = 0.875              # ImageNet evaluation: resize to 256, crop 224
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    layout: str = "NCHW"             # or NHWC
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: tuple            # ints, or str/None for dynamic dims
+    dtype: np.dtype
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        t = inp.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+        specs.append(InputSpec(inp.name, dims, helper.tensor_dtype_to_np_dtype(t.elem_type)))
+    return specs
+
+
+@dataclass
+class CalibrationSet:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = ""
+    synthetic: bool = False
+    indices: np.ndarray = field(default=None)  # positions in the set it was taken from
+
+    def __post_init__(self) -> None:
+        if self.indices is None:
+            self.indices = np.arange(len(self))
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, idx: np.ndarray) -> "CalibrationSet":
+        labels = None if self.labels is None else self.labels[idx]
+        return CalibrationSet({k: v[idx] for k, v in self.inputs.items()}, labels, self.source,
+                              self.synthetic, self.indices[idx])
+
+    def split(self, holdout: float, seed: int) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """Search and held-out parts, disjoint, drawn with `seed`."""
+        n = len(self)
+        if n < 2:
+            raise CalibrationError(f"calibration data has {n} sample; at least 2 are needed "
+                                   "(a search part and a held-out part)")
+        order = np.random.default_rng(seed).permutation(n)
+        n_held = min(max(1, round(n * holdout)), n - 1)
+        return self.take(np.sort(order[n_held:])), self.take(np.sort(order[:n_held]))
+
+    def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self), size):
+            yield {k: v[start:start + size] for k, v in self.inputs.items()}
+
+
+def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
+                     image: ImageOptions = ImageOptions(), seed: int = 0) -> CalibrationSet:
+    """Calibration inputs for `model` from `source` (None: synthetic), checked against the model's
+    inputs. `labels`: an .npy path, or the name of a key in the .npz source."""
+    specs = model_inputs(model)
+    if source is None:
+        data = synthetic(specs, seed)
+    elif hasattr(source, "get_next"):
+        data = _from_reader(source)
+    else:
+        path = Path(os.fspath(source))
+        if not path.exists():
+            raise CalibrationError(f"{path}: no such file or folder")
+        if path.is_dir():
+            data = _from_images(path, specs, image)
+        elif path.suffix == ".npz":
+            data = _from_npz(path, specs, labels)
+        elif path.suffix == ".npy":
+            data = _from_npy(path, specs)
+        else:
+            raise CalibrationError(f"{path}: calibration data must be .npz, .npy or a folder of images")
+    if labels is not None and not (isinstance(labels, str) and data.labels is not None):
+        data.labels = _labels(labels)
+    _check(data, specs)
+    return data
+
+
+def synthetic(specs: Sequence[InputSpec], seed: int) -> CalibrationSet:
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        dims = list(spec.shape)
+        if any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
+            raise CalibrationError(f"input {spec.name!r} has dynamic dimensions {spec.shape}: "
+                                   "synthetic data needs static ones; give --calib")
+        inputs[spec.name] = rng.standard_normal([SYNTHETIC_SAMPLES] + dims[1:]).astype(spec.dtype)
+    return CalibrationSet(inputs, None, "synthetic N(0, 1) inputs", synthetic=True)
+
+
+def _npz_file(path: Path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"{path}: cannot read: {e}") from None
+
+
+def _from_npz(path: Path, specs, labels) -> CalibrationSet:
+    with _npz_file(path) as npz:
+        keys = set(npz.files)
+        label_key = labels if isinstance(labels, str) and not labels.endswith(".npy") else None
+        names = {s.name for s in specs}
+        missing = names - keys
+        if missing:
+            raise CalibrationError(f"{path}: no array for model input(s) {', '.join(sorted(missing))}; "
+                                   f"the file has {', '.join(sorted(keys)) or 'nothing'}")
+        if label_key is not None and label_key not in keys:
+            raise CalibrationError(f"{path}: no labels key {label_key!r}; the file has {', '.join(sorted(keys))}")
+        inputs = {n: npz[n] for n in names}
+        data = CalibrationSet(inputs, npz[label_key] if label_key else None, str(path))
+    return data
+
+
+def _from_npy(path: Path, specs) -> CalibrationSet:
+    if len(specs) != 1:
+        raise CalibrationError(f"{path}: an .npy holds one array but the model has {len(specs)} inputs; use .npz")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"{path}: cannot read: {e}") from None
+    return CalibrationSet({specs[0].name: array}, None, str(path))
+
+
+def _from_reader(reader) -> CalibrationSet:
+    chunks: dict[str, list[np.ndarray]] = {}
+    while True:
+        item = reader.get_next()
+        if item is None:
+            break
+        for k, v in item.items():
+            chunks.setdefault(k, []).append(np.asarray(v))
+    if not chunks:
+        raise CalibrationError("the calibration reader returned no data")
+    try:
+        inputs = {k: np.concatenate(v) for k, v in chunks.items()}
+    except ValueError as e:
+        raise CalibrationError(f"the calibration reader's batches do not stack: {e}") from None
+    return CalibrationSet(inputs, None, type(reader).__name__)
+
+
+def _from_images(folder: Path, specs, options: ImageOptions) -> CalibrationSet:
+    from PIL import Image, UnidentifiedImageError
+
+    if len(specs) != 1:
+        raise CalibrationError(f"{folder}: a folder of images feeds a single-input model; this one has {len(specs)}")
+    spec = specs[0]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CalibrationError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    nchw = options.layout.upper() == "NCHW"
+    dims = spec.shape[1:]
+    channels = dims[0] if nchw else dims[-1]
+    size = options.size or (dims[1] if nchw else dims[0])
+    if not isinstance(size, int) or not isinstance(channels, int):
+        raise CalibrationError(f"input {spec.name!r} {spec.shape}: give the image size for dynamic inputs")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB" if channels == 3 else "L")
+                short = round(size / options.crop)
+                w, h = im.size
+                scale = short / min(w, h)
+                im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32)
+        except (UnidentifiedImageError, OSError) as e:
+            raise CalibrationError(f"{f}: cannot read the image: {e}") from None
+        arr = arr.reshape(size, size, channels) * options.scale
+        mean = np.asarray(options.mean[:channels], np.float32)
+        std = np.asarray(options.std[:channels], np.float32)
+        arr = (arr - mean) / std
+        images.append(arr.transpose(2, 0, 1) if nchw else arr)
+    return CalibrationSet({spec.name: np.stack(images).astype(spec.dtype)}, None, str(folder))
+
+
+def _labels(source) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        return source
+    path = Path(os.fspath(source))
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"{path}: cannot read labels: {e}") from None
+
+
+def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
+    names = {s.name for s in specs}
+    extra = set(data.inputs) - names
+    if extra:
+        raise CalibrationError(f"calibration data has array(s) {', '.join(sorted(extra))} that are not model "
+                               f"inputs ({', '.join(sorted(names))})")
+    counts = {k: len(v) if v.ndim else 0 for k, v in data.inputs.items()}
+    if len(set(counts.values())) != 1:
+        raise CalibrationError(f"calibration arrays hold different numbers of samples: {counts}")
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise CalibrationError("calibration data holds no samples")
+    for spec in specs:
+        array = data.inputs[spec.name]
+        if array.ndim != len(spec.shape):
+            raise CalibrationError(f"input {spec.name!r}: calibration array has shape {array.shape}, "
+                                   f"the model wants {len(spec.shape)} dims {spec.shape}")
+        for i, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise CalibrationError(f"input {spec.name!r}: calibration array has shape {array.shape}, "
+                                       f"the model wants {spec.shape} (dim {i} differs)")
+        if array.dtype != spec.dtype:
+            if not (np.issubdtype(array.dtype, np.number) and np.can_cast(array.dtype, spec.dtype, "same_kind")):
+                raise CalibrationError(f"input {spec.name!r}: calibration array is {array.dtype}, "
+                                       f"the model wants {spec.dtype}")
+            data.inputs[spec.name] = array.astype(spec.dtype)
+        if np.issubdtype(spec.dtype, np.floating) and not np.all(np.isfinite(data.inputs[spec.name])):
+            raise CalibrationError(f"input {spec.name!r}: calibration array contains NaN or Inf")
+    if data.labels is not None:
+        if len(data.labels) != n:
+            raise CalibrationError(f"{len(data.labels)} labels for {n} calibration samples")
+        if not np.issubdtype(data.labels.dtype, np.integer):
+            raise CalibrationError(f"labels must be integers (class indices); got {data.labels.dtype}")
+

@@ -1,0 +1,62 @@
+"""Every option of `convert`, as one typed config: the CLI and the Python API share it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .calibration.data import ImageOptions
+from .decompositions import METHODS
+from .quality import METRICS
+from .selection import STRATEGIES
+
+EPS_HELP = ("The largest allowed drop in model quality, measured end to end in onnxruntime on held-out "
+            "calibration inputs: with labels, the drop in top-1 accuracy (0.005 = half a point); "
+            "without, the fraction of samples whose top-1 class changes; for non-classifier outputs, "
+            "1 - mean cosine similarity of the outputs (the worst output counts).")
+
+
+@dataclass
+class CompressConfig:
+    eps: float = 0.005
+    metric: str = "auto"                   # auto | accuracy | agreement | cosine
+    select: str = "auto"                   # auto | cosine | hessian | energy | vbmf | rank
+    rank: int | None = None                # --select rank: cap every rank at R
+    ratio: float | None = None             # --select rank: each layer at this fraction of its cost
+    energy: float | None = None            # --select energy: kept output energy per layer
+    methods: tuple[str, ...] | None = None  # None: auto (svd, spatial-svd, tucker2)
+    cost: str = "macs"                     # macs | params
+    exclude: tuple[str, ...] = ()          # node names or op types left alone
+    data_aware: bool = True                # whiten by the input covariance (with calibration data)
+    holdout: float = 0.3                   # share of the calibration set kept to verify the result
+    seed: int = 0
+    batch_size: int = 64
+    image: ImageOptions = field(default_factory=ImageOptions)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the rule and the value received."""
+        if not 0 <= self.eps < 1:
+            raise ValueError(f"--eps is a quality drop in [0, 1); got {self.eps}")
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
+        if self.select not in STRATEGIES:
+            raise ValueError(f"--select must be one of {', '.join(STRATEGIES)}; got {self.select!r}")
+        if self.cost not in ("macs", "params"):
+            raise ValueError(f"--cost must be macs or params; got {self.cost!r}")
+        if self.methods is not None:
+            unknown = [m for m in self.methods if m not in METHODS]
+            if unknown or not self.methods:
+                raise ValueError(f"--methods takes auto or names from {', '.join(METHODS)}; got {', '.join(unknown) or 'nothing'}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"--rank must be at least 1; got {self.rank}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"--ratio is a fraction of each layer's cost in (0, 1]; got {self.ratio}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError(f"--energy is a share in (0, 1]; got {self.energy}")
+        if (self.rank is not None or self.ratio is not None) and self.select != "rank":
+            raise ValueError("--rank and --ratio go with --select rank")
+        if self.energy is not None and self.select != "energy":
+            raise ValueError("--energy goes with --select energy")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"--holdout is a share in (0, 1); got {self.holdout}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1; got {self.batch_size}")

@@ -1,0 +1,213 @@
+"""compress(): load, prepare, find targets, calibrate, build candidates, select ranks, rewrite,
+verify — the stages of DESIGN.md in order."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import onnx
+
+from .calibration.capture import activation_name, capture
+from .calibration.data import CalibrationSet, load_calibration
+from .config import CompressConfig
+from .errors import OnnxLowrankError
+from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
+from .graph.targets import LayerTarget, Skipped
+from .quality import predict, quality, resolve_metric
+from .report import LayerReport, Report
+from .selection import Choice, Search, build_problem
+from .selection import auto, cosine, energy, fixed, hessian, vbmf
+from .selection.sensitivity import sensitivities
+
+Progress = Callable[[str, int], Callable[[], None]]  # stage name, steps -> advance()
+
+
+class CompressionError(OnnxLowrankError):
+    """The conversion could not produce a model within the budget as asked."""
+
+
+def _quiet_progress(stage: str, total: int) -> Callable[[], None]:
+    return lambda: None
+
+
+@contextmanager
+def _timed(report: Report, stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    report.timings[stage] = report.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig | None = None,
+             calibration: Any = None, labels: Any = None,
+             progress: Progress = _quiet_progress) -> tuple[onnx.ModelProto, Report]:
+    """Compress `model` within `config.eps`. `calibration`: an .npz/.npy path, a folder of
+    images, an object with get_next() (onnxruntime's CalibrationDataReader), or None for
+    synthetic inputs (with a warning). `labels`: an .npy path, an npz key, or an array."""
+    config = config or CompressConfig()
+    config.validate()
+    report = Report(config.eps, config.metric, config.select, config.cost, config.data_aware, {})
+
+    with _timed(report, "load"):
+        original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+        report.file_size_before = original.ByteSize()
+        prepared = prepare(original)
+        targets, skipped = find_targets(prepared)
+        targets, skipped = _exclude(targets, skipped, config.exclude)
+    report.skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in skipped]
+
+    with _timed(report, "calibrate"):
+        data = load_calibration(calibration, prepared, labels, config.image, config.seed)
+        if data.synthetic:
+            message = ("no calibration data: ranks are chosen on synthetic N(0,1) inputs, which say little "
+                       "about real ones; give --calib for a result you can trust")
+            warnings.warn(message, stacklevel=2)
+            report.warnings.append(message)
+        search_set, held = data.split(config.holdout, config.seed)
+        report.calibration = {"source": data.source, "samples": len(data), "search": len(search_set),
+                              "heldout": len(held), "synthetic": data.synthetic, "labels": data.labels is not None}
+        advance = progress("capture", 1)
+        stats, search_ref = capture(prepared, targets, search_set, config.batch_size, seed=config.seed)
+        advance()
+        metric = resolve_metric(config.metric, search_ref, search_set.labels)
+        report.metric = metric
+        held_ref = predict(original, held, config.batch_size)
+
+    with _timed(report, "decompose"):
+        advance = progress("decompose", len(targets))
+        problems = []
+        for t in targets:
+            problems.append(build_problem(t, stats[t.name], config.methods or auto_methods(),
+                                          config.cost, config.data_aware))
+            advance()
+
+    def measure(choice: Choice) -> float:
+        model_ = _build(prepared, problems, choice)
+        return quality(metric, search_ref, predict(model_, search_set, config.batch_size), search_set.labels).drop
+
+    shapes = {name: (1,) + array.shape[1:] for name, array in data.inputs.items()}
+    costs = node_costs(prepared, shapes)
+    total = sum(c.macs if config.cost == "macs" else c.params for c in costs)
+    search = Search(problems, measure, config.eps, other_cost=total - sum(p.base_cost for p in problems))
+
+    with _timed(report, "select"):
+        choice, reasons = _select(config, search, prepared, search_set, targets)
+        report.search_drop = search.drop(choice)
+
+    with _timed(report, "verify"):
+        compressed, choice, drop_q, steps = _verify_heldout(prepared, problems, choice, metric, held, held_ref,
+                                                            config, progress)
+        report.backed_off = steps
+        if steps:
+            for p in problems:
+                reasons[p.name] += f" (backed off: the held-out drop exceeded eps)" if choice[p.name] is not None else ""
+        before_q = quality(metric, held_ref, held_ref, held.labels)
+        report.quality_before, report.quality_after, report.drop = before_q.value, drop_q.value, drop_q.drop
+        onnx.checker.check_model(compressed, full_check=True)
+
+    report.trace = search.trace
+    report.layers = [_layer_report(p, choice[p.name], reasons[p.name]) for p in problems]
+    after = node_costs(compressed, shapes)
+    report.macs_before, report.macs_after = sum(c.macs for c in costs), sum(c.macs for c in after)
+    report.params_before, report.params_after = model_params(prepared), model_params(compressed)
+    report.file_size_after = compressed.ByteSize()
+    return compressed, report
+
+
+def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: CompressConfig | None = None,
+                  calibration: Any = None, labels: Any = None, report_path: str | os.PathLike | None = None,
+                  progress: Progress = _quiet_progress) -> Report:
+    """Path to path: the output is written atomically; `src` is never modified."""
+    if Path(src).resolve() == Path(dst).resolve():
+        raise OnnxLowrankError(f"{dst}: the output would overwrite the input; choose another path")
+    out, report = compress(src, config, calibration, labels, progress)
+    save_model(out, dst)
+    report.file_size_after = Path(dst).stat().st_size
+    report.file_size_before = Path(src).stat().st_size
+    if report_path is not None:
+        report.write_json(report_path)
+    return report
+
+
+def auto_methods() -> tuple[str, ...]:
+    from .selection.candidates import AUTO_METHODS
+
+    return AUTO_METHODS
+
+
+def model_params(model: onnx.ModelProto) -> int:
+    """Elements of every floating-point initializer and Constant."""
+    from .graph.index import FLOAT_TYPES, constant_node_value
+
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = constant_node_value(node)
+            if value is not None and np.issubdtype(value.dtype, np.floating):
+                total += value.size
+    return total
+
+
+def _exclude(targets: list[LayerTarget], skipped: list[Skipped], exclude) -> tuple[list, list]:
+    if not exclude:
+        return targets, skipped
+    kept, out = [], list(skipped)
+    for t in targets:
+        if t.name in exclude or t.op_type in exclude:
+            out.append(Skipped(t.name, t.op_type, "excluded by --exclude"))
+        else:
+            kept.append(t)
+    return kept, out
+
+
+def _select(config: CompressConfig, search: Search, prepared: onnx.ModelProto, data: CalibrationSet,
+            targets: list[LayerTarget]) -> tuple[Choice, dict[str, str]]:
+    if config.select == "auto":
+        return auto.select(search, sensitivities(search.problems, prepared, data, config.batch_size))
+    if config.select == "rank":
+        return fixed.select(search, config.methods, config.rank, config.ratio, config.cost)
+    if config.select == "energy":
+        return energy.select(search, config.energy)
+    if config.select == "vbmf":
+        return vbmf.select(search, config.methods, config.cost)
+    if config.select == "cosine":
+        inputs = {t.name: activation_name(t) for t in targets}
+        return cosine.select(search, prepared, config.methods, inputs)
+    return hessian.select(search, prepared, data, config.methods, config.seed)
+
+
+def _build(prepared: onnx.ModelProto, problems, choice: Choice) -> onnx.ModelProto:
+    chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factors is not None]
+    return replace_layers(prepared, chosen)
+
+
+def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, progress):
+    """The chosen model's drop on the held-out part. If it exceeds eps, step back: the factored
+    layer with the largest error moves to its next more accurate candidate, until it holds."""
+    choice = dict(choice)
+    steps = 0
+    while True:
+        compressed = _build(prepared, problems, choice)
+        q = quality(metric, held_ref, predict(compressed, held, config.batch_size), held.labels)
+        factored = [p for p in problems if choice[p.name].factors is not None]
+        if q.drop <= config.eps or not factored:
+            return compressed, choice, q, steps
+        worst = max(factored, key=lambda p: choice[p.name].error)
+        current = choice[worst.name]
+        better = [c for c in worst.candidates if c.error < current.error and c.method in (current.method, None)]
+        choice[worst.name] = min(better, key=lambda c: c.cost) if better else worst.keep
+        steps += 1
+
+
+def _layer_report(p, c, reason: str) -> LayerReport:
+    layer = p.target.layer
+    spatial = p.stats.in_spatial
+    f = c.factors
+    return LayerReport(p.name, p.target.op_type, c.method, list(c.ranks), int(layer.params),
+                       int(layer.params if f is None else f.params), int(layer.macs(spatial)),
+                       int(layer.macs(spatial) if f is None else f.macs(spatial)), float(c.error), reason)

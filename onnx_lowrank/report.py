@@ -1,0 +1,138 @@
+"""The report of a conversion: per layer and for the whole model, as JSON with stable keys, as a
+table, and as plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+from .selection.search import TracePoint
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op_type: str
+    method: str | None          # None: kept as it was
+    ranks: list[int]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    error: float                # relative output error on the captured inputs
+    reason: str
+
+
+@dataclass
+class Report:
+    eps: float
+    metric: str
+    select: str
+    cost: str
+    data_aware: bool
+    calibration: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    file_size_before: int = 0
+    file_size_after: int = 0
+    quality_before: float = 0.0   # on the held-out part
+    quality_after: float = 0.0
+    drop: float = 0.0             # held-out: what --eps bounds
+    search_drop: float = 0.0
+    backed_off: int = 0           # steps taken back because the held-out drop exceeded eps
+    timings: dict = field(default_factory=dict)
+    trace: list[TracePoint] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["mac_ratio"] = self.mac_ratio
+        data["param_ratio"] = self.param_ratio
+        data["eps_meaning"] = "largest allowed quality drop on held-out calibration inputs (see metric)"
+        return data
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def tables(self) -> list[Table]:
+        layers = Table(title="layers")
+        for col in ("layer", "op", "method", "ranks", "params", "MACs", "error", "why"):
+            layers.add_column(col, overflow="fold")
+        for r in self.layers:
+            layers.add_row(r.name, r.op_type, r.method or "kept", ",".join(map(str, r.ranks)),
+                           f"{r.params_before:,} -> {r.params_after:,}", f"{r.macs_before:,} -> {r.macs_after:,}",
+                           f"{r.error:.3f}", r.reason)
+        for s in self.skipped:
+            layers.add_row(s["name"], s["op_type"], "skipped", "", "", "", "", s["reason"])
+        whole = Table(title="model")
+        for col in ("", "before", "after", "ratio"):
+            whole.add_column(col, justify="right")
+        whole.add_row("parameters", f"{self.params_before:,}", f"{self.params_after:,}", f"{self.param_ratio:.2f}x")
+        whole.add_row("MACs / sample", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.mac_ratio:.2f}x")
+        whole.add_row("file size", f"{self.file_size_before:,} B", f"{self.file_size_after:,} B",
+                      f"{self.file_size_before / max(self.file_size_after, 1):.2f}x")
+        whole.add_row(f"{self.metric} (held-out)", f"{self.quality_before:.4f}", f"{self.quality_after:.4f}",
+                      f"drop {self.drop:.4f} (eps {self.eps})")
+        timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+        whole.caption = f"search-set drop {self.search_drop:.4f}; time: {timing}"
+        return [layers, whole]
+
+    def plots(self, folder: str | Path) -> list[Path]:
+        """trade_off.png: each model the search measured, its cost ratio against its measured
+        drop, the eps line and the chosen point; layers.png: per layer, the compression chosen
+        against the layer's output error."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        within = [t for t in self.trace if t.within]
+        over = [t for t in self.trace if not t.within]
+        ax.scatter([t.cost_ratio for t in within], [t.drop for t in within], c="tab:green", label="within eps")
+        ax.scatter([t.cost_ratio for t in over], [t.drop for t in over], c="tab:red", marker="x", label="over eps")
+        ax.axhline(self.eps, color="gray", linestyle="--", label=f"eps = {self.eps}")
+        ratio = self.mac_ratio if self.cost == "macs" else self.param_ratio
+        ax.scatter([ratio], [self.search_drop], s=160, facecolors="none", edgecolors="black", label="chosen")
+        ax.set_xlabel(f"{'MAC' if self.cost == 'macs' else 'parameter'} reduction (x)")
+        ax.set_ylabel(f"{self.metric} drop on the search set")
+        ax.set_title(f"--select {self.select}: models measured during the search")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        written.append(folder / "trade_off.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for r in self.layers:
+            ratio = r.macs_before / max(r.macs_after, 1) if self.cost == "macs" else r.params_before / max(r.params_after, 1)
+            ax.scatter(r.error, ratio, c="tab:blue" if r.method else "tab:gray")
+            ax.annotate(r.name.split("/")[-2] if "/" in r.name else r.name, (r.error, ratio), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("layer output error on its captured inputs (relative)")
+        ax.set_ylabel("layer reduction (x)")
+        ax.set_title("per layer: compression chosen vs error")
+        fig.tight_layout()
+        written.append(folder / "layers.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+        return written

@@ -1,0 +1,70 @@
+"""What every strategy shares: a choice (one candidate per layer), its total cost, and its
+quality drop measured end to end in onnxruntime on the search part of the calibration set, each
+measurement recorded for the report and the trade-off plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .candidates import Candidate, LayerProblem
+
+Choice = dict[str, Candidate]  # layer name -> candidate
+
+
+@dataclass(frozen=True)
+class TracePoint:
+    knob: str          # what the strategy set, e.g. "lambda=3.1e+04"
+    cost_ratio: float  # whole-model cost before / after
+    drop: float        # measured on the search set
+    within: bool
+
+
+@dataclass(eq=False)
+class Search:
+    problems: list[LayerProblem]
+    measure: Callable[[Choice], float]   # drop of the model with this choice, on the search set
+    eps: float
+    other_cost: float                    # cost of everything not chosen here (skipped layers)
+    trace: list[TracePoint] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def base_cost(self) -> float:
+        return self.other_cost + sum(p.base_cost for p in self.problems)
+
+    def cost(self, choice: Choice) -> float:
+        return self.other_cost + sum(choice[p.name].cost for p in self.problems)
+
+    def cost_ratio(self, choice: Choice) -> float:
+        return self.base_cost / self.cost(choice)
+
+    def keep_all(self) -> Choice:
+        return {p.name: p.keep for p in self.problems}
+
+    def drop(self, choice: Choice, knob: str = "") -> float:
+        key = tuple(id(choice[p.name]) for p in self.problems)
+        if key not in self._cache:
+            value = 0.0 if all(c.factors is None for c in choice.values()) else self.measure(choice)
+            self._cache[key] = value
+            self.trace.append(TracePoint(knob, self.cost_ratio(choice), value, value <= self.eps))
+        return self._cache[key]
+
+    def within(self, choice: Choice, knob: str = "") -> bool:
+        return self.drop(choice, knob) <= self.eps
+
+
+def cheapest_within(search: Search, path: Sequence[Choice], knobs: Sequence[str]) -> int:
+    """Binary search along `path` (choices from the most conservative, index 0, to the cheapest)
+    for the furthest point whose measured drop is within eps, assuming the drop grows along it.
+    Returns the index; 0 when nothing cheaper holds."""
+    if search.within(path[-1], knobs[-1]):
+        return len(path) - 1
+    lo, hi = 0, len(path) - 1  # lo holds, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if search.within(path[mid], knobs[mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
