@@ -4,14 +4,19 @@ print one line and exit with status 2; nothing else is caught."""
 from __future__ import annotations
 
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
+from .calibration.data import ImageOptions
+from .config import EPS_HELP, CompressConfig
 from .decompositions import METHODS, reason_not_applicable
 from .errors import OnnxLowrankError
 from .graph import find_targets, load_model, prepare
@@ -61,6 +66,83 @@ def inspect(model: Path = typer.Argument(..., help="The ONNX model to look at.")
     for s in skipped:
         table.add_row(s.name, s.op_type, "", "", "", f"skipped: {s.reason}")
     console.print(table)
+
+
+@contextmanager
+def _progress() -> Iterator:
+    """A rich progress bar per pipeline stage, on stderr so stdout stays the table."""
+    with Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bars:
+        def stage(name: str, total: int):
+            task = bars.add_task(name, total=total)
+            return lambda: bars.advance(task)
+        yield stage
+
+
+def _split(values: Optional[list[str]]) -> tuple[str, ...]:
+    return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="The ONNX model to compress (never modified)."),
+    dst: Path = typer.Argument(..., help="Where to write the compressed model (written atomically)."),
+    eps: float = typer.Option(0.005, help=EPS_HELP),
+    calib: Optional[Path] = typer.Option(None, help="Calibration inputs: .npz keyed by input name, .npy "
+                                         "(single input) or a folder of images. Without it: synthetic inputs."),
+    labels: Optional[str] = typer.Option(None, help="Labels: an .npy file, or the name of a key in the --calib "
+                                         ".npz. Enables --metric accuracy."),
+    metric: str = typer.Option("auto", help="auto | accuracy | agreement | cosine: what --eps bounds."),
+    select: str = typer.Option("auto", help="auto | cosine | hessian | energy | vbmf | rank: how ranks are chosen."),
+    rank: Optional[int] = typer.Option(None, help="--select rank: cap every rank of every layer at R."),
+    ratio: Optional[float] = typer.Option(None, help="--select rank: each layer at this fraction of its cost."),
+    energy: Optional[float] = typer.Option(None, help="--select energy: output energy each layer keeps."),
+    methods: str = typer.Option("auto", help=f"Comma-separated decompositions ({', '.join(METHODS)}) or auto."),
+    cost: str = typer.Option("macs", help="macs | params: what the search minimises."),
+    exclude: Optional[list[str]] = typer.Option(None, help="Node names or op types to leave alone (repeatable, "
+                                                "comma-separated)."),
+    report: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
+    plots: Optional[Path] = typer.Option(None, help="Write the report's plots (PNG) into this folder."),
+    seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
+    no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
+                                       "covariance."),
+    holdout: float = typer.Option(0.3, help="Share of the calibration set kept back to verify the result."),
+    batch_size: int = typer.Option(64, help="Batch size of the onnxruntime runs."),
+    image_size: Optional[int] = typer.Option(None, help="Images: side of the centre crop (default: the model's)."),
+    image_mean: str = typer.Option("0.485,0.456,0.406", help="Images: per-channel mean after scaling."),
+    image_std: str = typer.Option("0.229,0.224,0.225", help="Images: per-channel std after scaling."),
+    image_layout: str = typer.Option("NCHW", help="Images: NCHW or NHWC."),
+    image_scale: float = typer.Option(1 / 255, help="Images: factor from pixel values to the model's range."),
+) -> None:
+    """Compress IN into OUT: every Conv/Gemm/MatMul factored, ranks chosen so that the quality drop
+    stays within --eps."""
+    from .pipeline import compress_file
+
+    console = Console()
+    try:
+        config = CompressConfig(
+            eps=eps, metric=metric, select=select, rank=rank, ratio=ratio, energy=energy,
+            methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
+            data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
+            image=ImageOptions(size=image_size, mean=tuple(float(v) for v in image_mean.split(",")),
+                               std=tuple(float(v) for v in image_std.split(",")), layout=image_layout,
+                               scale=image_scale))
+        config.validate()
+        with warnings.catch_warnings(record=True) as caught, _progress() as stage:
+            warnings.simplefilter("always", UserWarning)
+            result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage)
+        for w in caught:
+            if issubclass(w.category, UserWarning) and "calibration" in str(w.message):
+                Console(stderr=True).print(f"[bold yellow]warning:[/] {w.message}", highlight=False)
+    except (OnnxLowrankError, ValueError) as e:
+        fail(e)
+    for table in result.tables():
+        console.print(table)
+    if plots is not None:
+        for path in result.plots(plots):
+            console.print(f"plot: {path}")
+    console.print(f"wrote {dst}: {result.mac_ratio:.2f}x fewer MACs, {result.param_ratio:.2f}x fewer parameters, "
+                  f"held-out {result.metric} drop {result.drop:.4f} (eps {result.eps})", highlight=False)
 
 
 if __name__ == "__main__":

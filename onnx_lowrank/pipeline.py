@@ -16,6 +16,7 @@ import onnx
 from .calibration.capture import activation_name, capture
 from .calibration.data import CalibrationSet, load_calibration
 from .config import CompressConfig
+from .decompositions import reason_not_applicable
 from .errors import OnnxLowrankError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
 from .graph.targets import LayerTarget, Skipped
@@ -59,6 +60,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
         prepared = prepare(original)
         targets, skipped = find_targets(prepared)
         targets, skipped = _exclude(targets, skipped, config.exclude)
+        targets, skipped = _factorable(targets, skipped, config.methods or auto_methods())
     report.skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in skipped]
 
     with _timed(report, "calibrate"):
@@ -100,12 +102,13 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
         report.search_drop = search.drop(choice)
 
     with _timed(report, "verify"):
+        before_backoff = choice
         compressed, choice, drop_q, steps = _verify_heldout(prepared, problems, choice, metric, held, held_ref,
                                                             config, progress)
         report.backed_off = steps
-        if steps:
-            for p in problems:
-                reasons[p.name] += f" (backed off: the held-out drop exceeded eps)" if choice[p.name] is not None else ""
+        for p in problems:
+            if choice[p.name] is not before_backoff[p.name]:
+                reasons[p.name] += " (backed off: the held-out drop exceeded eps)"
         before_q = quality(metric, held_ref, held_ref, held.labels)
         report.quality_before, report.quality_after, report.drop = before_q.value, drop_q.value, drop_q.drop
         onnx.checker.check_model(compressed, full_check=True)
@@ -160,6 +163,19 @@ def _exclude(targets: list[LayerTarget], skipped: list[Skipped], exclude) -> tup
     for t in targets:
         if t.name in exclude or t.op_type in exclude:
             out.append(Skipped(t.name, t.op_type, "excluded by --exclude"))
+        else:
+            kept.append(t)
+    return kept, out
+
+
+def _factorable(targets: list[LayerTarget], skipped: list[Skipped], methods) -> tuple[list, list]:
+    """Targets no method can factor (a depthwise conv, a 1x1 conv for conv-only methods) become
+    skips with the first method's reason: no need to capture their inputs."""
+    kept, out = [], list(skipped)
+    for t in targets:
+        reasons = [reason_not_applicable(t.layer, m) for m in methods]
+        if all(reasons):
+            out.append(Skipped(t.name, t.op_type, reasons[0]))
         else:
             kept.append(t)
     return kept, out

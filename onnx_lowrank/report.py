@@ -106,11 +106,18 @@ class Report:
         written = []
 
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        top = max(4 * self.eps, 2 * self.search_drop, 1e-3)  # far-off failures would hide the budget
         within = [t for t in self.trace if t.within]
-        over = [t for t in self.trace if not t.within]
+        over = [t for t in self.trace if not t.within and t.drop <= top]
+        beyond = [t for t in self.trace if t.drop > top]
         ax.scatter([t.cost_ratio for t in within], [t.drop for t in within], c="tab:green", label="within eps")
         ax.scatter([t.cost_ratio for t in over], [t.drop for t in over], c="tab:red", marker="x", label="over eps")
+        if beyond:
+            ax.scatter([t.cost_ratio for t in beyond], [top] * len(beyond), c="tab:red", marker="^",
+                       label=f"drop > {top:.3g} (drawn at the top)")
         ax.axhline(self.eps, color="gray", linestyle="--", label=f"eps = {self.eps}")
+        ax.set_xscale("log")
+        ax.set_ylim(min(0.0, min((t.drop for t in self.trace), default=0.0)) - 0.05 * top, top * 1.08)
         ratio = self.mac_ratio if self.cost == "macs" else self.param_ratio
         ax.scatter([ratio], [self.search_drop], s=160, facecolors="none", edgecolors="black", label="chosen")
         ax.set_xlabel(f"{'MAC' if self.cost == 'macs' else 'parameter'} reduction (x)")

@@ -68,6 +68,7 @@ class Truncations:
         self.white = None if layer.input_cov is None else Whitener(vertical_cov(layer.input_cov, c, d1, d2))
         self.u, self.s, self.vt = np.linalg.svd(matrix if self.white is None else self.white.into(matrix, 0),
                                                 full_matrices=False)
+        self.left = self.u if self.white is None else self.white.back(self.u, 0)  # once, for every rank
 
     @property
     def full(self) -> int:
@@ -76,10 +77,7 @@ class Truncations:
     def at(self, r: int) -> SpatialSVDFactors:
         t, c, d1, d2 = self.layer.weight.shape
         root = np.sqrt(self.s[:r])
-        left = self.u[:, :r] * root
-        if self.white is not None:
-            left = self.white.back(left, 0)
-        vertical = left.T.reshape(r, c, d1, 1)
+        vertical = (self.left[:, :r] * root).T.reshape(r, c, d1, 1)
         horizontal = (root[:, None] * self.vt[:r]).reshape(r, t, d2).transpose(1, 0, 2)[:, :, None, :]
         return SpatialSVDFactors(self.layer, vertical, horizontal)
 

@@ -64,6 +64,8 @@ class Truncations:
         self.white = None if layer.input_cov is None else Whitener(layer.input_cov)
         self.u, self.s, self.vt = np.linalg.svd(matrix if self.white is None else self.white.into(matrix, 1),
                                                 full_matrices=False)
+        # mapped back once: truncation and L^-1 act on different sides, so they commute
+        self.first_rows = self.vt if self.white is None else self.white.back(self.vt, 1)
 
     @property
     def full(self) -> int:
@@ -77,9 +79,7 @@ class Truncations:
 
     def at(self, r: int) -> SVDFactors:
         root = np.sqrt(self.s[:r])  # split the singular values evenly so neither factor dominates
-        first = root[:, None] * self.vt[:r]
-        if self.white is not None:
-            first = self.white.back(first, 1)
+        first = root[:, None] * self.first_rows[:r]
         w = self.layer.weight
         return SVDFactors(self.layer, first.reshape((r,) + w.shape[1:]), self.u[:, :r] * root)
 

@@ -148,11 +148,11 @@ class Truncations:
         self.w = w if self.white is None else self.white.into(w, 1)
         self.u_all = _leading(_in_gram(self.w), self.w.shape[1])
         self.v_all = _leading(_out_gram(self.w), self.w.shape[0])
+        self.u_back = self.u_all if self.white is None else self.white.back(self.u_all, 0)  # once
 
     def at(self, r1: int, r2: int) -> Tucker2Factors:
         u, v = self.u_all[:, :r1], self.v_all[:, :r2]
-        core = project(self.w, u, v)
-        return Tucker2Factors(self.layer, u if self.white is None else self.white.back(u, 0), core, v)
+        return Tucker2Factors(self.layer, self.u_back[:, :r1], project(self.w, u, v), v)
 
 
 def full_ranks(layer: Layer) -> tuple[int, int]:
