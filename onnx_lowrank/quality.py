@@ -22,6 +22,9 @@ def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSe
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # idle threads sleep instead of spinning: on a machine shared with other work (or with our own
+    # numpy between runs) spinning threads steal the cores the work needs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 

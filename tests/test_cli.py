@@ -35,3 +35,60 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         assert result.exception is None or isinstance(result.exception, SystemExit)
         assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error:")
         assert "Traceback" not in result.output
+
+
+def _convert(*args):
+    return runner.invoke(app, ["convert", *map(str, args)])
+
+
+def _one_line_error(result, phrase):
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and phrase in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_convert_rejects_bad_input_without_writing(tmp_path):
+    model = MODELS / "digit_cnn.onnx"
+    out = tmp_path / "out.onnx"
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    truncated = tmp_path / "half.onnx"
+    truncated.write_bytes(model.read_bytes()[:100_000])
+    wrong_name = tmp_path / "wrong_name.npz"
+    np.savez(wrong_name, pixels=np.zeros((4, 1, 28, 28), np.float32))
+    wrong_shape = tmp_path / "wrong_shape.npz"
+    np.savez(wrong_shape, image=np.zeros((4, 1, 32, 32), np.float32))
+    cases = [
+        ((tmp_path / "missing.onnx", out), "no such file"),
+        ((junk, out), "not an ONNX model"),
+        ((truncated, out), "not an ONNX model"),
+        ((model, out, "--calib", wrong_name), "no array for model input(s) image"),
+        ((model, out, "--calib", wrong_shape), "dim 2 differs"),
+        ((model, model, "--select", "rank", "--ratio", "0.5"), "would overwrite the input"),
+        ((model, out, "--eps", "2"), "--eps is a quality drop"),
+        ((model, out, "--select", "best"), "--select must be one of"),
+    ]
+    before = model.read_bytes()
+    for args, phrase in cases:
+        _one_line_error(_convert(*args), phrase)
+        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["half.onnx", "junk.onnx", "wrong_name.npz",
+                                                              "wrong_shape.npz"]
+    assert model.read_bytes() == before
+
+
+def test_convert_writes_model_and_report(tmp_path):
+    from helpers import mnist_test_images
+
+    x, y = mnist_test_images(200)
+    np.savez(tmp_path / "c.npz", image=x, labels=y)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = runner.invoke(app, ["convert", str(MODELS / "digit_cnn.onnx"), str(out), "--calib", str(tmp_path / "c.npz"),
+                                 "--labels", "labels", "--select", "rank", "--ratio", "0.5", "--report", str(report),
+                                 "--plots", str(tmp_path / "plots")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert out.exists() and report.exists()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["layers.png", "trade_off.png"]
+    assert "fewer MACs" in result.output

@@ -82,11 +82,18 @@ class LayerStats:
         return m[0] if m.shape[0] == 1 else m
 
 
+ROWS_PER_DIM = 32      # rows sampled per layer over the whole set, per input dimension ...
+MIN_ROWS = 8192        # ... and at least this many: enough for a second moment, a bounded cost
+
+
 def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet,
-            batch_size: int = 64, rows_per_batch: int = 4096, keep: int = 1024,
+            batch_size: int = 64, keep: int = 1024,
             seed: int = 0) -> tuple[dict[str, LayerStats], list[np.ndarray]]:
-    """Statistics per target name, and the model's own outputs over `data`."""
+    """Statistics per target name, and the model's own outputs over `data`. Each layer samples
+    about max(MIN_ROWS, ROWS_PER_DIM * d) input rows over the whole set, spread over the batches,
+    so the cost does not grow with the images' size."""
     rng = np.random.default_rng(seed)
+    batches = -(-len(data) // batch_size)
     outputs = [o.name for o in model.graph.output]
     graph_inputs = {i.name for i in model.graph.input}
     wanted = []
@@ -112,14 +119,16 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             store.append(values[name])
         for t in targets:
             x = values[activation_name(t)]
-            rows = patches(x, t.layer, rng, rows_per_batch)
+            dim = t.layer.in_per_group * int(np.prod(t.layer.kernel))
+            rows = patches(x, t.layer, rng, -(-max(MIN_ROWS, ROWS_PER_DIM * dim) // batches))
             keys = rng.random(len(rows))
             s = stats.get(t.name)
             if s is None:
                 d = rows.shape[-1]
                 s = stats[t.name] = LayerStats(np.zeros((rows.shape[1], d, d)), 0, _in_spatial(t, x),
                                                rows[:0], keys[:0])
-            s.moment_sum += np.einsum("rgi,rgj->gij", rows, rows, optimize=True)
+            flat = rows.astype(np.float32).transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
+            s.moment_sum += np.matmul(flat.transpose(0, 2, 1), flat).astype(np.float64)
             s.rows += len(rows)
             if keep:
                 # a uniform sample of everything seen: keep the rows with the smallest random keys

@@ -4,7 +4,8 @@ with the original's, both fed the ORIGINAL model's input of that layer (captured
 taken after the activation that follows the layer; layers whose cosine similarity is under 0.92
 (0.96 inside non-sequential blocks: residual, concat) lose 5% of compression (the next step up
 their ladder: 5%, 10%, ... of the layer's cost). 004 fine-tunes between rounds; we do not, so when
-every layer clears its threshold and the drop still exceeds eps, the thresholds move halfway to 1.
+every layer clears its threshold and the drop still exceeds eps, the least similar layer steps up.
+Every round raises at least one layer, so the loop ends.
 """
 
 from __future__ import annotations
@@ -120,14 +121,12 @@ def select(search: Search, model: onnx.ModelProto, methods: tuple[str, ...] | No
             break
         low = [p for p in movable if sims[p.name] < threshold[p.name]]
         if not low:
-            for name in threshold:
-                threshold[name] = 1 - (1 - threshold[name]) / 2
-            continue
+            low = [min(movable, key=lambda p: sims[p.name])]
         for p in low:
             level[p.name] += 1
     reasons = {}
     for p in problems:
         c = choice[p.name]
-        reasons[p.name] = (f"cosine >= {threshold[p.name]:.4f} after {level[p.name]} step(s) of 5%"
-                           if c.factors is not None else "kept: raised to full cost")
+        reasons[p.name] = (f"cosine {similarity(p, c, acts[p.name]):.4f} (threshold {threshold[p.name]}) after "
+                           f"{level[p.name]} step(s) of 5%" if c.factors is not None else "kept: raised to full cost")
     return choice, reasons
