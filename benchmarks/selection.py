@@ -15,7 +15,12 @@ Wall time is the whole convert, measured in this run, one strategy after another
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# one BLAS thread: OpenBLAS's spinning threads slow everything down several times on shared cores
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402  (after the environment is set)
 import sys
 import tempfile
 import time

@@ -1,0 +1,57 @@
+"""What `inspect` shows per layer: which methods apply and how far the layer compresses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .calibration.capture import LayerStats, capture
+from .calibration.data import load_calibration
+from .decompositions import METHODS, reason_not_applicable
+from .graph.targets import LayerTarget
+from .selection.candidates import AUTO_METHODS, build_problem
+
+INSPECT_SAMPLES = 256
+
+
+@dataclass
+class Compressibility:
+    methods: list[str]
+    reason: str | None
+    macs: int | None
+    at_10: str   # "0.23 tucker2" or "-"
+    at_30: str
+
+
+def _identity_stats(t: LayerTarget) -> LayerStats:
+    """Inputs with an identity second moment: output errors are then weight errors."""
+    d = t.layer.in_per_group * int(np.prod(t.layer.kernel))
+    eye = np.broadcast_to(np.eye(d), (t.layer.groups, d, d)).copy()
+    return LayerStats(eye, 1, t.in_spatial or (1,) * max(len(t.layer.kernel), 1), np.zeros((0, t.layer.groups, d)),
+                      np.zeros(0))
+
+
+def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, batch_size: int) -> list[Compressibility]:
+    factorable = [t for t in targets if any(reason_not_applicable(t.layer, m) is None for m in AUTO_METHODS)]
+    if calib is not None:
+        data = load_calibration(calib, model)
+        stats, _ = capture(model, factorable, data.take(np.arange(min(INSPECT_SAMPLES, len(data)))), batch_size)
+    else:
+        stats = {t.name: _identity_stats(t) for t in factorable}
+    rows = []
+    for t in targets:
+        methods = [m for m in METHODS if reason_not_applicable(t.layer, m) is None]
+        if t.name not in stats:
+            rows.append(Compressibility(methods, reason_not_applicable(t.layer, "svd"), t.macs(), "-", "-"))
+            continue
+        problem = build_problem(t, stats[t.name], AUTO_METHODS, "macs", calib is not None)
+
+        def cheapest(err: float) -> str:
+            fits = [c for c in problem.candidates if c.error <= err]
+            best = min(fits, key=lambda c: c.cost)
+            return "1.00 (keep)" if best.factors is None else f"{best.cost / problem.base_cost:.2f} {best.method}"
+
+        rows.append(Compressibility(methods, None, int(problem.base_cost), cheapest(0.1), cheapest(0.3)))
+    return rows
