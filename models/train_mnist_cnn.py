@@ -4,7 +4,7 @@
 
 Writes, next to this script:
   mnist_cnn.onnx   the trained network (opset 17, BatchNormalization nodes kept, not folded)
-  mnist_calib.npz  "image": 1000 training images (seed 0), for calibration / activation statistics
+  mnist_calib.npz  "image": 1000 training images (seed 0) and their "labels", for calibration
   mnist_test.npz   "image": all 10k test images, "labels": their int64 labels
 
 Model input "image": float32 (batch, 1, 28, 28), pixels in [0, 1) normalised as
@@ -236,8 +236,8 @@ def main() -> None:
     model.eval()
 
     rng = np.random.default_rng(SEED)
-    calib = xtr[np.sort(rng.choice(len(xtr), N_CALIB, replace=False))]
-    np.savez_compressed(CALIB_PATH, image=calib)
+    pick = np.sort(rng.choice(len(xtr), N_CALIB, replace=False))
+    np.savez_compressed(CALIB_PATH, image=xtr[pick], labels=ytr[pick])
     np.savez_compressed(TEST_PATH, image=xte, labels=yte)
 
     # Score through onnxruntime on the file just written, so the numbers describe what ships.

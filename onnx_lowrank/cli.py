@@ -23,7 +23,8 @@ from .graph import find_targets, load_model, prepare
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Low-rank compression of ONNX models.")
-console = Console()
+# piped or in `make`, rich would assume 80 columns and fold the tables beyond reading
+console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
 def fail(error: Exception) -> None:
@@ -124,7 +125,6 @@ def convert(
     stays within --eps."""
     from .pipeline import compress_file
 
-    console = Console()
     try:
         config = CompressConfig(
             eps=eps, metric=metric, select=select, rank=rank, ratio=ratio, energy=energy,

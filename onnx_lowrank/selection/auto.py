@@ -66,7 +66,7 @@ def select(search: Search, weights: dict[str, float]) -> tuple[Choice, dict[str,
     lam = knobs[k]
     reasons = {}
     for p in search.problems:
-        c = choice[p.name]
-        reasons[p.name] = (f"min cost + lambda*s*error^2 at {lam}, s={weights[p.name]:.3g}" if c.factors is not None
-                           else f"kept: no candidate pays for its error at {lam} (s={weights[p.name]:.3g})")
+        s = weights[p.name]
+        reasons[p.name] = (f"least cost + {lam} * s * error^2, s={s:.3g}" if choice[p.name].factors is not None
+                           else f"kept: no factorization pays for its error, s={s:.3g}")
     return choice, reasons
