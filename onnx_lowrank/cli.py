@@ -138,8 +138,8 @@ def convert(
             warnings.simplefilter("always", UserWarning)
             result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage)
         for w in caught:
-            if issubclass(w.category, UserWarning) and "calibration" in str(w.message):
-                Console(stderr=True).print(f"[bold yellow]warning:[/] {w.message}", highlight=False)
+            if issubclass(w.category, UserWarning):
+                typer.secho(f"warning: {w.message}", err=True, fg="yellow", bold=True)
     except (OnnxLowrankError, ValueError) as e:
         fail(e)
     for table in result.tables():

@@ -104,8 +104,13 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     with _timed(report, "verify"):
         before_backoff = choice
         compressed, choice, drop_q, steps = _verify_heldout(prepared, problems, choice, metric, held, held_ref,
-                                                            config, progress)
+                                                            config, back_off=_tuned_to_eps(config))
         report.backed_off = steps
+        if drop_q.drop > config.eps:
+            message = (f"the held-out {metric} drop {drop_q.drop:.4f} exceeds eps {config.eps}: the ranks were "
+                       f"fixed by --select {config.select} options, not chosen to fit eps")
+            warnings.warn(message, stacklevel=2)
+            report.warnings.append(message)
         for p in problems:
             if choice[p.name] is not before_backoff[p.name]:
                 reasons[p.name] += " (backed off: the held-out drop exceeded eps)"
@@ -202,16 +207,24 @@ def _build(prepared: onnx.ModelProto, problems, choice: Choice) -> onnx.ModelPro
     return replace_layers(prepared, chosen)
 
 
-def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, progress):
-    """The chosen model's drop on the held-out part. If it exceeds eps, step back: the factored
-    layer with the largest error moves to its next more accurate candidate, until it holds."""
+def _tuned_to_eps(config: CompressConfig) -> bool:
+    """Whether the strategy chose the ranks to fit eps (else the user or VBMF fixed them)."""
+    fixed = (config.select == "vbmf" or config.rank is not None or config.ratio is not None
+             or config.energy is not None)
+    return not fixed
+
+
+def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, back_off: bool):
+    """The chosen model's drop on the held-out part. If it exceeds eps and the ranks were chosen to
+    fit eps, step back: the factored layer with the largest error moves to its next more accurate
+    candidate, until it holds."""
     choice = dict(choice)
     steps = 0
     while True:
         compressed = _build(prepared, problems, choice)
         q = quality(metric, held_ref, predict(compressed, held, config.batch_size), held.labels)
         factored = [p for p in problems if choice[p.name].factors is not None]
-        if q.drop <= config.eps or not factored:
+        if q.drop <= config.eps or not factored or not back_off:
             return compressed, choice, q, steps
         worst = max(factored, key=lambda p: choice[p.name].error)
         current = choice[worst.name]
