@@ -78,7 +78,7 @@ def inspect(model: Path = typer.Argument(..., help="The ONNX model to look at.")
 @contextmanager
 def _progress() -> Iterator:
     """A rich progress bar per pipeline stage, on stderr so stdout stays the table."""
-    with Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed} done"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bars:
         def stage(name: str, total: int):
             task = bars.add_task(name, total=total)

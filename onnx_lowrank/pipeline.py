@@ -26,7 +26,7 @@ from .selection import Choice, Search, build_problem
 from .selection import auto, cosine, energy, fixed, hessian, vbmf
 from .selection.sensitivity import sensitivities
 
-Progress = Callable[[str, int], Callable[[], None]]  # stage name, steps -> advance()
+Progress = Callable[[str, int | None], Callable[[], None]]  # stage name, steps (None: open-ended) -> advance()
 
 
 class CompressionError(OnnxLowrankError):
@@ -88,8 +88,11 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
                                           config.cost, config.data_aware))
             advance()
 
+    advance_search = progress("search", None)
+
     def measure(choice: Choice) -> float:
         model_ = _build(prepared, problems, choice)
+        advance_search()
         return quality(metric, search_ref, predict(model_, search_set, config.batch_size), search_set.labels).drop
 
     shapes = {name: (1,) + array.shape[1:] for name, array in data.inputs.items()}

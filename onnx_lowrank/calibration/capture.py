@@ -24,13 +24,15 @@ def activation_name(target: LayerTarget) -> str:
     return node.input[1] if target.op_type == "MatMul" and target.weight_side == "left" else node.input[0]
 
 
-def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int) -> np.ndarray:
+def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int,
+            weight_side: str = "right") -> np.ndarray:
     """Rows the layer's weight multiplies, (rows, groups, in_per_group * prod(kernel)): a conv's
     im2col patches, a dense layer's input vectors; at most `max_rows` of them, drawn at random."""
     if not layer.is_conv:
-        rows = x.reshape(-1, x.shape[-1])
-        if layer.weight.shape[1] != rows.shape[1]:  # W @ X: the columns of X are the inputs
+        if weight_side == "left":  # W @ X: the columns of X are the inputs
             rows = np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
         if len(rows) > max_rows:
             rows = rows[rng.choice(len(rows), max_rows, replace=False)]
         return rows[:, None, :].astype(np.float64)
@@ -120,7 +122,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
         for t in targets:
             x = values[activation_name(t)]
             dim = t.layer.in_per_group * int(np.prod(t.layer.kernel))
-            rows = patches(x, t.layer, rng, -(-max(MIN_ROWS, ROWS_PER_DIM * dim) // batches))
+            rows = patches(x, t.layer, rng, -(-max(MIN_ROWS, ROWS_PER_DIM * dim) // batches), t.weight_side)
             keys = rng.random(len(rows))
             s = stats.get(t.name)
             if s is None:

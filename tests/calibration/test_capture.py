@@ -1,0 +1,59 @@
+"""Feature capture: the patches a layer's weight multiplies, and the statistics kept of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import conv_model, init, make_model, run, tensor
+from onnx import helper
+
+from onnx_lowrank.calibration.capture import capture, patches
+from onnx_lowrank.calibration.data import CalibrationSet
+from onnx_lowrank.graph import find_targets, prepare
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(pads=[1, 1, 1, 1]),
+    dict(strides=[2, 1], pads=[0, 2, 1, 0], dilations=[1, 2]),
+    dict(group=2, pads=[1, 0, 1, 0]),
+    dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+])
+def test_conv_patches_times_weight_is_the_conv(attrs):
+    rng = np.random.default_rng(0)
+    groups = attrs.get("group", 1)
+    weight = rng.standard_normal((6, 4 // groups, 3, 3)).astype(np.float32)
+    model = conv_model(weight, input_shape=(2, 4, 9, 8), **attrs)
+    x = rng.standard_normal((2, 4, 9, 8)).astype(np.float32)
+    (y,) = run(model, {"x": x})
+    (target,), _ = find_targets(prepare(model))
+    rows = patches(x, target.layer, rng, max_rows=10**9)  # every position, in order
+    w = weight.reshape(groups, 6 // groups, -1).astype(np.float64)
+    out = np.einsum("rgd,gtd->rgt", rows, w).reshape(2, y.shape[2], y.shape[3], 6)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), y, rtol=1e-4, atol=1e-4)
+
+
+def test_left_matmul_rows_are_columns_even_when_square():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((5, 6)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["W", "x"], ["y"])], [tensor("x", [2, 6, 6])],
+                       [tensor("y", None)], [init("W", w)])
+    (target,), _ = find_targets(prepare(model))
+    x = rng.standard_normal((2, 6, 6)).astype(np.float32)
+    rows = patches(x, target.layer, rng, max_rows=10**9, weight_side=target.weight_side)
+    np.testing.assert_allclose(rows[:, 0] @ w.T, np.moveaxis(run(model, {"x": x})[0], -1, -2).reshape(-1, 5),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_are_exact_when_every_row_fits_and_bounded_otherwise():
+    rng = np.random.default_rng(2)
+    model = prepare(conv_model(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), input_shape=("N", 3, 8, 8),
+                               pads=[1] * 4))
+    (target,), _ = find_targets(model)
+    x = rng.standard_normal((10, 3, 8, 8)).astype(np.float32)
+    stats, (outputs,) = capture(model, [target], CalibrationSet({"x": x}), batch_size=4, keep=50)
+    s = stats[target.name]
+    all_rows = patches(x, target.layer, rng, 10**9)[:, 0]
+    assert s.rows == len(all_rows) == 640  # 10 images x 64 positions, under the sampling budget
+    np.testing.assert_allclose(s.second_moment(shrink=False), all_rows.T @ all_rows / 640, rtol=1e-5, atol=1e-6)
+    assert s.sample.shape == (50, 1, 27)  # a bounded sample, whatever the set's size
+    assert outputs.shape == (10, 6, 8, 8)
