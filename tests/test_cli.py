@@ -92,3 +92,15 @@ def test_convert_writes_model_and_report(tmp_path):
     assert out.exists() and report.exists()
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["layers.png", "trade_off.png"]
     assert "fewer MACs" in result.output
+
+
+def test_inspect_with_calibration_measures_output_error(tmp_path):
+    from helpers import mnist_test_images
+
+    x, _ = mnist_test_images(64)
+    np.savez(tmp_path / "c.npz", image=x)
+    result = runner.invoke(app, ["inspect", str(MODELS / "digit_cnn.onnx"), "--calib", str(tmp_path / "c.npz")],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "by output error on --calib" in result.output
+    assert "spatial-svd" in result.output.split("conv_layers.3")[1].splitlines()[0]  # its cheapest within 10%

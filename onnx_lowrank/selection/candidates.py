@@ -86,15 +86,16 @@ def method_ladder(name: str, layer: Layer) -> list[tuple[Factors, float | None]]
     knows it in closed form (data-aware SVD), else None. The SVD-based methods decompose once and
     truncate; a grouped conv goes through `decompose`, which factors it group by group."""
     if layer.groups > 1 and name in ("svd", "spatial-svd", "tucker2"):
-        per_group = replace(layer, weight=layer.weight[: layer.out_channels // layer.groups], groups=1,
-                            input_cov=None)
-        full = (svd.Truncations(per_group).full if name == "svd" else
-                spatial_svd.Truncations(per_group).full if name == "spatial-svd" else None)
-        if full is not None:
-            return [(decompose(layer, name, rank=r), None) for r in rank_ladder(full)]
-        fulls = tucker2.full_ranks(per_group)
-        pairs = sorted({normalize_ranks(f, fulls) for f in np.geomspace(1 / 64, 1, RANK_STEPS)})
-        return [(decompose(layer, name, rank=p), None) for p in pairs]
+        t, c = layer.out_channels // layer.groups, layer.in_per_group
+        if name == "tucker2":
+            per_group = replace(layer, weight=layer.weight[:t], groups=1, input_cov=None)
+            full = tucker2.full_ranks(per_group)
+            ranks = sorted({normalize_ranks(f, full) for f in np.geomspace(1 / 64, 1, RANK_STEPS)})
+        else:
+            k = layer.kernel
+            full = min(t, c * int(np.prod(k))) if name == "svd" else min(c * k[0], t * k[1])
+            ranks = rank_ladder(full)
+        return [(decompose(layer, name, rank=r), None) for r in ranks]
     if name == "svd":
         t = svd.Truncations(layer)
         exact = layer.input_cov is not None
