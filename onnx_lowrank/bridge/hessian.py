@@ -14,7 +14,7 @@ from .convert import layer_weights, to_torch
 
 def hessian_traces(model: onnx.ModelProto, node_names: list[str], inputs: dict[str, np.ndarray],
                    labels: np.ndarray | None = None, probes: int = 16, batch_size: int = 64,
-                   seed: int = 0, average: bool = False) -> dict[str, float]:
+                   seed: int = 0, average: bool = False, joint: bool = True) -> dict[str, float]:
     """tr(H) for each named Conv/Gemm/MatMul node (a node without a name is
     f"{op_type}:{output_name}"), H the Hessian of the loss with respect to that node's weight
     alone (the diagonal block of the full Hessian), the loss averaged over all samples of
@@ -29,6 +29,12 @@ def hessian_traces(model: onnx.ModelProto, node_names: list[str], inputs: dict[s
     weighted by its share of the samples. The estimate's standard deviation is
     sqrt(2·Σ_{a≠b} H_ab² / probes) for one batch: the diagonal of H is counted exactly, only its
     off-diagonal part adds noise.
+
+    joint=True (the default) draws one Rademacher vector over all the layers' weights at once and
+    reads every layer's vᵀ(Hv) off one Hessian-vector product: the cross-layer blocks of H add
+    zero-mean noise, Σ_{a in the layer, b outside} H_ab² more variance per probe, but the cost no
+    longer grows with the number of layers (on MobileNetV2's 53 layers, 53 times fewer passes).
+    joint=False probes each layer alone, with the variance above.
 
     average=True divides each trace by the weight's number of elements (HAWQ-V2's average trace),
     which compares layers of different sizes; 000 ranks layers by the plain trace."""
@@ -65,6 +71,18 @@ def hessian_traces(model: onnx.ModelProto, node_names: list[str], inputs: dict[s
             loss = F.mse_loss(out, out.detach())
         grads = torch.autograd.grad(loss, params, create_graph=True)
         share = len(batch[0]) / count
+        # a weight the loss is linear in has H = 0 and a gradient without a graph: skip it
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        if joint and live:
+            for _ in range(probes):
+                vs = [torch.randint(0, 2, params[i].shape, generator=generator).to(params[i].dtype) * 2 - 1
+                      for i in live]
+                hvs = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live], grad_outputs=vs,
+                                          retain_graph=True, allow_unused=True)
+                for i, v, hv in zip(live, vs, hvs):
+                    if hv is not None:
+                        totals[i] += share * float((hv * v).sum()) / probes
+            continue
         for i, (p, g) in enumerate(zip(params, grads)):
             if not g.requires_grad:
                 continue  # the loss is linear in this weight: H = 0

@@ -4,8 +4,8 @@ with the original's, both fed the ORIGINAL model's input of that layer (captured
 taken after the activation that follows the layer; layers whose cosine similarity is under 0.92
 (0.96 inside non-sequential blocks: residual, concat) lose 5% of compression (the next step up
 their ladder: 5%, 10%, ... of the layer's cost). 004 fine-tunes between rounds; we do not, so when
-every layer clears its threshold and the drop still exceeds eps, the least similar layer steps up.
-Every round raises at least one layer, so the loop ends.
+every layer clears its threshold and the drop still exceeds eps, the less similar half of the
+layers that can still rise steps up. Every round raises at least one layer, so the loop ends.
 """
 
 from __future__ import annotations
@@ -109,24 +109,32 @@ def select(search: Search, model: onnx.ModelProto, methods: tuple[str, ...] | No
             return p.keep
         return p.of(m)[0] if level[p.name] == 0 else p.at_fraction(m, level[p.name] * STEP)
 
+    cache: dict[int, float] = {}
+
+    def sim(p: LayerProblem, c: Candidate) -> float:
+        if id(c) not in cache:
+            cache[id(c)] = similarity(p, c, acts[p.name])
+        return cache[id(c)]
+
     rounds = 0
     while True:
         choice = {p.name: pick(p) for p in problems}
         rounds += 1
         if search.within(choice, f"round {rounds}"):
             break
-        sims = {p.name: similarity(p, choice[p.name], acts[p.name]) for p in problems}
+        sims = {p.name: sim(p, choice[p.name]) for p in problems}
         movable = [p for p in problems if level[p.name] < steps and method[p.name] is not None]
         if not movable:
             break
         low = [p for p in movable if sims[p.name] < threshold[p.name]]
         if not low:
-            low = [min(movable, key=lambda p: sims[p.name])]
+            ranked = sorted(movable, key=lambda p: sims[p.name])
+            low = ranked[: max(1, len(ranked) // 2)]
         for p in low:
             level[p.name] += 1
     reasons = {}
     for p in problems:
         c = choice[p.name]
-        reasons[p.name] = (f"cosine {similarity(p, c, acts[p.name]):.4f} (threshold {threshold[p.name]}) after "
+        reasons[p.name] = (f"cosine {sim(p, c):.4f} (threshold {threshold[p.name]}) after "
                            f"{level[p.name]} step(s) of 5%" if c.factors is not None else "kept: raised to full cost")
     return choice, reasons
