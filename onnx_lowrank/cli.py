@@ -33,6 +33,14 @@ def fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _require_matplotlib() -> None:
+    # checked before the work, so that a missing package does not cost a finished conversion
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise OnnxLowrankError("--plots needs matplotlib: pip install 'onnx-lowrank[plots]'")
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"onnx-lowrank {__version__}")
@@ -134,6 +142,8 @@ def convert(
                                std=tuple(float(v) for v in image_std.split(",")), layout=image_layout,
                                scale=image_scale))
         config.validate()
+        if plots is not None:
+            _require_matplotlib()
         with warnings.catch_warnings(record=True) as caught, _progress() as stage:
             warnings.simplefilter("always", UserWarning)
             result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage)
