@@ -83,6 +83,64 @@ def inspect(model: Path = typer.Argument(..., help="The ONNX model to look at.")
     console.print(table)
 
 
+@app.command("bench")
+def bench_command(
+    original: Path = typer.Argument(..., help="The original model."),
+    compressed: Path = typer.Argument(..., help="The compressed model."),
+    provider: str = typer.Option("CPUExecutionProvider", help="onnxruntime execution provider."),
+    batch: str = typer.Option("1", help="Comma-separated batch sizes to time, e.g. 1,32."),
+    threads: int = typer.Option(0, help="onnxruntime intra-op threads (0: its default)."),
+    calib: Optional[Path] = typer.Option(None, help="Inputs (as for convert): the timing feeds, and the quality "
+                                         "drop of the compressed model on all of them."),
+    labels: Optional[str] = typer.Option(None, help="Labels (as for convert): the drop is then in accuracy."),
+    seconds: float = typer.Option(1.0, help="Time each batch size for at least this long."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Parameters, MACs, file size, onnxruntime latency (median/min/max, the two models run in
+    turn) and, with --calib, the quality drop of COMPRESSED against ORIGINAL."""
+    import json
+
+    from .bench import bench
+
+    try:
+        batches = tuple(int(b) for b in batch.split(","))
+        if not batches or min(batches) < 1:
+            raise ValueError(f"--batch takes positive integers; got {batch!r}")
+        if provider not in _providers():
+            raise ValueError(f"--provider {provider} is not in this onnxruntime ({', '.join(_providers())})")
+        result = bench(original, compressed, batches, provider, threads, str(calib) if calib else None, labels,
+                       min_seconds=seconds)
+    except (OnnxLowrankError, ValueError) as e:
+        fail(e)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    sizes = Table(title=f"{original.name} vs {compressed.name}")
+    for col in ("", "original", "compressed", "ratio"):
+        sizes.add_column(col, justify="right")
+    for label, (a, b), unit in (("parameters", result.params, ""), ("MACs / sample", result.macs, ""),
+                                ("file size", result.file_size, " B")):
+        sizes.add_row(label, f"{a:,}{unit}", f"{b:,}{unit}", f"{a / max(b, 1):.2f}x")
+    if result.drop is not None:
+        sizes.add_row(f"{result.metric} ({result.samples} samples)", f"{result.quality[0]:.4f}",
+                      f"{result.quality[1]:.4f}", f"drop {result.drop:.4f}")
+    console.print(sizes)
+    times = Table(title=f"latency, {provider}, threads {threads or 'default'} (ms per run)")
+    for col in ("batch", "original median", "min", "max", "compressed median", "min", "max", "speedup", "runs"):
+        times.add_column(col, justify="right")
+    for lat in result.latency:
+        times.add_row(str(lat.batch), *(f"{1e3 * v:.3f}" for v in (lat.median[0], lat.min[0], lat.max[0])),
+                      *(f"{1e3 * v:.3f}" for v in (lat.median[1], lat.min[1], lat.max[1])),
+                      f"{lat.speedup:.2f}x", str(lat.runs))
+    console.print(times)
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
 @contextmanager
 def _progress() -> Iterator:
     """A rich progress bar per pipeline stage, on stderr so stdout stays the table."""
@@ -113,7 +171,13 @@ def convert(
     ratio: Optional[float] = typer.Option(None, help="--select rank: each layer at this fraction of its cost."),
     energy: Optional[float] = typer.Option(None, help="--select energy: output energy each layer keeps."),
     methods: str = typer.Option("auto", help=f"Comma-separated decompositions ({', '.join(METHODS)}) or auto."),
-    cost: str = typer.Option("macs", help="macs | params: what the search minimises."),
+    cost: str = typer.Option("macs", help="macs | params | latency: what the search minimises. latency: each "
+                             "candidate timed in onnxruntime at the layer's real input shape (cached on disk); "
+                             "no layer is replaced by a slower chain."),
+    rank_multiple: int = typer.Option(1, help="Round ranks to multiples of N (kernels like some widths)."),
+    provider: str = typer.Option("CPUExecutionProvider", help="--cost latency: the execution provider."),
+    threads: int = typer.Option(0, help="--cost latency: onnxruntime threads (0: its default)."),
+    latency_batch: int = typer.Option(1, help="--cost latency: the batch size layers are timed at."),
     exclude: Optional[list[str]] = typer.Option(None, help="Node names or op types to leave alone (repeatable, "
                                                 "comma-separated)."),
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
@@ -137,6 +201,7 @@ def convert(
         config = CompressConfig(
             eps=eps, metric=metric, select=select, rank=rank, ratio=ratio, energy=energy,
             methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
+            rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
             image=ImageOptions(size=image_size, mean=tuple(float(v) for v in image_mean.split(",")),
                                std=tuple(float(v) for v in image_std.split(",")), layout=image_layout,

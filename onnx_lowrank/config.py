@@ -9,6 +9,8 @@ from .decompositions import METHODS
 from .quality import METRICS
 from .selection import STRATEGIES
 
+COSTS = ("macs", "params", "latency")
+
 EPS_HELP = ("The largest allowed drop in model quality, measured end to end in onnxruntime on held-out "
             "calibration inputs: with labels, the drop in top-1 accuracy (0.005 = half a point); "
             "without, the fraction of samples whose top-1 class changes; for non-classifier outputs, "
@@ -24,7 +26,11 @@ class CompressConfig:
     ratio: float | None = None             # --select rank: each layer at this fraction of its cost
     energy: float | None = None            # --select energy: kept output energy per layer
     methods: tuple[str, ...] | None = None  # None: auto (svd, spatial-svd, tucker2)
-    cost: str = "macs"                     # macs | params
+    cost: str = "macs"                     # macs | params | latency
+    rank_multiple: int = 1                 # ranks rounded to multiples of this
+    provider: str = "CPUExecutionProvider"  # --cost latency: where layers are timed
+    threads: int = 0                       # ... with this many threads (0: onnxruntime's default)
+    latency_batch: int = 1                 # ... at this batch size
     exclude: tuple[str, ...] = ()          # node names or op types left alone
     data_aware: bool = True                # whiten by the input covariance (with calibration data)
     holdout: float = 0.3                   # share of the calibration set kept to verify the result
@@ -40,8 +46,18 @@ class CompressConfig:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
         if self.select not in STRATEGIES:
             raise ValueError(f"--select must be one of {', '.join(STRATEGIES)}; got {self.select!r}")
-        if self.cost not in ("macs", "params"):
-            raise ValueError(f"--cost must be macs or params; got {self.cost!r}")
+        if self.cost not in COSTS:
+            raise ValueError(f"--cost must be one of {', '.join(COSTS)}; got {self.cost!r}")
+        if self.rank_multiple < 1:
+            raise ValueError(f"--rank-multiple must be at least 1; got {self.rank_multiple}")
+        if self.threads < 0 or self.latency_batch < 1:
+            raise ValueError(f"--threads must be >= 0 and --latency-batch >= 1; got {self.threads}, {self.latency_batch}")
+        if self.cost == "latency":
+            import onnxruntime as ort
+
+            if self.provider not in ort.get_available_providers():
+                raise ValueError(f"--provider {self.provider} is not in this onnxruntime "
+                                 f"({', '.join(ort.get_available_providers())})")
         if self.methods is not None:
             unknown = [m for m in self.methods if m not in METHODS]
             if unknown or not self.methods:

@@ -20,7 +20,8 @@ from .decompositions import reason_not_applicable
 from .errors import OnnxLowrankError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
 from .graph.targets import LayerTarget, Skipped
-from .quality import predict, quality, resolve_metric
+from .latency import LayerTimer, interleaved, runtime_session, time_session
+from .quality import DropMeter, predict, quality, resolve_metric
 from .report import LayerReport, Report
 from .selection import Choice, Search, build_problem
 from .selection import auto, cosine, energy, fixed, hessian, vbmf
@@ -80,34 +81,50 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
         report.metric = metric
         held_ref = predict(original, held, config.batch_size)
 
+    timer = None
+    if config.cost == "latency":
+        timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch)
     with _timed(report, "decompose"):
-        advance = progress("decompose", len(targets))
+        advance = progress("decompose" if timer is None else "decompose and time", len(targets))
         problems = []
         for t in targets:
             problems.append(build_problem(t, stats[t.name], config.methods or auto_methods(),
-                                          config.cost, config.data_aware))
+                                          config.cost, config.data_aware, timer, config.rank_multiple))
             advance()
 
     advance_search = progress("search", None)
 
+    meter = DropMeter(metric, search_set, search_ref, config.eps, config.batch_size)
+
     def measure(choice: Choice) -> float:
-        model_ = _build(prepared, problems, choice)
+        model_ = _build(prepared, problems, choice, infer=False)
         advance_search()
-        return quality(metric, search_ref, predict(model_, search_set, config.batch_size), search_set.labels).drop
+        return meter(model_)
 
     shapes = {name: (1,) + array.shape[1:] for name, array in data.inputs.items()}
     costs = node_costs(prepared, shapes)
-    total = sum(c.macs if config.cost == "macs" else c.params for c in costs)
-    search = Search(problems, measure, config.eps, other_cost=total - sum(p.base_cost for p in problems))
+    if timer is not None:
+        feed = {k: np.repeat(v[:1], config.latency_batch, axis=0) for k, v in data.inputs.items()}
+        total = time_session(runtime_session(prepared, config.provider, config.threads), feed).median
+    else:
+        total = sum(c.macs if config.cost == "macs" else c.params for c in costs)
+    # the rest of the model (skipped layers, activations, ...); latencies measured apart do not
+    # add up exactly, so never below zero
+    search = Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0))
 
     with _timed(report, "select"):
         choice, reasons = _select(config, search, prepared, search_set, targets)
+        if timer is not None:
+            choice = _confirm_latency(timer, problems, choice, reasons)
         report.search_drop = search.drop(choice)
 
     with _timed(report, "verify"):
         before_backoff = choice
+        confirm = (lambda c: _confirm_latency(timer, problems, c, reasons)) if timer is not None else None
         compressed, choice, drop_q, steps = _verify_heldout(prepared, problems, choice, metric, held, held_ref,
-                                                            config, back_off=_tuned_to_eps(config))
+                                                            config, back_off=_tuned_to_eps(config), confirm=confirm)
+        if timer is not None:
+            timer.save()
         report.backed_off = steps
         if drop_q.drop > config.eps:
             message = (f"the held-out {metric} drop {drop_q.drop:.4f} exceeds eps {config.eps}: the ranks were "
@@ -120,9 +137,12 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
         before_q = quality(metric, held_ref, held_ref, held.labels)
         report.quality_before, report.quality_after, report.drop = before_q.value, drop_q.value, drop_q.drop
         onnx.checker.check_model(compressed, full_check=True)
+        if timer is not None:
+            sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
+            report.latency_before, report.latency_after = (float(np.median(t)) for t in interleaved(sessions, feed))
 
     report.trace = search.trace
-    report.layers = [_layer_report(p, choice[p.name], reasons[p.name]) for p in problems]
+    report.layers = [_layer_report(p, choice[p.name], reasons[p.name], timer is not None) for p in problems]
     after = node_costs(compressed, shapes)
     report.macs_before, report.macs_after = sum(c.macs for c in costs), sum(c.macs for c in after)
     report.params_before, report.params_after = model_params(prepared), model_params(compressed)
@@ -205,9 +225,9 @@ def _select(config: CompressConfig, search: Search, prepared: onnx.ModelProto, d
     return hessian.select(search, prepared, data, config.methods, config.seed)
 
 
-def _build(prepared: onnx.ModelProto, problems, choice: Choice) -> onnx.ModelProto:
+def _build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True) -> onnx.ModelProto:
     chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factors is not None]
-    return replace_layers(prepared, chosen)
+    return replace_layers(prepared, chosen, infer)
 
 
 def _tuned_to_eps(config: CompressConfig) -> bool:
@@ -217,13 +237,16 @@ def _tuned_to_eps(config: CompressConfig) -> bool:
     return not fixed
 
 
-def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, back_off: bool):
+def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, back_off: bool,
+                    confirm: Callable[[Choice], Choice] | None = None):
     """The chosen model's drop on the held-out part. If it exceeds eps and the ranks were chosen to
     fit eps, step back: the factored layer with the largest error moves to its next more accurate
-    candidate, until it holds."""
+    candidate, until it holds. `confirm` checks each choice first (--cost latency)."""
     choice = dict(choice)
     steps = 0
     while True:
+        if confirm is not None:
+            choice = confirm(choice)
         compressed = _build(prepared, problems, choice)
         q = quality(metric, held_ref, predict(compressed, held, config.batch_size), held.labels)
         factored = [p for p in problems if choice[p.name].factors is not None]
@@ -236,10 +259,28 @@ def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, 
         steps += 1
 
 
-def _layer_report(p, c, reason: str) -> LayerReport:
+def _confirm_latency(timer: LayerTimer, problems, choice: Choice, reasons: dict[str, str]) -> Choice:
+    """The chosen chains timed exactly (most were interpolated): one that runs no faster than its
+    layer is not taken."""
+    choice = dict(choice)
+    for p in problems:
+        c = choice[p.name]
+        if c.factors is None:
+            continue
+        c.cost = timer.seconds(p.target, p.stats.in_shape, c.factors)
+        if c.cost >= p.base_cost:
+            reasons[p.name] = (f"kept: its {c.method} chain ran in {1e3 * c.cost:.3f} ms, the layer in "
+                               f"{1e3 * p.base_cost:.3f} ms")
+            choice[p.name] = p.keep
+    return choice
+
+
+def _layer_report(p, c, reason: str, timed: bool = False) -> LayerReport:
     layer = p.target.layer
     spatial = p.stats.in_spatial
     f = c.factors
+    latency = (p.base_cost, c.cost) if timed else (None, None)
     return LayerReport(p.name, p.target.op_type, c.method, list(c.ranks), int(layer.params),
                        int(layer.params if f is None else f.params), int(layer.macs(spatial)),
-                       int(layer.macs(spatial) if f is None else f.macs(spatial)), float(c.error), reason)
+                       int(layer.macs(spatial) if f is None else f.macs(spatial)), float(c.error), reason,
+                       *latency)

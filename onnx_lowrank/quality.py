@@ -77,11 +77,65 @@ def quality(metric: str, reference: list[np.ndarray], outputs: list[np.ndarray],
     if metric == "agreement":
         agree = float(np.mean(reference[0].argmax(1) == outputs[0].argmax(1)))
         return Quality(metric, agree, 1.0 - agree)
-    worst = 1.0
-    for ref, out in zip(reference, outputs):
-        a = ref.reshape(len(ref), -1).astype(np.float64)
-        b = out.reshape(len(out), -1).astype(np.float64)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300), 1.0)
-        worst = min(worst, float(np.mean(cos)))
+    worst = min(float(np.mean(_cosines(ref, out))) for ref, out in zip(reference, outputs))
     return Quality(metric, worst, 1.0 - worst)
+
+
+class DropMeter:
+    """The drop of candidate models against the original on one data set, for searches that only
+    need to know whether it is within eps. Samples run fragile first (smallest margin between the
+    original's top two classes: they flip first), in growing chunks, and a run stops as soon as
+    the drop is certain to exceed eps whatever the rest would give; the value returned is then a
+    lower bound, and `exact` says which. A failing model typically stops after one small chunk."""
+
+    FIRST_CHUNK = 16
+
+    def __init__(self, metric: str, data: CalibrationSet, reference: list[np.ndarray], eps: float,
+                 batch_size: int = 64) -> None:
+        self.metric, self.eps, self.batch_size = metric, eps, batch_size
+        order = np.arange(len(data))
+        if metric in ("accuracy", "agreement"):
+            top2 = np.sort(reference[0], axis=1)[:, -2:]
+            order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
+        self.data = data.take(order)
+        self.reference = [r[order] for r in reference]
+        self.labels = self.data.labels
+        self.n = len(self.data)
+        self.exact = True
+
+    def __call__(self, model: onnx.ModelProto | ort.InferenceSession) -> float:
+        sess = model if isinstance(model, ort.InferenceSession) else session(model)
+        names = [o.name for o in sess.get_outputs()]
+        lost = 0.0                       # sum over the samples seen of what each adds to the drop
+        per_output = np.zeros(len(names))  # cosine: sum of 1 - cos per output
+        start, size = 0, self.FIRST_CHUNK
+        while start < self.n:
+            stop = min(self.n, start + size)
+            chunk = self.data.take(np.arange(start, stop))
+            outs = predict(sess, chunk, self.batch_size, names)
+            ref = [r[start:stop] for r in self.reference]
+            if self.metric == "accuracy":
+                y = self.labels[start:stop]
+                lost += float(np.sum(ref[0].argmax(1) == y) - np.sum(outs[0].argmax(1) == y))
+                # the rest can at most win back the samples the original gets wrong
+                rest_wrong = float(np.sum(self.reference[0][stop:].argmax(1) != self.labels[stop:]))
+                bound = (lost - rest_wrong) / self.n
+            elif self.metric == "agreement":
+                lost += float(np.sum(ref[0].argmax(1) != outs[0].argmax(1)))
+                bound = lost / self.n
+            else:
+                per_output += [float(np.sum(1 - _cosines(r, o))) for r, o in zip(ref, outs)]
+                bound = float(per_output.max()) / self.n
+            start, size = stop, 2 * size
+            if bound > self.eps and start < self.n:
+                self.exact = False
+                return bound
+        self.exact = True
+        return float(per_output.max()) / self.n if self.metric == "cosine" else lost / self.n
+
+
+def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    a = ref.reshape(len(ref), -1).astype(np.float64)
+    b = out.reshape(len(out), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300), 1.0)

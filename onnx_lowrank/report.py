@@ -24,6 +24,8 @@ class LayerReport:
     macs_after: int
     error: float                # relative output error on the captured inputs
     reason: str
+    latency_before: float | None = None  # --cost latency: seconds per run of the layer's micro-model
+    latency_after: float | None = None
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Report:
     drop: float = 0.0             # held-out: what --eps bounds
     search_drop: float = 0.0
     backed_off: int = 0           # steps taken back because the held-out drop exceeded eps
+    latency_before: float | None = None  # --cost latency: seconds per run of the whole model, measured
+    latency_after: float | None = None   # (the two models in turn) at --latency-batch
     timings: dict = field(default_factory=dict)
     trace: list[TracePoint] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -70,15 +74,18 @@ class Report:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def tables(self) -> list[Table]:
+        timed = any(r.latency_before is not None for r in self.layers)
         layers = Table(title="layers")
-        for col in ("layer", "op", "method", "ranks", "params", "MACs", "error", "why"):
+        for col in ("layer", "op", "method", "ranks", "params", "MACs") + (("latency (ms)",) if timed else ()) + (
+                "error", "why"):
             layers.add_column(col, overflow="fold")
         for r in self.layers:
+            latency = (f"{1e3 * r.latency_before:.3f} -> {1e3 * r.latency_after:.3f}",) if timed else ()
             layers.add_row(r.name, r.op_type, r.method or "kept", ",".join(map(str, r.ranks)),
                            f"{r.params_before:,} -> {r.params_after:,}", f"{r.macs_before:,} -> {r.macs_after:,}",
-                           f"{r.error:.3f}", r.reason)
+                           *latency, f"{r.error:.3f}", r.reason)
         for s in self.skipped:
-            layers.add_row(s["name"], s["op_type"], "skipped", "", "", "", "", s["reason"])
+            layers.add_row(s["name"], s["op_type"], "skipped", "", "", "", *([""] if timed else []), "", s["reason"])
         whole = Table(title="model")
         for col in ("", "before", "after", "ratio"):
             whole.add_column(col, justify="right")
@@ -86,6 +93,9 @@ class Report:
         whole.add_row("MACs / sample", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.mac_ratio:.2f}x")
         whole.add_row("file size", f"{self.file_size_before:,} B", f"{self.file_size_after:,} B",
                       f"{self.file_size_before / max(self.file_size_after, 1):.2f}x")
+        if self.latency_before is not None:
+            whole.add_row("latency / run", f"{1e3 * self.latency_before:.3f} ms", f"{1e3 * self.latency_after:.3f} ms",
+                          f"{self.latency_before / self.latency_after:.2f}x")
         whole.add_row(f"{self.metric} (held-out)", f"{self.quality_before:.4f}", f"{self.quality_after:.4f}",
                       f"drop {self.drop:.4f} (eps {self.eps})")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())

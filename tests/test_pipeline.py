@@ -56,7 +56,8 @@ def test_auto_compresses_within_eps_and_reports(calib, tmp_path):
         assert key in data
     layer = data["layers"][0]
     assert set(layer) == {"name", "op_type", "method", "ranks", "params_before", "params_after", "macs_before",
-                          "macs_after", "error", "reason"}
+                          "macs_after", "error", "reason", "latency_before", "latency_after"}
+    assert layer["latency_before"] is None and data["latency_before"] is None  # timed only with --cost latency
     assert data["calibration"]["heldout"] == 120 and not data["calibration"]["synthetic"]
     # the whole-model counts agree with the per-layer ones
     saved = sum(r["macs_before"] - r["macs_after"] for r in data["layers"])

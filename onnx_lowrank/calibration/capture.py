@@ -62,6 +62,7 @@ class LayerStats:
     moment_sum: np.ndarray       # (groups, d, d): sum of x x^T over the rows seen
     rows: int
     in_spatial: tuple[int, ...]  # what Layer.macs takes, from the real input
+    in_shape: tuple[int, ...]    # the real input of one sample, batch dim 1
     sample: np.ndarray           # (<= keep, groups, d): a uniform random sample of rows
     sample_keys: np.ndarray
 
@@ -128,7 +129,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             if s is None:
                 d = rows.shape[-1]
                 s = stats[t.name] = LayerStats(np.zeros((rows.shape[1], d, d)), 0, _in_spatial(t, x),
-                                               rows[:0], keys[:0])
+                                               (1,) + x.shape[1:], rows[:0], keys[:0])
             flat = rows.astype(np.float32).transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
             s.moment_sum += np.matmul(flat.transpose(0, 2, 1), flat).astype(np.float64)
             s.rows += len(rows)

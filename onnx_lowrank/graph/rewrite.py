@@ -114,9 +114,11 @@ def _dense_nodes(target: LayerTarget, step: DenseStep, is_last: bool, current: s
     return nodes
 
 
-def replace_layers(model: onnx.ModelProto, chosen: Iterable[tuple[LayerTarget, Factors]]) -> onnx.ModelProto:
+def replace_layers(model: onnx.ModelProto, chosen: Iterable[tuple[LayerTarget, Factors]],
+                   infer: bool = True) -> onnx.ModelProto:
     """A copy of `model` (the prepared model the targets were found in) with each target
-    replaced by its factors' chain."""
+    replaced by its factors' chain. `infer=False` leaves out shape inference: onnxruntime runs
+    the model without it, and a search builds many models it only runs."""
     chosen = list(chosen)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -144,7 +146,7 @@ def replace_layers(model: onnx.ModelProto, chosen: Iterable[tuple[LayerTarget, F
     set_ir_version(out)
     # value_info of the replaced tensors is stale; infer everything afresh
     del out.graph.value_info[:]
-    return infer_shapes(out)
+    return infer_shapes(out) if infer else out
 
 
 def _drop_if_unused(graph: onnx.GraphProto, names: list[str]) -> None:

@@ -15,8 +15,10 @@ from ..decompositions import spatial_svd, svd, tucker2
 from ..decompositions.base import Factors, Layer, normalize_ranks
 from ..errors import UnsupportedLayer
 from ..graph.targets import LayerTarget
+from ..latency import LayerTimer
 
 AUTO_METHODS = ("svd", "spatial-svd", "tucker2")
+TIMED = 6                            # --cost latency: chains timed per method ladder
 RANK_STEPS = 40                      # ladder length for rank-indexed methods
 EPS_STEPS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7)  # for eps-indexed ones
 
@@ -77,37 +79,48 @@ def cost_of(layer: Layer, factors: Factors | None, in_spatial, kind: str) -> flo
     return float(layer.macs(in_spatial) if factors is None else factors.macs(in_spatial))
 
 
-def rank_ladder(full: int, steps: int = RANK_STEPS) -> list[int]:
-    return sorted({int(round(x)) for x in np.geomspace(1, full, steps)})
+def rank_ladder(full: int, steps: int = RANK_STEPS, multiple: int = 1) -> list[int]:
+    return sorted({round_rank(int(round(x)), full, multiple) for x in np.geomspace(1, full, steps)})
 
 
-def method_ladder(name: str, layer: Layer) -> list[tuple[Factors, float | None]]:
-    """Factors of `layer` by method `name` along its ladder, each with its error when the method
-    knows it in closed form (data-aware SVD), else None. The SVD-based methods decompose once and
-    truncate; a grouped conv goes through `decompose`, which factors it group by group."""
+def round_rank(rank: int, full: int, multiple: int) -> int:
+    """`rank` to the nearest multiple of `multiple` (at least one multiple), never past `full`."""
+    if multiple <= 1:
+        return rank
+    return min(full, max(multiple, multiple * int(round(rank / multiple))))
+
+
+def pair_ladder(full: tuple[int, int], multiple: int = 1) -> list[tuple[int, int]]:
+    """Tucker-2's (output, input) rank pairs, both at one fraction of their full ranks."""
+    pairs = (normalize_ranks(f, full) for f in np.geomspace(1 / 64, 1, RANK_STEPS))
+    return sorted({tuple(round_rank(r, n, multiple) for r, n in zip(p, full)) for p in pairs})
+
+
+def method_ladder(name: str, layer: Layer, multiple: int = 1) -> list[tuple[Factors, float | None]]:
+    """Factors of `layer` by method `name` along its ladder (ranks multiples of `multiple` for
+    the SVD-based methods), each with its error when the method knows it in closed form
+    (data-aware SVD), else None. The SVD-based methods decompose once and truncate; a grouped conv
+    goes through `decompose`, which factors it group by group."""
     if layer.groups > 1 and name in ("svd", "spatial-svd", "tucker2"):
         t, c = layer.out_channels // layer.groups, layer.in_per_group
         if name == "tucker2":
             per_group = replace(layer, weight=layer.weight[:t], groups=1, input_cov=None)
-            full = tucker2.full_ranks(per_group)
-            ranks = sorted({normalize_ranks(f, full) for f in np.geomspace(1 / 64, 1, RANK_STEPS)})
+            ranks = pair_ladder(tucker2.full_ranks(per_group), multiple)
         else:
             k = layer.kernel
             full = min(t, c * int(np.prod(k))) if name == "svd" else min(c * k[0], t * k[1])
-            ranks = rank_ladder(full)
+            ranks = rank_ladder(full, multiple=multiple)
         return [(decompose(layer, name, rank=r), None) for r in ranks]
     if name == "svd":
         t = svd.Truncations(layer)
         exact = layer.input_cov is not None
-        return [(t.at(r), t.tail_error(r) if exact else None) for r in rank_ladder(t.full)]
+        return [(t.at(r), t.tail_error(r) if exact else None) for r in rank_ladder(t.full, multiple=multiple)]
     if name == "spatial-svd":
         t = spatial_svd.Truncations(layer)
-        return [(t.at(r), None) for r in rank_ladder(t.full)]
+        return [(t.at(r), None) for r in rank_ladder(t.full, multiple=multiple)]
     if name == "tucker2":
         t = tucker2.Truncations(layer)
-        full = tucker2.full_ranks(layer)
-        pairs = sorted({normalize_ranks(f, full) for f in np.geomspace(1 / 64, 1, RANK_STEPS)})
-        return [(t.at(*p), None) for p in pairs]
+        return [(t.at(*p), None) for p in pair_ladder(tucker2.full_ranks(layer), multiple)]
     if name in ("tt", "tr"):
         return [(decompose(layer, name, eps=e), None) for e in EPS_STEPS]
     if name == "cp":
@@ -125,10 +138,14 @@ def method_ladder(name: str, layer: Layer) -> list[tuple[Factors, float | None]]
 
 
 def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ...], cost: str,
-                  data_aware: bool) -> LayerProblem:
+                  data_aware: bool, timer: LayerTimer | None = None, multiple: int = 1) -> LayerProblem:
+    """`cost`: macs, params, or latency (seconds per run, measured by `timer`)."""
     moment = stats.second_moment()
     layer = replace(target.layer, input_cov=moment if data_aware else None)
-    base = cost_of(target.layer, None, stats.in_spatial, cost)
+    if cost == "latency":
+        base = timer.seconds(target, stats.in_shape, None)
+    else:
+        base = cost_of(target.layer, None, stats.in_spatial, cost)
     problem = LayerProblem(target, stats, layer, moment, base)
     cands: list[Candidate] = []
     for name in methods:
@@ -141,17 +158,33 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                ladder = method_ladder(name, layer)
+                ladder = method_ladder(name, layer, multiple)
         except UnsupportedLayer as e:
             problem.declined[name] = str(e)
             continue
-        for factors, error in ladder:
-            c = cost_of(target.layer, factors, stats.in_spatial, cost)
-            if c >= base:
+        if cost == "latency":
+            costs = latency_ladder(timer, target, stats, [f for f, _ in ladder])
+        else:
+            costs = [cost_of(target.layer, f, stats.in_spatial, cost) for f, _ in ladder]
+        for (factors, error), c in zip(ladder, costs):
+            if c >= base:  # never slower or larger than the layer itself
                 continue
             err = error if error is not None else factors.output_error(moment)
             cands.append(Candidate(name, factors, c, err))
     cands.sort(key=lambda c: (c.cost, c.error))
     problem.candidates = cands + [Candidate(None, None, base, 0.0)]
     return problem
+
+
+def latency_ladder(timer: LayerTimer, target: LayerTarget, stats: LayerStats, ladder: list[Factors]) -> list[float]:
+    """Latency of each factorization along one method's ladder. TIMED of them, spread over the
+    ladder, are measured; the rest are interpolated in MACs, which latency follows within one
+    method (the chain's shape is the same, only a rank changes). The chosen ones are measured
+    exactly afterwards (`confirm_latency`)."""
+    macs = np.array([f.macs(stats.in_spatial) for f in ladder], dtype=float)
+    order = np.argsort(macs, kind="stable")
+    picks = sorted({int(i) for i in np.linspace(0, len(ladder) - 1, min(TIMED, len(ladder))).round()})
+    timed = np.array([timer.seconds(target, stats.in_shape, ladder[order[i]]) for i in picks])
+    # noise aside, more MACs in the same chain do not run faster
+    return list(np.interp(macs, macs[order[picks]], np.maximum.accumulate(timed)))
 

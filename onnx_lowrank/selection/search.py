@@ -16,7 +16,7 @@ Choice = dict[str, Candidate]  # layer name -> candidate
 class TracePoint:
     knob: str          # what the strategy set, e.g. "lambda=3.1e+04"
     cost_ratio: float  # whole-model cost before / after
-    drop: float        # measured on the search set
+    drop: float        # measured on the search set; beyond eps possibly a lower bound (DropMeter)
     within: bool
 
 

@@ -36,6 +36,6 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
             out[p.name] = 1.0
             continue
         c = min(probes, key=lambda c: abs(np.log(c.error / PROBE_ERROR)))
-        changed = predict(replace_layers(model, [(p.target, c.factors)]), subset, batch_size)
+        changed = predict(replace_layers(model, [(p.target, c.factors)], infer=False), subset, batch_size)
         out[p.name] = max(output_distortion(reference, changed), 1e-12) / c.error ** 2
     return out

@@ -1,0 +1,54 @@
+"""DropMeter: the early-stopping measurement the searches use agrees with quality() wherever the
+drop is within eps, and when it stops early it returns a true lower bound above eps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import init, make_model, tensor
+from onnx import helper
+
+from onnx_lowrank.calibration.data import CalibrationSet
+from onnx_lowrank.quality import DropMeter, predict, quality
+
+
+def linear_classifier(weight: np.ndarray):
+    node = helper.make_node("MatMul", ["x", "W"], ["logits"])
+    return make_model([node], [tensor("x", ["N", weight.shape[0]])], [tensor("logits", ["N", weight.shape[1]])],
+                      [init("W", weight.astype(np.float32))])
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "agreement", "cosine"])
+@pytest.mark.parametrize("noise", [0.0, 0.05, 0.2, 0.6, 1.5])
+@pytest.mark.parametrize("eps", [0.005, 0.05])
+def test_drop_meter_matches_quality_within_eps_and_bounds_it_beyond(metric, noise, eps):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(20, 10))
+    x = rng.normal(size=(300, 20)).astype(np.float32)
+    labels = (x @ w + rng.normal(scale=2.0, size=(300, 10))).argmax(1)  # the model gets some wrong
+    data = CalibrationSet({"x": x}, labels)
+    original, perturbed = linear_classifier(w), linear_classifier(w + noise * rng.normal(size=w.shape))
+    reference = predict(original, data)
+    truth = quality(metric, reference, predict(perturbed, data), labels).drop
+
+    meter = DropMeter(metric, data, reference, eps, batch_size=7)
+    got = meter(perturbed)
+    if meter.exact:
+        assert got == pytest.approx(truth, abs=1e-9)
+    else:
+        assert eps < got <= truth + 1e-9
+    assert (got <= eps) == (truth <= eps)
+
+
+def test_a_failing_model_stops_after_the_first_chunk():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(20, 10))
+    data = CalibrationSet({"x": rng.normal(size=(1000, 20)).astype(np.float32)})
+    meter = DropMeter("agreement", data, predict(linear_classifier(w), data), eps=0.01)
+    calls = []
+    original_take = meter.data.take
+    meter.data.take = lambda idx: calls.append(len(idx)) or original_take(idx)
+    drop = meter(linear_classifier(rng.normal(size=w.shape)))  # an unrelated classifier
+    assert not meter.exact and drop > 0.01
+    assert calls == [DropMeter.FIRST_CHUNK]
