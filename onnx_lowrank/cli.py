@@ -182,6 +182,12 @@ def convert(
                                                 "comma-separated)."),
     report: Optional[Path] = typer.Option(None, help="Write the report as JSON here."),
     plots: Optional[Path] = typer.Option(None, help="Write the report's plots (PNG) into this folder."),
+    merge: bool = typer.Option(True, help="Merge adjacent linear layers (1x1 convs, Gemm/MatMul) where one costs "
+                               "fewer MACs than two."),
+    fp16: bool = typer.Option(False, "--fp16", help="Store weights in float16 (half the file; compute stays "
+                              "float32, so it runs everywhere). Verified like the rest."),
+    optimize: bool = typer.Option(False, "--optimize", help="Write onnxruntime's offline-optimized graph (basic "
+                                  "level: constant folding, redundant nodes; portable)."),
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
@@ -202,6 +208,7 @@ def convert(
             eps=eps, metric=metric, select=select, rank=rank, ratio=ratio, energy=energy,
             methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
+            merge=merge, fp16=fp16, optimize=optimize,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
             image=ImageOptions(size=image_size, mean=tuple(float(v) for v in image_mean.split(",")),
                                std=tuple(float(v) for v in image_std.split(",")), layout=image_layout,

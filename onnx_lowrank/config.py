@@ -34,6 +34,9 @@ class CompressConfig:
     exclude: tuple[str, ...] = ()          # node names or op types left alone
     data_aware: bool = True                # whiten by the input covariance (with calibration data)
     holdout: float = 0.3                   # share of the calibration set kept to verify the result
+    merge: bool = True                     # merge adjacent linear layers where one costs less than two
+    fp16: bool = False                     # store weights in float16 (compute stays float32)
+    optimize: bool = False                 # write onnxruntime's offline-optimized graph (basic level)
     seed: int = 0
     batch_size: int = 64
     image: ImageOptions = field(default_factory=ImageOptions)

@@ -19,6 +19,7 @@ from .config import CompressConfig
 from .decompositions import reason_not_applicable
 from .errors import OnnxLowrankError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
+from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.targets import LayerTarget, Skipped
 from .latency import LayerTimer, interleaved, runtime_session, time_session
 from .quality import DropMeter, predict, quality, resolve_metric
@@ -230,6 +231,17 @@ def _build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = Tr
     return replace_layers(prepared, chosen, infer)
 
 
+def _export(model: onnx.ModelProto, config: CompressConfig) -> onnx.ModelProto:
+    """The touches a deployment wants on the file written (graph/export.py)."""
+    if config.merge:
+        model, _ = merge_linear_pairs(model)
+    if config.optimize:
+        model = ort_optimized(model)
+    if config.fp16:  # after optimizing, whose constant folding would turn the weights back to float32
+        model = fp16_weights(model)
+    return model
+
+
 def _tuned_to_eps(config: CompressConfig) -> bool:
     """Whether the strategy chose the ranks to fit eps (else the user or VBMF fixed them)."""
     fixed = (config.select == "vbmf" or config.rank is not None or config.ratio is not None
@@ -247,7 +259,7 @@ def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, 
     while True:
         if confirm is not None:
             choice = confirm(choice)
-        compressed = _build(prepared, problems, choice)
+        compressed = _export(_build(prepared, problems, choice), config)
         q = quality(metric, held_ref, predict(compressed, held, config.batch_size), held.labels)
         factored = [p for p in problems if choice[p.name].factors is not None]
         if q.drop <= config.eps or not factored or not back_off:

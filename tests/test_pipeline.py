@@ -94,3 +94,16 @@ def test_hessian_strategy_through_the_torch_bridge(calib):
     _, report = compress(DIGIT, CompressConfig(eps=0.01, select="hessian"), calibration=calib, labels="labels")
     assert report.drop <= 0.01
     assert all("Hessian trace" in r.reason for r in report.layers if r.method)
+
+
+def test_fp16_and_optimized_export_are_verified_like_the_rest(calib, tmp_path):
+    plain = compress_file(DIGIT, tmp_path / "plain.onnx", CompressConfig(eps=0.01), calib, "labels")
+    config = CompressConfig(eps=0.01, fp16=True, optimize=True)
+    report = compress_file(DIGIT, tmp_path / "small.onnx", config, calib, "labels")
+    model = onnx.load(str(tmp_path / "small.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert report.drop <= config.eps  # measured on the file as written: float16 weights included
+    assert report.file_size_after < 0.6 * plain.file_size_after
+    x, _ = mnist_test_images(7, start=6000)
+    (logits,) = run(model, {"image": x})
+    assert logits.shape == (7, 10) and np.all(np.isfinite(logits))
