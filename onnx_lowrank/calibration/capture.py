@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper
 
 from ..decompositions.base import Layer
@@ -41,17 +40,25 @@ def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int
     pads = g.pads
     if g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         pads = same_pads(x.shape[2:], g.kernel, g.strides, g.dilations, g.auto_pad)
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[n + i]) for i in range(n)])
-    spans = [g.dilations[i] * (g.kernel[i] - 1) + 1 for i in range(n)]
-    win = sliding_window_view(padded, spans, axis=tuple(range(2, 2 + n)))
-    # (N, C, *positions, *span): keep every stride-th position and every dilation-th tap
-    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in g.strides)
-              + tuple(slice(None, None, d) for d in g.dilations)]
-    positions = win.shape[2:2 + n]
+    size = x.shape[2:]
+    positions = tuple((size[i] + pads[i] + pads[n + i] - g.dilations[i] * (g.kernel[i] - 1) - 1) // g.strides[i] + 1
+                      for i in range(n))
     total = x.shape[0] * int(np.prod(positions))
     pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
     idx = np.unravel_index(pick, (x.shape[0],) + positions)
-    rows = win[(idx[0], slice(None)) + tuple(idx[1:])]  # (rows, C, *kernel)
+    # gather the taps of the picked positions only (padding the whole batch would copy all of
+    # it): per axis, tap coordinates in the input, those in the padding read as zero
+    coords, valid = [], np.ones((len(pick),) + tuple(g.kernel), dtype=bool)
+    for i in range(n):
+        c = idx[1 + i][:, None] * g.strides[i] - pads[i] + np.arange(g.kernel[i]) * g.dilations[i]
+        inside = (c >= 0) & (c < size[i])
+        shape = [len(pick)] + [1] * n
+        shape[1 + i] = g.kernel[i]
+        coords.append(np.clip(c, 0, size[i] - 1).reshape(shape))
+        valid &= inside.reshape(shape)
+    images = idx[0].reshape([len(pick)] + [1] * n)
+    rows = x[(images, slice(None)) + tuple(coords)]         # (rows, *kernel, C): advanced axes first
+    rows = np.moveaxis(rows * valid[..., None], -1, 1)      # (rows, C, *kernel)
     return rows.reshape(len(pick), layer.groups, -1).astype(np.float64)
 
 
