@@ -101,3 +101,18 @@ def test_tr_reproduces_a_general_ring(rng):
     cores = [rng.standard_normal(s) for s in ((3, T, 3), (3, C, 4), (4, D, 2), (2, D, 3))]
     w = np.einsum("dta,acb,bxe,eyd->tcxy", *cores)
     assert decompose(conv_layer(w), "tr", eps=1e-9).error() < 1e-10
+
+
+def test_fast_output_error_matches_the_definition():
+    """selection.candidates.OutputError (Cholesky root, float32) against Factors.output_error."""
+    from onnx_lowrank.selection.candidates import OutputError
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(500, 72)) @ rng.normal(size=(72, 72))  # correlated inputs
+    moment = x.T @ x / len(x)
+    layer = conv_layer(w)
+    measure = OutputError(layer, moment)
+    for method, rank in (("svd", 3), ("tucker2", (4, 5)), ("spatial-svd", 6), ("cp", 10)):
+        f = decompose(layer, method, rank=rank)
+        assert measure(f) == pytest.approx(f.output_error(moment), rel=1e-3)
