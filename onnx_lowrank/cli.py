@@ -188,6 +188,7 @@ def convert(
                               "float32, so it runs everywhere). Verified like the rest."),
     optimize: bool = typer.Option(False, "--optimize", help="Write onnxruntime's offline-optimized graph (basic "
                                   "level: constant folding, redundant nodes; portable)."),
+    jobs: int = typer.Option(1, help="Layers decomposed at once, in threads (0: one per CPU)."),
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
@@ -208,7 +209,7 @@ def convert(
             eps=eps, metric=metric, select=select, rank=rank, ratio=ratio, energy=energy,
             methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
-            merge=merge, fp16=fp16, optimize=optimize,
+            merge=merge, fp16=fp16, optimize=optimize, jobs=jobs,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
             image=ImageOptions(size=image_size, mean=tuple(float(v) for v in image_mean.split(",")),
                                std=tuple(float(v) for v in image_std.split(",")), layout=image_layout,

@@ -37,6 +37,7 @@ class CompressConfig:
     merge: bool = True                     # merge adjacent linear layers where one costs less than two
     fp16: bool = False                     # store weights in float16 (compute stays float32)
     optimize: bool = False                 # write onnxruntime's offline-optimized graph (basic level)
+    jobs: int = 1                          # layers decomposed at once, in threads (0: one per CPU)
     seed: int = 0
     batch_size: int = 64
     image: ImageOptions = field(default_factory=ImageOptions)
@@ -53,6 +54,8 @@ class CompressConfig:
             raise ValueError(f"--cost must be one of {', '.join(COSTS)}; got {self.cost!r}")
         if self.rank_multiple < 1:
             raise ValueError(f"--rank-multiple must be at least 1; got {self.rank_multiple}")
+        if self.jobs < 0:
+            raise ValueError(f"--jobs must be >= 0; got {self.jobs}")
         if self.threads < 0 or self.latency_batch < 1:
             raise ValueError(f"--threads must be >= 0 and --latency-batch >= 1; got {self.threads}, {self.latency_batch}")
         if self.cost == "latency":

@@ -11,7 +11,7 @@ from .calibration.capture import LayerStats, capture
 from .calibration.data import load_calibration
 from .decompositions import METHODS, reason_not_applicable
 from .graph.targets import LayerTarget
-from .selection.candidates import AUTO_METHODS, build_problem
+from .selection.candidates import AUTO_METHODS, build_problems
 
 INSPECT_SAMPLES = 256
 
@@ -41,13 +41,15 @@ def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, b
         stats, _ = capture(model, factorable, data.take(np.arange(min(INSPECT_SAMPLES, len(data)))), batch_size)
     else:
         stats = {t.name: _identity_stats(t) for t in factorable}
+    problems = dict(zip(stats, build_problems([t for t in factorable if t.name in stats], stats, AUTO_METHODS,
+                                              "macs", calib is not None)))
     rows = []
     for t in targets:
         methods = [m for m in METHODS if reason_not_applicable(t.layer, m) is None]
         if t.name not in stats:
             rows.append(Compressibility(methods, reason_not_applicable(t.layer, "svd"), t.macs(), "-", "-"))
             continue
-        problem = build_problem(t, stats[t.name], AUTO_METHODS, "macs", calib is not None)
+        problem = problems[t.name]
 
         def cheapest(err: float) -> str:
             fits = [c for c in problem.candidates if c.error <= err]

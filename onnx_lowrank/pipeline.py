@@ -24,7 +24,8 @@ from .graph.targets import LayerTarget, Skipped
 from .latency import LayerTimer, interleaved, runtime_session, time_session
 from .quality import DropMeter, predict, quality, resolve_metric
 from .report import LayerReport, Report
-from .selection import Choice, Search, build_problem
+from .selection import Choice, Search
+from .selection.candidates import build_problems, price_latency
 from .selection import auto, cosine, energy, fixed, hessian, vbmf
 from .selection.sensitivity import sensitivities
 
@@ -86,12 +87,14 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     if config.cost == "latency":
         timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch)
     with _timed(report, "decompose"):
-        advance = progress("decompose" if timer is None else "decompose and time", len(targets))
-        problems = []
-        for t in targets:
-            problems.append(build_problem(t, stats[t.name], config.methods or auto_methods(),
-                                          config.cost, config.data_aware, timer, config.rank_multiple))
-            advance()
+        problems = build_problems(targets, stats, config.methods or auto_methods(),
+                                  "macs" if timer is not None else config.cost, config.data_aware,
+                                  config.rank_multiple, config.jobs, progress("decompose", len(targets)))
+        if timer is not None:
+            advance = progress("time", len(problems))
+            for p in problems:
+                price_latency(p, timer)
+                advance()
 
     advance_search = progress("search", None)
 
@@ -252,23 +255,48 @@ def _tuned_to_eps(config: CompressConfig) -> bool:
 def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, back_off: bool,
                     confirm: Callable[[Choice], Choice] | None = None):
     """The chosen model's drop on the held-out part. If it exceeds eps and the ranks were chosen to
-    fit eps, step back: the factored layer with the largest error moves to its next more accurate
-    candidate, until it holds. `confirm` checks each choice first (--cost latency)."""
-    choice = dict(choice)
+    fit eps, step back: a step moves the factored layer with the largest error to its next more
+    accurate candidate, and the steps from the choice to keeping every layer form a path that is
+    bisected for the first model that holds (the models a step-by-step walk tries, in about log2
+    of their number of runs; the last, keeping all, holds by definition). `confirm` checks each
+    choice measured (--cost latency). Returns the model as written, its choice, its quality, and
+    how many steps back it is."""
+    meter = DropMeter(metric, held, held_ref, config.eps, config.batch_size)
+
+    def holds(c: Choice) -> bool:  # no shape inference while searching: once, on the model kept
+        return meter(_export(_build(prepared, problems, c, infer=False), config)) <= config.eps
+
+    path = [dict(choice)]
+    if confirm is not None:
+        path[0] = confirm(path[0])
     steps = 0
-    while True:
-        if confirm is not None:
-            choice = confirm(choice)
-        compressed = _export(_build(prepared, problems, choice), config)
-        q = quality(metric, held_ref, predict(compressed, held, config.batch_size), held.labels)
-        factored = [p for p in problems if choice[p.name].factors is not None]
-        if q.drop <= config.eps or not factored or not back_off:
-            return compressed, choice, q, steps
-        worst = max(factored, key=lambda p: choice[p.name].error)
-        current = choice[worst.name]
-        better = [c for c in worst.candidates if c.error < current.error and c.method in (current.method, None)]
-        choice[worst.name] = min(better, key=lambda c: c.cost) if better else worst.keep
-        steps += 1
+    if back_off and not holds(path[0]):
+        while any(c.factors is not None for c in path[-1].values()):
+            path.append(_step_back(problems, path[-1]))
+        failing, holding = 0, len(path) - 1
+        while holding - failing > 1:
+            mid = (failing + holding) // 2
+            if confirm is not None:
+                path[mid] = confirm(path[mid])
+            if holds(path[mid]):
+                holding = mid
+            else:
+                failing = mid
+        steps = holding
+    choice = path[steps]
+    compressed = _export(_build(prepared, problems, choice), config)
+    q = quality(metric, held_ref, predict(compressed, held, config.batch_size), held.labels)
+    return compressed, choice, q, steps
+
+
+def _step_back(problems, choice: Choice) -> Choice:
+    """The factored layer with the largest error to its next more accurate candidate."""
+    choice = dict(choice)
+    worst = max((p for p in problems if choice[p.name].factors is not None), key=lambda p: choice[p.name].error)
+    current = choice[worst.name]
+    better = [c for c in worst.candidates if c.error < current.error and c.method in (current.method, None)]
+    choice[worst.name] = min(better, key=lambda c: c.cost) if better else worst.keep
+    return choice
 
 
 def _confirm_latency(timer: LayerTimer, problems, choice: Choice, reasons: dict[str, str]) -> Choice:

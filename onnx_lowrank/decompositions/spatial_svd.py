@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import (ConvStep, Factors, Layer, RankSpec, Step, Whitener, check_eps, choose_rank,
-                   conv_macs, conv_reason, normalize_ranks)
+                   conv_macs, conv_reason, normalize_ranks, relative_errors, thin_svd)
 
 
 class SpatialSVDFactors(Factors):
@@ -66,13 +66,34 @@ class Truncations:
         t, c, d1, d2 = w.shape
         matrix = w.transpose(1, 2, 0, 3).reshape(c * d1, t * d2)
         self.white = None if layer.input_cov is None else Whitener(vertical_cov(layer.input_cov, c, d1, d2))
-        self.u, self.s, self.vt = np.linalg.svd(matrix if self.white is None else self.white.into(matrix, 0),
-                                                full_matrices=False)
+        self.u, self.s, self.vt = thin_svd(matrix if self.white is None else self.white.into(matrix, 0))
         self.left = self.u if self.white is None else self.white.back(self.u, 0)  # once, for every rank
 
     @property
     def full(self) -> int:
         return len(self.s)
+
+    def output_errors(self, ranks: Sequence[int], root: np.ndarray, product: np.ndarray) -> list[float]:
+        """Relative output errors ||(W - W_r) R|| / ||W R|| at each rank, R (C*D1*D2, m) a root of
+        the input second moment and `product` W R (float32). W_r R is a sum over the rank-one
+        terms: each term's vertical factor meets R once, and the sum grows along the ranks,
+        instead of one full (T x d x m) product per rank."""
+        t, c, d1, d2 = self.layer.weight.shape
+        m = root.shape[1]
+        order = sorted(set(ranks))
+        top = order[-1]
+        scale = np.sqrt(self.s[:top])
+        vertical = (self.left[:, :top] * scale).T.astype(np.float32)  # (r, C*D1)
+        horizontal = (scale[:, None] * self.vt[:top]).reshape(top, t, d2).astype(np.float32)
+        q = (vertical @ root.reshape(c * d1, d2 * m)).reshape(top, d2, m)  # vertical factors applied to R
+        approx = np.zeros((t, m), np.float32)
+        squared, prev = {}, 0
+        for r in order:
+            approx += horizontal[prev:r].transpose(1, 0, 2).reshape(t, -1) @ q[prev:r].reshape(-1, m)
+            squared[r] = float(np.sum(np.square(product - approx), dtype=np.float64))
+            prev = r
+        errors = relative_errors(squared, product)
+        return [errors[r] for r in ranks]
 
     def at(self, r: int) -> SpatialSVDFactors:
         t, c, d1, d2 = self.layer.weight.shape

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import (ConvGeometry, ConvStep, DenseStep, Factors, Layer, RankSpec, Step, Whitener,
-                   check_eps, choose_rank, conv_macs, normalize_ranks)
+                   check_eps, choose_rank, conv_macs, normalize_ranks, relative_errors, thin_svd)
 
 
 class SVDFactors(Factors):
@@ -57,13 +57,16 @@ def check(layer: Layer) -> str | None:
 class Truncations:
     """One SVD of a layer (whitened when data-aware), truncated at any rank without redoing it."""
 
-    def __init__(self, layer: Layer):
+    def __init__(self, layer: Layer, white: Whitener | None = None):
+        """`white`: the Whitener of `layer.input_cov` when the caller has made it already."""
         self.layer = layer
         w = layer.weight.astype(np.float64)
         matrix = w.reshape(w.shape[0], -1)
-        self.white = None if layer.input_cov is None else Whitener(layer.input_cov)
-        self.u, self.s, self.vt = np.linalg.svd(matrix if self.white is None else self.white.into(matrix, 1),
-                                                full_matrices=False)
+        if layer.input_cov is None:
+            self.white = None
+        else:
+            self.white = white or Whitener(layer.input_cov)
+        self.u, self.s, self.vt = thin_svd(matrix if self.white is None else self.white.into(matrix, 1))
         # mapped back once: truncation and L^-1 act on different sides, so they commute
         self.first_rows = self.vt if self.white is None else self.white.back(self.vt, 1)
 
@@ -76,6 +79,18 @@ class Truncations:
         of the weight otherwise (Eckart-Young, in the whitened space)."""
         total = float(np.sum(self.s ** 2))
         return float(np.sqrt(np.sum(self.s[r:] ** 2) / total)) if total > 0 else 0.0
+
+    def output_errors(self, ranks: Sequence[int], root: np.ndarray, product: np.ndarray) -> list[float]:
+        """Relative output errors ||(W - W_r) R|| / ||W R|| at each rank, R a root of the input
+        second moment and `product` W R (float32). Whitened by that moment, the tail of the
+        singular values is the error itself; else W - W_r = U_>r S_>r V_>r^T and U's columns are
+        orthonormal, so the error is the tail of the row norms of S V^T R: one product in all."""
+        if self.white is not None:
+            return [self.tail_error(r) for r in ranks]
+        rows = np.sum(np.square((self.s[:, None] * self.vt).astype(np.float32) @ root), axis=1, dtype=np.float64)
+        tail = np.append(np.cumsum(rows[::-1])[::-1], 0.0)
+        errors = relative_errors({r: tail[r] for r in set(ranks)}, product)
+        return [errors[r] for r in ranks]
 
     def at(self, r: int) -> SVDFactors:
         root = np.sqrt(self.s[:r])  # split the singular values evenly so neither factor dominates

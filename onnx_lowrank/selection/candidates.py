@@ -4,15 +4,18 @@ captured inputs. Only candidates cheaper than the layer itself are kept."""
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
 from ..calibration.capture import LayerStats
 from ..decompositions import decompose, reason_not_applicable
 from ..decompositions import spatial_svd, svd, tucker2
-from ..decompositions.base import Factors, Layer, normalize_ranks
+from ..decompositions.base import Factors, Layer, Whitener, normalize_ranks
 from ..errors import UnsupportedLayer
 from ..graph.targets import LayerTarget
 from ..latency import LayerTimer
@@ -96,11 +99,20 @@ def pair_ladder(full: tuple[int, int], multiple: int = 1) -> list[tuple[int, int
     return sorted({tuple(round_rank(r, n, multiple) for r, n in zip(p, full)) for p in pairs})
 
 
-def method_ladder(name: str, layer: Layer, multiple: int = 1) -> list[tuple[Factors, float | None]]:
+@dataclass
+class Ladder:
+    """One method's factorizations of a layer along its ranks. `truncations`: the nested family
+    they were cut from (one decomposition truncated at each rank), which measures all their
+    output errors in one pass; None when each was decomposed on its own."""
+    factors: list[Factors]
+    truncations: object | None = None
+
+
+def method_ladder(name: str, layer: Layer, multiple: int = 1, white: Whitener | None = None) -> Ladder:
     """Factors of `layer` by method `name` along its ladder (ranks multiples of `multiple` for
-    the SVD-based methods), each with its error when the method knows it in closed form
-    (data-aware SVD), else None. The SVD-based methods decompose once and truncate; a grouped conv
-    goes through `decompose`, which factors it group by group."""
+    the SVD-based methods). The SVD-based methods decompose once and truncate; a grouped conv
+    goes through `decompose`, which factors it group by group. `white`: the Whitener of
+    `layer.input_cov` when the caller has it (its Cholesky is the costliest step of a wide layer)."""
     if layer.groups > 1 and name in ("svd", "spatial-svd", "tucker2"):
         t, c = layer.out_channels // layer.groups, layer.in_per_group
         if name == "tucker2":
@@ -110,44 +122,40 @@ def method_ladder(name: str, layer: Layer, multiple: int = 1) -> list[tuple[Fact
             k = layer.kernel
             full = min(t, c * int(np.prod(k))) if name == "svd" else min(c * k[0], t * k[1])
             ranks = rank_ladder(full, multiple=multiple)
-        return [(decompose(layer, name, rank=r), None) for r in ranks]
-    if name == "svd":
-        t = svd.Truncations(layer)
-        exact = layer.input_cov is not None
-        return [(t.at(r), t.tail_error(r) if exact else None) for r in rank_ladder(t.full, multiple=multiple)]
-    if name == "spatial-svd":
-        t = spatial_svd.Truncations(layer)
-        return [(t.at(r), None) for r in rank_ladder(t.full, multiple=multiple)]
+        return Ladder([decompose(layer, name, rank=r) for r in ranks])
+    if name in ("svd", "spatial-svd"):
+        t = svd.Truncations(layer, white) if name == "svd" else spatial_svd.Truncations(layer)
+        return Ladder([t.at(r) for r in rank_ladder(t.full, multiple=multiple)], t)
     if name == "tucker2":
         t = tucker2.Truncations(layer)
-        return [(t.at(*p), None) for p in pair_ladder(tucker2.full_ranks(layer), multiple)]
+        return Ladder([t.at(*p) for p in pair_ladder(tucker2.full_ranks(layer), multiple)], t)
     if name in ("tt", "tr"):
-        return [(decompose(layer, name, eps=e), None) for e in EPS_STEPS]
+        return Ladder([decompose(layer, name, eps=e) for e in EPS_STEPS])
     if name == "cp":
         full = int(np.prod(layer.kernel)) * layer.in_per_group * layer.out_channels
         full //= layer.in_per_group + int(np.prod(layer.kernel)) + layer.out_channels // layer.groups
-        return [(decompose(layer, "cp", rank=int(r)), None) for r in rank_ladder(max(full, 1), 8)]
+        return Ladder([decompose(layer, "cp", rank=int(r)) for r in rank_ladder(max(full, 1), 8)])
     if name == "tucker2-cp":
         full = tucker2.full_ranks(layer)
         out = []
         for f in np.geomspace(1 / 16, 1, 8):
             r1, r2 = normalize_ranks(f, full)
-            out.append((decompose(layer, name, rank=(r1, r2, max(r1, r2))), None))
-        return out
+            out.append(decompose(layer, name, rank=(r1, r2, max(r1, r2))))
+        return Ladder(out)
     raise ValueError(f"unknown decomposition {name!r}")
 
 
 def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ...], cost: str,
-                  data_aware: bool, timer: LayerTimer | None = None, multiple: int = 1) -> LayerProblem:
-    """`cost`: macs, params, or latency (seconds per run, measured by `timer`)."""
+                  data_aware: bool, multiple: int = 1) -> LayerProblem:
+    """`cost`: macs or params (for --cost latency, build with macs and then `price_latency`).
+    Pure numpy and thread-safe: layers are built in parallel."""
     moment = stats.second_moment()
     layer = replace(target.layer, input_cov=moment if data_aware else None)
-    if cost == "latency":
-        base = timer.seconds(target, stats.in_shape, None)
-    else:
-        base = cost_of(target.layer, None, stats.in_spatial, cost)
+    base = cost_of(target.layer, None, stats.in_spatial, cost)
     problem = LayerProblem(target, stats, layer, moment, base)
-    measure_error = OutputError(target.layer, moment)
+    # one Cholesky of the moment for both the errors and the data-aware SVD
+    white = Whitener(moment) if target.layer.groups == 1 else None
+    meter = ErrorMeter(target.layer, moment, white)
     cands: list[Candidate] = []
     for name in methods:
         reason = reason_not_applicable(layer, name)
@@ -157,46 +165,90 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
             problem.declined[name] = reason
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                ladder = method_ladder(name, layer, multiple)
+            ladder = method_ladder(name, layer, multiple, white if data_aware else None)
         except UnsupportedLayer as e:
             problem.declined[name] = str(e)
             continue
-        if cost == "latency":
-            costs = latency_ladder(timer, target, stats, [f for f, _ in ladder])
-        else:
-            costs = [cost_of(target.layer, f, stats.in_spatial, cost) for f, _ in ladder]
-        for (factors, error), c in zip(ladder, costs):
-            if c >= base:  # never slower or larger than the layer itself
-                continue
-            err = error if error is not None else measure_error(factors)
-            cands.append(Candidate(name, factors, c, err))
+        costs = [cost_of(target.layer, f, stats.in_spatial, cost) for f in ladder.factors]
+        cheaper = [(f, c) for f, c in zip(ladder.factors, costs) if c < base]  # never larger than the layer
+        errors = meter.errors([f for f, _ in cheaper], ladder.truncations)
+        cands.extend(Candidate(name, f, c, e) for (f, c), e in zip(cheaper, errors))
     cands.sort(key=lambda c: (c.cost, c.error))
     problem.candidates = cands + [Candidate(None, None, base, 0.0)]
     return problem
 
 
-class OutputError:
+def build_problems(targets: list[LayerTarget], stats: dict[str, LayerStats], methods: tuple[str, ...],
+                   cost: str, data_aware: bool, multiple: int = 1, workers: int = 0,
+                   advance: Callable[[], None] = lambda: None) -> list[LayerProblem]:
+    """`build_problem` for every target, `workers` layers at a time (0: one per CPU), in order.
+    Threads, not processes: the work is LAPACK and BLAS, which run without the GIL, and a process
+    would need each layer's input moment (170 MB for a 512-channel 3x3 conv) pickled to it. The
+    largest layers go first so the last ones to finish are short."""
+    workers = workers or os.cpu_count() or 1
+    order = sorted(targets, key=lambda t: -t.layer.weight.size * stats[t.name].dim)
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+        # the numerics' warnings (float warnings of degenerate layers, tensorly's note when CP's SVD
+        # start fills short modes): filters are process-wide, so they are set here, around all
+        # the threads, and restored once they are done
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        futures = {t.name: pool.submit(build_problem, t, stats[t.name], methods, cost, data_aware, multiple)
+                   for t in order}
+        for future in as_completed(futures.values()):
+            future.result()
+            advance()
+        return [futures[t.name].result() for t in targets]
+
+
+def price_latency(problem: LayerProblem, timer: LayerTimer) -> None:
+    """--cost latency: the layer's and its candidates' costs become seconds per run measured by
+    `timer` (of those with fewer MACs than the layer); a candidate that does not run faster than
+    the layer is dropped. In the calling thread: timings taken while other work runs are noise."""
+    p = problem
+    p.base_cost = timer.seconds(p.target, p.stats.in_shape, None)
+    kept = []
+    for name in dict.fromkeys(c.method for c in p.candidates if c.method is not None):
+        ladder = p.of(name)
+        for c, seconds in zip(ladder, latency_ladder(timer, p.target, p.stats, [c.factors for c in ladder])):
+            c.cost = seconds
+            if seconds < p.base_cost:
+                kept.append(c)
+    kept.sort(key=lambda c: (c.cost, c.error))
+    p.keep.cost = p.base_cost
+    p.candidates = kept + [p.keep]
+
+
+class ErrorMeter:
     """Relative output errors of many factorizations of one layer on inputs with second moment S
     (what Factors.output_error computes), fast: S = R R^T once (Cholesky), so each error is
-    ||(W - W') R|| / ||W R||, one float32 product per candidate where tr(dW S dW^T) / tr(W S W^T)
-    takes two in float64. (A 512x512x3x3 conv has 4608-wide patches: 11 GMAC per product, and a
-    ladder has dozens of candidates.)"""
+    ||(W - W') R|| / ||W R||, in float32 where tr(dW S dW^T) / tr(W S W^T) takes two float64
+    products. (A 512x512x3x3 conv has 4608-wide patches: 11 GMAC per product, and a ladder has
+    dozens of candidates.) A nested ladder's errors all come from one pass (`errors`)."""
 
-    def __init__(self, layer: Layer, moment: np.ndarray):
+    def __init__(self, layer: Layer, moment: np.ndarray, white: Whitener | None = None):
+        """`white`: the moment's Whitener when the caller has it (groups == 1): its L is R."""
         g = layer.groups
         cov = moment.reshape((g,) + moment.shape[-2:])
         d = cov.shape[-1]
-        damp = 1e-9 * max(float(np.trace(cov, axis1=-2, axis2=-1).max()) / d, 1e-30)  # dead inputs: S singular
-        self.root = np.linalg.cholesky(cov + damp * np.eye(d)).astype(np.float32)
+        roots = [white.l] if white is not None else [Whitener(c).l for c in cov]
+        self.root = np.stack(roots).astype(np.float32)
         self.weight = layer.weight.reshape(g, layer.out_channels // g, d).astype(np.float64)
-        self.den = float(np.sum(np.square(self.weight.astype(np.float32) @ self.root), dtype=np.float64))
+        self.product = self.weight.astype(np.float32) @ self.root  # W R
+        self.den = float(np.sum(np.square(self.product), dtype=np.float64))
 
     def __call__(self, factors: Factors) -> float:
         dw = (self.weight - factors.reconstruct().reshape(self.weight.shape)).astype(np.float32)
         num = float(np.sum(np.square(dw @ self.root), dtype=np.float64))
         return float(np.sqrt(num / self.den)) if self.den > 0 else 0.0
+
+    def errors(self, ladder: list[Factors], truncations: object | None = None) -> list[float]:
+        if not ladder:
+            return []
+        if truncations is None:
+            return [self(f) for f in ladder]
+        ranks = [f.ranks if len(f.ranks) > 1 else f.ranks[0] for f in ladder]
+        return truncations.output_errors(ranks, self.root[0], self.product[0])
 
 
 def latency_ladder(timer: LayerTimer, target: LayerTarget, stats: LayerStats, ladder: list[Factors]) -> list[float]:

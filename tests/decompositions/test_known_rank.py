@@ -104,15 +104,65 @@ def test_tr_reproduces_a_general_ring(rng):
 
 
 def test_fast_output_error_matches_the_definition():
-    """selection.candidates.OutputError (Cholesky root, float32) against Factors.output_error."""
-    from onnx_lowrank.selection.candidates import OutputError
+    """selection.candidates.ErrorMeter (Cholesky root, float32) against Factors.output_error."""
+    from onnx_lowrank.selection.candidates import ErrorMeter
 
     rng = np.random.default_rng(3)
     w = rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
     x = rng.normal(size=(500, 72)) @ rng.normal(size=(72, 72))  # correlated inputs
     moment = x.T @ x / len(x)
     layer = conv_layer(w)
-    measure = OutputError(layer, moment)
+    measure = ErrorMeter(layer, moment)
     for method, rank in (("svd", 3), ("tucker2", (4, 5)), ("spatial-svd", 6), ("cp", 10)):
         f = decompose(layer, method, rank=rank)
         assert measure(f) == pytest.approx(f.output_error(moment), rel=1e-3)
+
+
+@pytest.mark.parametrize("method, shape", [(m, s) for m in ("svd", "spatial-svd", "tucker2")
+                                           for s in ((24, 12, 3, 3), (10, 20, 3, 3), (16, 8, 5))
+                                           if m != "spatial-svd" or len(s) == 4])  # it factors 2-D kernels
+@pytest.mark.parametrize("data_aware", [False, True])
+def test_nested_ladder_errors_match_one_by_one(method, data_aware, shape):
+    """A nested ladder's errors in one pass (Truncations.output_errors) equal each rung's error
+    measured alone, whatever the order of the rungs."""
+    from dataclasses import replace
+
+    from onnx_lowrank.selection.candidates import ErrorMeter, method_ladder
+
+    rng = np.random.default_rng(5)
+    w = (rng.normal(size=(shape[0], 4)) @ rng.normal(size=(4, int(np.prod(shape[1:]))))
+         + 0.3 * rng.normal(size=(shape[0], int(np.prod(shape[1:]))))).reshape(shape).astype(np.float32)
+    d = int(np.prod(shape[1:]))
+    x = rng.normal(size=(400, d)) @ rng.normal(size=(d, d))
+    moment = x.T @ x / len(x)
+    geometry = ConvGeometry(shape[2:], (1,) * (len(shape) - 2), (1,) * (len(shape) - 2), (0,) * 2 * (len(shape) - 2))
+    layer = Layer(w, None, geometry)
+    ladder = method_ladder(method, replace(layer, input_cov=moment if data_aware else None))
+    assert ladder.truncations is not None and len(ladder.factors) > 5
+    meter = ErrorMeter(layer, moment)
+    rungs = ladder.factors[::-1]
+    fast = meter.errors(rungs, ladder.truncations)
+    slow = [meter(f) for f in rungs]
+    assert fast == pytest.approx(slow, rel=2e-3, abs=1e-5)
+    assert max(slow) > 0.1  # the ladder reaches errors worth comparing
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (20, 20)])
+def test_thin_svd_keeps_small_singular_values(shape):
+    """base.thin_svd (through the Gram's eigenvectors) on a matrix whose singular values span 14
+    decades: each within 1e-8 of the largest (float32 weights round at 6e-8), the product exact."""
+    from onnx_lowrank.decompositions.base import thin_svd
+
+    rng = np.random.default_rng(11)
+    k = min(shape)
+    q1 = np.linalg.qr(rng.normal(size=(shape[0], k)))[0]
+    q2 = np.linalg.qr(rng.normal(size=(shape[1], k)))[0]
+    true = np.logspace(0, -14, k)
+    m = (q1 * true) @ q2.T
+    u, s, vt = thin_svd(m)
+    assert np.abs(s - true).max() < 1e-8
+    assert np.abs(s[:6] - true[:6]).max() < 1e-12
+    assert np.abs((u * s) @ vt - m).max() < 1e-13
+    # the side derived by dividing by s_i is orthonormal to rounding / s_i^2: shown where s_i >= 3e-3
+    assert np.allclose(u[:, :3].T @ u[:, :3], np.eye(3), atol=1e-10)
+    assert np.allclose(vt[:3] @ vt[:3].T, np.eye(3), atol=1e-10)
