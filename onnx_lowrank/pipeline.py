@@ -216,7 +216,7 @@ def _factorable(targets: list[LayerTarget], skipped: list[Skipped], methods) -> 
 def _select(config: CompressConfig, search: Search, prepared: onnx.ModelProto, data: CalibrationSet,
             targets: list[LayerTarget]) -> tuple[Choice, dict[str, str]]:
     if config.select == "auto":
-        return auto.select(search, sensitivities(search.problems, prepared, data, config.batch_size))
+        return auto.select(search, sensitivities(search.problems, prepared, data))
     if config.select == "rank":
         return fixed.select(search, config.methods, config.rank, config.ratio, config.cost)
     if config.select == "energy":

@@ -1,5 +1,5 @@
 """Feature capture: run the model once over calibration data in onnxruntime with every target's
-input added as an extra graph output (the trick of onnxruntime's MinMaxCalibrater.augment_graph),
+input added as an extra graph output (graph.downstream.with_outputs),
 and keep per-layer statistics instead of activations: the second moment of the layer's input
 patches (for data-aware factors and layer errors) and a bounded random sample of those patches
 (for output similarity). Memory does not grow with the size of the calibration set."""
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..decompositions.base import Layer
+from ..graph.downstream import with_outputs
 from ..graph.targets import LayerTarget, same_pads
 from ..quality import session
 from .data import CalibrationSet
@@ -111,13 +111,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
         name = activation_name(t)
         if name not in graph_inputs and name not in outputs and name not in wanted:
             wanted.append(name)
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    infos = {vi.name: vi for vi in model.graph.value_info}
-    for n in wanted:  # typed as inferred; float if inference did not reach it
-        augmented.graph.output.append(infos[n] if n in infos else
-                                      helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = session(augmented)
+    sess = session(with_outputs(model, wanted))
     names = outputs + wanted
 
     stats: dict[str, LayerStats] = {}
