@@ -258,7 +258,7 @@ def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, 
     fit eps, step back: a step moves the factored layer with the largest error to its next more
     accurate candidate, and the steps from the choice to keeping every layer form a path that is
     bisected for the first model that holds (the models a step-by-step walk tries, in about log2
-    of their number of runs; the last, keeping all, holds by definition). `confirm` checks each
+    of their number of runs; the last, keeping every layer, is taken to hold). `confirm` checks each
     choice measured (--cost latency). Returns the model as written, its choice, its quality, and
     how many steps back it is."""
     meter = DropMeter(metric, held, held_ref, config.eps, config.batch_size)

@@ -107,3 +107,31 @@ def test_fp16_and_optimized_export_are_verified_like_the_rest(calib, tmp_path):
     x, _ = mnist_test_images(7, start=6000)
     (logits,) = run(model, {"image": x})
     assert logits.shape == (7, 10) and np.all(np.isfinite(logits))
+
+
+def test_held_out_back_off_stops_at_the_first_step_that_holds(calib):
+    """From the cheapest candidate everywhere, the bisected back-off ends on a boundary of the
+    step-by-step walk: its model holds on the held-out part and the one a step before does not."""
+    from onnx_lowrank.calibration.capture import capture
+    from onnx_lowrank.calibration.data import load_calibration
+    from onnx_lowrank.graph import find_targets, load_model, prepare
+    from onnx_lowrank.pipeline import _build, _step_back, _verify_heldout
+    from onnx_lowrank.quality import predict, quality
+    from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
+
+    prepared = prepare(load_model(DIGIT))
+    targets, _ = find_targets(prepared)
+    search, held = load_calibration(str(calib), prepared, "labels").split(0.3, 0)
+    stats, _ = capture(prepared, targets, search)
+    problems = build_problems(targets, stats, AUTO_METHODS, "macs", True)
+    cheapest = {p.name: p.candidates[0] for p in problems}
+    held_ref = predict(prepared, held)
+    config = CompressConfig(eps=0.01)
+    _, choice, q, steps = _verify_heldout(prepared, problems, cheapest, "accuracy", held, held_ref, config, True)
+    assert steps > 1 and q.drop <= config.eps
+    walk = [cheapest]
+    for _ in range(steps):
+        walk.append(_step_back(problems, walk[-1]))
+    assert all(walk[-1][p.name] is choice[p.name] for p in problems)
+    before = predict(_build(prepared, problems, walk[-2]), held)
+    assert quality("accuracy", held_ref, before, held.labels).drop > config.eps
