@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import numpy as np
 import onnx
 import pytest
-from helpers import MODELS, mnist_test_images
+from helpers import MODELS
 from typer.testing import CliRunner
 
 from onnx_lowrank.cli import app
@@ -28,14 +27,6 @@ def digit():
     model = prepare(load_model(DIGIT))
     targets, _ = find_targets(model)
     return model, targets
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    x, y = mnist_test_images(300)
-    path = tmp_path_factory.mktemp("calib") / "mnist.npz"
-    np.savez(path, image=x, labels=y)
-    return path
 
 
 def test_micro_model_computes_the_layer(digit):

@@ -16,14 +16,6 @@ from onnx_lowrank.pipeline import compress, compress_file
 DIGIT = MODELS / "digit_cnn.onnx"
 
 
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    x, y = mnist_test_images(400)
-    path = tmp_path_factory.mktemp("calib") / "mnist.npz"
-    np.savez(path, image=x, labels=y)
-    return path
-
-
 @pytest.mark.parametrize("select,extra", [
     ("auto", {}), ("rank", {"ratio": 0.3}), ("rank", {}), ("energy", {}), ("energy", {"energy": 0.95}),
     ("vbmf", {}), ("cosine", {}),
