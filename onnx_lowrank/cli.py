@@ -193,6 +193,9 @@ def convert(
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
     holdout: float = typer.Option(0.3, help="Share of the calibration set kept back to verify the result."),
+    verify: bool = typer.Option(True, help="Check the result on the held-out part: step back where the drop "
+                                "exceeds eps, fail (nothing written) if it still does or if outputs are NaN/Inf. "
+                                "--no-verify reports it and writes the model anyway."),
     batch_size: int = typer.Option(64, help="Batch size of the onnxruntime runs."),
     image_size: Optional[int] = typer.Option(None, help="Images: side of the centre crop (default: the model's)."),
     image_mean: str = typer.Option("0.485,0.456,0.406", help="Images: per-channel mean after scaling."),
@@ -202,14 +205,14 @@ def convert(
 ) -> None:
     """Compress IN into OUT: every Conv/Gemm/MatMul factored, ranks chosen so that the quality drop
     stays within --eps."""
-    from .pipeline import compress_file
-
     try:
+        from .pipeline import compress_file
+
         config = CompressConfig(
             eps=eps, metric=metric, select=select, rank=rank, ratio=ratio, energy=energy,
             methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
-            merge=merge, fp16=fp16, optimize=optimize, jobs=jobs,
+            merge=merge, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
             image=ImageOptions(size=image_size, mean=tuple(float(v) for v in image_mean.split(",")),
                                std=tuple(float(v) for v in image_std.split(",")), layout=image_layout,
@@ -225,6 +228,9 @@ def convert(
                 typer.secho(f"warning: {w.message}", err=True, fg="yellow", bold=True)
     except (OnnxLowrankError, ValueError) as e:
         fail(e)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; nothing was written", err=True)
+        raise typer.Exit(130) from None
     for table in result.tables():
         console.print(table)
     if plots is not None:

@@ -16,3 +16,8 @@ class UnsupportedLayer(OnnxLowrankError):
 
 class OutputError(OnnxLowrankError):
     """The result could not be written where asked."""
+
+
+class VerificationError(OnnxLowrankError):
+    """The compressed model is not what selection promised: its held-out quality drop exceeds eps,
+    or it outputs NaN/Inf where the original does not. Nothing is written."""

@@ -4,6 +4,8 @@ verify — the stages of DESIGN.md in order."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -17,7 +19,7 @@ from .calibration.capture import activation_name, capture
 from .calibration.data import CalibrationSet, load_calibration
 from .config import CompressConfig
 from .decompositions import reason_not_applicable
-from .errors import OnnxLowrankError
+from .errors import OnnxLowrankError, VerificationError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.targets import LayerTarget, Skipped
@@ -30,10 +32,6 @@ from .selection import auto, cosine, energy, fixed, hessian, vbmf
 from .selection.sensitivity import sensitivities
 
 Progress = Callable[[str, int | None], Callable[[], None]]  # stage name, steps (None: open-ended) -> advance()
-
-
-class CompressionError(OnnxLowrankError):
-    """The conversion could not produce a model within the budget as asked."""
 
 
 def _quiet_progress(stage: str, total: int) -> Callable[[], None]:
@@ -125,14 +123,26 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     with _timed(report, "verify"):
         before_backoff = choice
         confirm = (lambda c: _confirm_latency(timer, problems, c, reasons)) if timer is not None else None
-        compressed, choice, drop_q, steps = _verify_heldout(prepared, problems, choice, metric, held, held_ref,
-                                                            config, back_off=_tuned_to_eps(config), confirm=confirm)
+        compressed, choice, drop_q, steps, nonfinite = _verify_heldout(
+            prepared, problems, choice, metric, held, held_ref, config,
+            back_off=config.verify and _tuned_to_eps(config), confirm=confirm)
         if timer is not None:
             timer.save()
         report.backed_off = steps
+        failures, notes = [], []  # failures fail verification; fixed ranks promised nothing
+        if nonfinite:
+            failures.append(f"the compressed model outputs NaN or Inf on {nonfinite} of {len(held)} held-out "
+                            "samples where the original does not")
         if drop_q.drop > config.eps:
-            message = (f"the held-out {metric} drop {drop_q.drop:.4f} exceeds eps {config.eps}: the ranks were "
-                       f"fixed by --select {config.select} options, not chosen to fit eps")
+            exceeds = f"the held-out {metric} drop {drop_q.drop:.4f} exceeds eps {config.eps}"
+            if not _tuned_to_eps(config):
+                notes.append(f"{exceeds}: the ranks were fixed by --select {config.select} options, "
+                             "not chosen to fit eps")
+            else:
+                failures.append(exceeds + ("" if config.verify else " (not stepped back: --no-verify)"))
+        if failures and config.verify:
+            raise VerificationError(f"{failures[0]}; nothing was written (--no-verify writes it anyway)")
+        for message in failures + notes:
             warnings.warn(message, stacklevel=2)
             report.warnings.append(message)
         for p in problems:
@@ -161,12 +171,35 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
     if Path(src).resolve() == Path(dst).resolve():
         raise OnnxLowrankError(f"{dst}: the output would overwrite the input; choose another path")
     out, report = compress(src, config, calibration, labels, progress)
-    save_model(out, dst)
-    report.file_size_after = Path(dst).stat().st_size
-    report.file_size_before = Path(src).stat().st_size
-    if report_path is not None:
-        report.write_json(report_path)
+    written: list[Path] = []
+    with _interrupts_deferred():
+        try:  # all or nothing: a failure writing the report takes back the model
+            save_model(out, dst)
+            written.append(Path(dst))
+            report.file_size_after = Path(dst).stat().st_size
+            report.file_size_before = Path(src).stat().st_size
+            if report_path is not None:
+                report.write_json(report_path)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     return report
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C while the output files are put in place waits until they are: an interrupt there
+    could otherwise fall between a rename and the bookkeeping after it. The conversion is done by
+    then, so it completes. (Signal handlers belong to the main thread; elsewhere, nothing to do.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def auto_methods() -> tuple[str, ...]:
@@ -259,8 +292,8 @@ def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, 
     accurate candidate, and the steps from the choice to keeping every layer form a path that is
     bisected for the first model that holds (the models a step-by-step walk tries, in about log2
     of their number of runs; the last, keeping every layer, is taken to hold). `confirm` checks each
-    choice measured (--cost latency). Returns the model as written, its choice, its quality, and
-    how many steps back it is."""
+    choice measured (--cost latency). Returns the model as written, its choice, its quality, how
+    many steps back it is, and on how many samples it outputs NaN/Inf where the original does not."""
     meter = DropMeter(metric, held, held_ref, config.eps, config.batch_size)
 
     def holds(c: Choice) -> bool:  # no shape inference while searching: once, on the model kept
@@ -285,8 +318,16 @@ def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, 
         steps = holding
     choice = path[steps]
     compressed = _export(_build(prepared, problems, choice), config)
-    q = quality(metric, held_ref, predict(compressed, held, config.batch_size), held.labels)
-    return compressed, choice, q, steps
+    outputs = predict(compressed, held, config.batch_size)
+    q = quality(metric, held_ref, outputs, held.labels)
+    return compressed, choice, q, steps, _nonfinite_samples(held_ref, outputs)
+
+
+def _nonfinite_samples(reference: list[np.ndarray], outputs: list[np.ndarray]) -> int:
+    """Samples with a NaN or Inf in some output where the reference has none."""
+    def bad(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.any([~np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays], axis=0)
+    return int(np.sum(bad(outputs) & ~bad(reference)))
 
 
 def _step_back(problems, choice: Choice) -> Choice:

@@ -4,11 +4,13 @@ table, and as plots."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.table import Table
 
+from .errors import OutputError
 from .selection.search import TracePoint
 
 
@@ -71,7 +73,16 @@ class Report:
         return data
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Atomically: a temporary file next to `path`, renamed into place."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write the report: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def tables(self) -> list[Table]:
         timed = any(r.latency_before is not None for r in self.layers)

@@ -104,3 +104,51 @@ def test_inspect_with_calibration_measures_output_error(tmp_path):
     assert result.exit_code == 0, result.output
     assert "by output error on --calib" in result.output
     assert "spatial-svd" in result.output.split("conv_layers.3")[1].splitlines()[0]  # its cheapest within 10%
+
+
+def _poison_export(monkeypatch):
+    """Every model written gets a NaN in its first float initializer: the outputs go NaN."""
+    from onnx import numpy_helper
+
+    import onnx_lowrank.pipeline as pipeline
+
+    real = pipeline._export
+
+    def poisoned(model, config):
+        model = real(model, config)
+        for i, t in enumerate(model.graph.initializer):
+            w = numpy_helper.to_array(t)
+            if w.dtype == np.float32 and w.size > 1:
+                w = w.copy()
+                w.flat[0] = np.nan
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, t.name))
+                break
+        return model
+
+    monkeypatch.setattr(pipeline, "_export", poisoned)
+
+
+def test_nan_outputs_fail_verification_and_write_nothing(tmp_path, monkeypatch, calib):
+    _poison_export(monkeypatch)
+    out = tmp_path / "out.onnx"
+    result = _convert(MODELS / "digit_cnn.onnx", out, "--calib", calib, "--labels", "labels", "--eps", "0.01")
+    _one_line_error(result, "outputs NaN or Inf on")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # --no-verify writes it, and says what it found
+    result = _convert(MODELS / "digit_cnn.onnx", out, "--calib", calib, "--labels", "labels", "--eps", "0.01",
+                      "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "warning: the compressed model outputs NaN or Inf" in result.output
+
+
+def test_a_drop_over_eps_after_stepping_back_fails_verification(tmp_path, monkeypatch, calib):
+    """Stepping back cannot undo damage done at export (here: a NaN in a weight of every model),
+    so the held-out check fails even with every layer kept."""
+    import onnx_lowrank.pipeline as pipeline
+
+    _poison_export(monkeypatch)
+    monkeypatch.setattr(pipeline, "_nonfinite_samples", lambda ref, out: 0)  # the drop alone must fail it
+    out = tmp_path / "out.onnx"
+    result = _convert(MODELS / "digit_cnn.onnx", out, "--calib", calib, "--labels", "labels", "--eps", "0.01")
+    _one_line_error(result, "exceeds eps 0.01")
+    assert not out.exists()

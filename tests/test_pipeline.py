@@ -119,8 +119,9 @@ def test_held_out_back_off_stops_at_the_first_step_that_holds(calib):
     cheapest = {p.name: p.candidates[0] for p in problems}
     held_ref = predict(prepared, held)
     config = CompressConfig(eps=0.01)
-    _, choice, q, steps = _verify_heldout(prepared, problems, cheapest, "accuracy", held, held_ref, config, True)
-    assert steps > 1 and q.drop <= config.eps
+    _, choice, q, steps, nonfinite = _verify_heldout(prepared, problems, cheapest, "accuracy", held, held_ref,
+                                                     config, True)
+    assert steps > 1 and q.drop <= config.eps and nonfinite == 0
     walk = [cheapest]
     for _ in range(steps):
         walk.append(_step_back(problems, walk[-1]))
