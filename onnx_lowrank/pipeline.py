@@ -172,7 +172,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
         raise OnnxLowrankError(f"{dst}: the output would overwrite the input; choose another path")
     out, report = compress(src, config, calibration, labels, progress)
     written: list[Path] = []
-    with _interrupts_deferred():
+    with _interrupts_ignored():
         try:  # all or nothing: a failure writing the report takes back the model
             save_model(out, dst)
             written.append(Path(dst))
@@ -188,10 +188,10 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C while the output files are put in place waits until they are: an interrupt there
-    could otherwise fall between a rename and the bookkeeping after it. The conversion is done by
-    then, so it completes. (Signal handlers belong to the main thread; elsewhere, nothing to do.)"""
+def _interrupts_ignored() -> Iterator[None]:
+    """Ctrl-C is ignored while the output files are put in place: it could otherwise fall between
+    a rename and the bookkeeping after it. The conversion is done by then, so it completes.
+    (Signal handlers belong to the main thread; elsewhere, nothing to do.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
