@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxLowrankError
-from ..graph.index import GraphIndex, constant_node_value
+from ..graph.index import GraphIndex, constant_node_value, node_attrs
 from ..graph.prepare import infer_shapes
 from ..graph.targets import TARGET_OPS, node_name
 from . import deps
@@ -86,10 +86,6 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
         graph.node.remove(node)
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
     _drop_attr(node, name)
     if value is not None:
@@ -105,7 +101,7 @@ def _explicit_pads(index: GraphIndex, node: onnx.NodeProto) -> None:
     """Replace Conv's auto_pad by the pads it stands for (onnx2torch implements only NOTSET and
     VALID). SAME_* pads so that out = ceil(in / stride), the odd pixel at the end (UPPER) or at
     the start (LOWER), as in the ONNX spec and onnxruntime."""
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     auto_pad = attrs.get("auto_pad", b"NOTSET").decode()
     if auto_pad == "NOTSET":
         return
@@ -136,7 +132,7 @@ def _explicit_pads(index: GraphIndex, node: onnx.NodeProto) -> None:
 
 
 def _drop_needless_allowzero(index: GraphIndex, node: onnx.NodeProto) -> None:
-    if _attrs(node).get("allowzero", 0) != 1:
+    if node_attrs(node).get("allowzero", 0) != 1:
         return
     shape = index.constant(node.input[1])
     if shape is not None and not (shape == 0).any():
@@ -211,7 +207,7 @@ def layer_weights(module: torch.fx.GraphModule, model: onnx.ModelProto,
         if isinstance(sub, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
             param = sub.weight
             if isinstance(sub, torch.nn.Linear):
-                scale = float(_attrs(node).get("alpha", 1.0))
+                scale = float(node_attrs(node).get("alpha", 1.0))
         else:
             args = calls[module_name].args
             # Gemm: B; MatMul: the constant side, right (X @ W) before left (W @ X)

@@ -13,15 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .index import GraphIndex
-from .prepare import infer_shapes
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from .index import GraphIndex, node_attrs
+from .prepare import drop_unused, infer_shapes
 
 
 def _pointwise_conv(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray | None:
@@ -31,10 +24,10 @@ def _pointwise_conv(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray | Non
     w = index.constant(node.input[1])
     if w is None or w.ndim < 3 or any(k != 1 for k in w.shape[2:]):
         return None
-    n = w.ndim - 2
-    if (_attr(node, "group", 1) != 1 or any(s != 1 for s in _attr(node, "strides", [1] * n))
-            or any(p != 0 for p in _attr(node, "pads", [0] * 2 * n))
-            or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")):
+    n, attrs = w.ndim - 2, node_attrs(node)
+    if (attrs.get("group", 1) != 1 or any(s != 1 for s in attrs.get("strides", [1] * n))
+            or any(p != 0 for p in attrs.get("pads", [0] * 2 * n))
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")):
         return None
     return w.reshape(w.shape[0], w.shape[1])
 
@@ -44,11 +37,12 @@ def _dense(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray | None:
     if node.op_type == "MatMul":
         w = index.constant(node.input[1])
         return None if w is None or w.ndim != 2 or index.constant(node.input[0]) is not None else w.T
-    if node.op_type == "Gemm" and _attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0:
+    attrs = node_attrs(node)
+    if node.op_type == "Gemm" and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0:
         w = index.constant(node.input[1])
         if w is None or w.ndim != 2:
             return None
-        return w if _attr(node, "transB", 0) else w.T
+        return w if attrs.get("transB", 0) else w.T
     return None
 
 
@@ -60,7 +54,7 @@ def _bias(node: onnx.NodeProto, index: GraphIndex, rows: int) -> np.ndarray | No
     b = index.constant(node.input[bias_at])
     if b is None:
         return None
-    beta = _attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+    beta = node_attrs(node).get("beta", 1.0) if node.op_type == "Gemm" else 1.0
     if b.size not in (1, rows):
         return None
     return beta * np.broadcast_to(b.reshape(-1), (rows,)).astype(np.float64)
@@ -109,7 +103,7 @@ def merge_linear_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         del out.graph.node[:]
         out.graph.node.extend(nodes)
         out.graph.initializer.extend(inits)
-        _drop_unused_initializers(out.graph)
+        drop_unused(out.graph)
         merged += 1
     if merged:
         del out.graph.value_info[:]
@@ -142,12 +136,6 @@ def _find_pair(graph: onnx.GraphProto, index: GraphIndex):
             continue
         return first, second, a.astype(np.float64), b.astype(np.float64), b.astype(np.float64) @ bias_a + bias_b
     return None
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    index = GraphIndex(graph)
-    for t in [t for t in graph.initializer if index.uses(t.name) == 0 and t.name not in index.graph_inputs]:
-        graph.initializer.remove(t)
 
 
 def fp16_weights(model: onnx.ModelProto, min_elements: int = 16) -> onnx.ModelProto:

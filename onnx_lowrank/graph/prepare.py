@@ -9,7 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import InvalidModel
-from .index import GraphIndex
+from .index import GraphIndex, node_attrs
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -45,7 +45,7 @@ class _Layer:
 
     def __init__(self, index: GraphIndex, node: onnx.NodeProto):
         self.index, self.node = index, node
-        self.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        self.attrs = node_attrs(node)
 
     @classmethod
     def find(cls, index: GraphIndex, tensor: str) -> "_Layer | None":
@@ -164,12 +164,12 @@ def fold_once(graph: onnx.GraphProto) -> bool:
         # the layer now computes the folded node's output: take its name and drop the node
         layer.node.output[0] = node.output[0]
         graph.node.remove(node)
-        _drop_unused(graph)
+        drop_unused(graph)
         return True
     return False
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
+def drop_unused(graph: onnx.GraphProto) -> None:
     """Remove initializers and Constant nodes nothing reads any more (the pre-fold weights)."""
     index = GraphIndex(graph)
     for t in list(graph.initializer):

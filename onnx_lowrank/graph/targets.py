@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from ..decompositions.base import ConvGeometry, Layer
-from .index import GraphIndex
+from .index import GraphIndex, node_attrs
 
 TARGET_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -107,10 +107,6 @@ def _weight(index: GraphIndex, name: str, activation: str) -> np.ndarray | str:
     return value
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _conv(index: GraphIndex, node: onnx.NodeProto) -> LayerTarget | str:
     weight = _weight(index, node.input[1], node.input[0])
     if isinstance(weight, str):
@@ -127,7 +123,7 @@ def _conv(index: GraphIndex, node: onnx.NodeProto) -> LayerTarget | str:
         if index.uses(node.input[2]) > 1:
             return "bias is shared with another node"
         absorbed.append(node.input[2])
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     kernel = tuple(weight.shape[2:])
     if tuple(attrs.get("kernel_shape", kernel)) != kernel:
         return "kernel_shape attribute disagrees with the weight"
@@ -168,7 +164,7 @@ def _gemm(index: GraphIndex, node: onnx.NodeProto) -> LayerTarget | str:
     weight = _weight(index, node.input[1], node.input[0])
     if isinstance(weight, str):
         return weight
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
     b = weight.T if attrs.get("transB", 0) else weight            # (K, N)
     matrix = (alpha * b.astype(np.float64)).T                    # (N, K) = (out, in)
