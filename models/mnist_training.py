@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,27 @@ def untie_initializers(graph: onnx.GraphProto) -> None:
         copy_.name = node.output[0]
         graph.initializer.append(copy_)
         graph.node.remove(node)
+
+
+def export_onnx(model: nn.Module, path: Path, fold_batchnorm: bool) -> None:
+    """Export to `path` (opset 17, input "image", output "logits", dynamic batch) and check it.
+    `fold_batchnorm`: the exporter's default EVAL mode folds every BatchNormalization into the
+    Conv before it, as a deployed file would be; without it, PRESERVE (the model in eval mode)
+    keeps inference-mode BN nodes, since folding BN is the compression tool's own job
+    (onnx_lowrank.graph.prepare), and constant folding is off because the exporter warns about
+    it in that mode (the graph has nothing to fold anyway)."""
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    dummy = torch.zeros(1, 1, 28, 28)
+    # dynamo=False (the TorchScript exporter) is deliberate; its deprecation notice is just noise.
+    warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+    mode = {} if fold_batchnorm else {"training": torch.onnx.TrainingMode.PRESERVE}
+    torch.onnx.export(model, (dummy,), str(path), opset_version=17, dynamo=False,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                      do_constant_folding=fold_batchnorm, **mode)
+    proto = onnx.load(str(path))
+    untie_initializers(proto.graph)
+    # onnxruntime 1.31 rejects IR versions above what it knows; 9 covers opset 17.
+    proto.ir_version = min(proto.ir_version, 9)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_training import BasicBlock, load_mnist, normalise, random_shift, untie_initializers
+from mnist_training import BasicBlock, export_onnx, load_mnist, normalise, random_shift
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "mnist_cnn.onnx"
@@ -118,27 +117,6 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
     return model
 
 
-def export(model: nn.Module) -> None:
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    dummy = torch.zeros(1, 1, 28, 28)
-    # dynamo=False (the TorchScript exporter) is deliberate; its deprecation notice is just noise.
-    warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
-    # PRESERVE (with the model in eval mode) exports inference-mode BatchNormalization nodes;
-    # the default EVAL mode's peephole pass would fold them into the convolutions, and folding
-    # BN is the compression tool's own job (onnx_lowrank.graph.prepare). Constant folding is off
-    # because the exporter warns about it in this mode; the graph has nothing to fold anyway.
-    torch.onnx.export(model, (dummy,), str(ONNX_PATH), opset_version=17, dynamo=False,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
-    proto = onnx.load(str(ONNX_PATH))
-    untie_initializers(proto.graph)
-    # onnxruntime 1.31 rejects IR versions above what it knows; 9 covers opset 17.
-    proto.ir_version = min(proto.ir_version, 9)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(ONNX_PATH))
-
-
 def ort_accuracy(sess: ort.InferenceSession, x: np.ndarray, y: np.ndarray) -> float:
     correct = 0
     for i in range(0, len(x), 1000):
@@ -164,7 +142,7 @@ def main() -> None:
                   torch.from_numpy(xva), torch.from_numpy(yva))
     print(f"training time: {time.time() - t0:.0f} s")
 
-    export(model)
+    export_onnx(model, ONNX_PATH, fold_batchnorm=False)
     model.eval()
 
     rng = np.random.default_rng(SEED)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_training import BasicBlock, load_mnist, normalise, random_shift, untie_initializers
+from mnist_training import BasicBlock, export_onnx, load_mnist, normalise, random_shift
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "resnet18_mnist.onnx"
@@ -194,26 +193,6 @@ def time_batches(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
           f"~{(steps * per_batch + EPOCHS * 20 * per_eval) / 60:.0f} min")
 
 
-def export(model: nn.Module) -> None:
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    dummy = torch.zeros(1, 1, 28, 28)
-    # dynamo=False (the TorchScript exporter) is deliberate; its deprecation notice is just noise.
-    warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
-    # The default TrainingMode.EVAL with the model in eval mode folds every BatchNormalization
-    # into the Conv before it (unlike train_mnist_cnn.py, which keeps them): the file looks like
-    # a deployed ResNet-18, 20 Conv + 1 Gemm.
-    torch.onnx.export(model, (dummy,), str(ONNX_PATH), opset_version=17, dynamo=False,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                      do_constant_folding=True)
-    proto = onnx.load(str(ONNX_PATH))
-    untie_initializers(proto.graph)
-    # onnxruntime 1.31 rejects IR versions above what it knows; 9 covers opset 17.
-    proto.ir_version = min(proto.ir_version, 9)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(ONNX_PATH))
-
-
 def ort_logits(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(["logits"], {"image": x[i:i + 1000]})[0] for i in range(0, len(x), 1000)])
 
@@ -253,7 +232,7 @@ def main() -> None:
     torch_acc = float((torch_pred == yte).mean())
 
     t1 = time.time()
-    export(model)
+    export_onnx(model, ONNX_PATH, fold_batchnorm=True)
     print(f"export: {time.time() - t1:.0f} s")
 
     # Score through onnxruntime on the file just written, so the numbers describe what ships.
