@@ -307,10 +307,10 @@ def thin_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (vt.T, s, u.T) if tall else (u, s, vt)
 
 
-def relative_errors(squared: dict, product: np.ndarray) -> dict:
-    """sqrt(||dW R||^2 / ||W R||^2) for each entry of `squared` (key -> ||dW R||^2)."""
+def relative_errors(squared: dict, product: np.ndarray, keys: Sequence) -> list[float]:
+    """sqrt(||dW R||^2 / ||W R||^2) for each of `keys`, from `squared` (key -> ||dW R||^2)."""
     den = float(np.sum(np.square(product), dtype=np.float64))
-    return {k: float(np.sqrt(max(v, 0.0) / den)) if den > 0 else 0.0 for k, v in squared.items()}
+    return [float(np.sqrt(max(squared[k], 0.0) / den)) if den > 0 else 0.0 for k in keys]
 
 
 def channel_whitener(layer: Layer) -> Whitener | None:

@@ -92,8 +92,7 @@ class Truncations:
             approx += horizontal[prev:r].transpose(1, 0, 2).reshape(t, -1) @ q[prev:r].reshape(-1, m)
             squared[r] = float(np.sum(np.square(product - approx), dtype=np.float64))
             prev = r
-        errors = relative_errors(squared, product)
-        return [errors[r] for r in ranks]
+        return relative_errors(squared, product, ranks)
 
     def at(self, r: int) -> SpatialSVDFactors:
         t, c, d1, d2 = self.layer.weight.shape

@@ -89,8 +89,7 @@ class Truncations:
             return [self.tail_error(r) for r in ranks]
         rows = np.sum(np.square((self.s[:, None] * self.vt).astype(np.float32) @ root), axis=1, dtype=np.float64)
         tail = np.append(np.cumsum(rows[::-1])[::-1], 0.0)
-        errors = relative_errors({r: tail[r] for r in set(ranks)}, product)
-        return [errors[r] for r in ranks]
+        return relative_errors(dict(enumerate(tail)), product, ranks)
 
     def at(self, r: int) -> SVDFactors:
         root = np.sqrt(self.s[:r])  # split the singular values evenly so neither factor dominates

@@ -177,8 +177,7 @@ class Truncations:
                 head = np.append(0.0, np.cumsum(np.sum(np.square(a - b), axis=1, dtype=np.float64)))
                 prev = r1
             squared[(r1, r2)] = tail[r2] + head[r2]
-        errors = relative_errors(squared, product)
-        return [errors[tuple(p)] for p in pairs]
+        return relative_errors(squared, product, [tuple(p) for p in pairs])
 
     def at(self, r1: int, r2: int) -> Tucker2Factors:
         return Tucker2Factors(self.layer, self.u_back[:, :r1], self.core[:r2, :r1].copy(), self.v_all[:, :r2])
