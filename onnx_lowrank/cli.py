@@ -101,13 +101,13 @@ def bench_command(
     import json
 
     from .bench import bench
+    from .latency import require_provider
 
     try:
         batches = tuple(int(b) for b in batch.split(","))
         if not batches or min(batches) < 1:
             raise ValueError(f"--batch takes positive integers; got {batch!r}")
-        if provider not in _providers():
-            raise ValueError(f"--provider {provider} is not in this onnxruntime ({', '.join(_providers())})")
+        require_provider(provider)
         result = bench(original, compressed, batches, provider, threads, str(calib) if calib else None, labels,
                        min_seconds=seconds)
     except (OnnxLowrankError, ValueError) as e:
@@ -133,12 +133,6 @@ def bench_command(
                       *(f"{1e3 * v:.3f}" for v in (lat.median[1], lat.min[1], lat.max[1])),
                       f"{lat.speedup:.2f}x", str(lat.runs))
     console.print(times)
-
-
-def _providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
 
 
 @contextmanager

@@ -60,11 +60,9 @@ class CompressConfig:
         if self.threads < 0 or self.latency_batch < 1:
             raise ValueError(f"--threads must be >= 0 and --latency-batch >= 1; got {self.threads}, {self.latency_batch}")
         if self.cost == "latency":
-            import onnxruntime as ort
+            from .latency import require_provider
 
-            if self.provider not in ort.get_available_providers():
-                raise ValueError(f"--provider {self.provider} is not in this onnxruntime "
-                                 f"({', '.join(ort.get_available_providers())})")
+            require_provider(self.provider)
         if self.methods is not None:
             unknown = [m for m in self.methods if m not in METHODS]
             if unknown or not self.methods:

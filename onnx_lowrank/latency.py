@@ -33,6 +33,13 @@ WARMUP = 3
 MIN_RUNS, MAX_RUNS, MIN_SECONDS = 10, 200, 0.05
 
 
+def require_provider(provider: str) -> None:
+    """ValueError unless this onnxruntime has `provider`."""
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ValueError(f"--provider {provider} is not in this onnxruntime ({', '.join(available)})")
+
+
 def runtime_session(model: onnx.ModelProto | bytes, provider: str = "CPUExecutionProvider",
                     threads: int = 0) -> ort.InferenceSession:
     """A session as a deployment would open it: onnxruntime's defaults but the thread count."""

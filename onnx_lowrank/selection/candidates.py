@@ -255,7 +255,7 @@ def latency_ladder(timer: LayerTimer, target: LayerTarget, stats: LayerStats, la
     """Latency of each factorization along one method's ladder. TIMED of them, spread over the
     ladder, are measured; the rest are interpolated in MACs, which latency follows within one
     method (the chain's shape is the same, only a rank changes). The chosen ones are measured
-    exactly afterwards (`confirm_latency`)."""
+    exactly afterwards (pipeline._confirm_latency)."""
     macs = np.array([f.macs(stats.in_spatial) for f in ladder], dtype=float)
     order = np.argsort(macs, kind="stable")
     picks = sorted({int(i) for i in np.linspace(0, len(ladder) - 1, min(TIMED, len(ladder))).round()})
