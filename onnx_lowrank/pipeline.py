@@ -209,15 +209,20 @@ def auto_methods() -> tuple[str, ...]:
 
 
 def model_params(model: onnx.ModelProto) -> int:
-    """Elements of every floating-point initializer and Constant."""
-    from .graph.index import FLOAT_TYPES, constant_node_value
+    """Elements of every initializer and Constant that holds weights (index.WEIGHT_TYPES: floating
+    point and quantized integers; not shapes, axes or indices)."""
+    from .graph.index import WEIGHT_TYPES
 
-    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in WEIGHT_TYPES)
     for node in model.graph.node:
         if node.op_type == "Constant":
-            value = constant_node_value(node)
-            if value is not None and np.issubdtype(value.dtype, np.floating):
-                total += value.size
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in WEIGHT_TYPES:
+                    total += int(np.prod(a.t.dims))
+                elif a.name == "value_floats":
+                    total += len(a.floats)
+                elif a.name == "value_float":
+                    total += 1
     return total
 
 

@@ -11,6 +11,9 @@ from onnx import helper, numpy_helper
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                onnx.TensorProto.BFLOAT16}
+# what counts as a model's parameters: weights, also quantized ones (8- and 4-bit integers)
+WEIGHT_TYPES = FLOAT_TYPES | {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
+                              onnx.TensorProto.UINT4}
 
 
 def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
