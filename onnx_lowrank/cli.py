@@ -1,8 +1,9 @@
 """The command line: a thin typer layer over the package. Errors the converter raises on purpose
-print one line and exit with status 2; nothing else is caught."""
+print one line and exit with status 2; an unexpected exception (a bug) prints one line and exits 3."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -234,5 +235,21 @@ def convert(
                   f"held-out {result.metric} drop {result.drop:.4f} (eps {result.eps})", highlight=False)
 
 
+def run() -> None:
+    """The console script. Errors we foresee are reported where they happen; anything else is a bug
+    of ours, and a deployment pipeline still gets one line and a non-zero exit, not a traceback
+    (ONNX_LOWRANK_DEBUG=1 shows it)."""
+    try:
+        app()
+    except Exception as e:
+        if os.environ.get("ONNX_LOWRANK_DEBUG"):
+            raise
+        text = str(e).strip()
+        detail = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+        typer.echo(f"error: internal error ({detail}); please report this bug, with the traceback "
+                   "ONNX_LOWRANK_DEBUG=1 shows", err=True)
+        sys.exit(3)
+
+
 if __name__ == "__main__":
-    sys.exit(app())
+    run()

@@ -16,15 +16,15 @@ import numpy as np
 import onnx
 
 from .calibration.capture import activation_name, capture
-from .calibration.data import CalibrationSet, load_calibration
+from .calibration.data import CalibrationError, CalibrationSet, load_calibration
 from .config import CompressConfig
 from .decompositions import reason_not_applicable
-from .errors import OnnxLowrankError, VerificationError
+from .errors import InvalidModel, OnnxLowrankError, VerificationError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.targets import LayerTarget, Skipped
 from .latency import LayerTimer, interleaved, runtime_session, time_session
-from .quality import DropMeter, predict, quality, resolve_metric
+from .quality import RUNTIME_ERRORS, DropMeter, predict, quality, resolve_metric, runtime_message, session
 from .report import LayerReport, Report
 from .selection import Choice, Search
 from .selection.candidates import build_problems, price_latency
@@ -58,6 +58,11 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     with _timed(report, "load"):
         original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
         report.file_size_before = original.ByteSize()
+        try:  # what onnxruntime cannot run, we cannot calibrate or verify
+            original_session = session(original)
+        except RUNTIME_ERRORS as e:
+            where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
+            raise InvalidModel(f"{where}onnxruntime cannot load the model: {runtime_message(e)}") from None
         prepared = prepare(original)
         targets, skipped = find_targets(prepared)
         targets, skipped = _exclude(targets, skipped, config.exclude)
@@ -75,11 +80,16 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
         report.calibration = {"source": data.source, "samples": len(data), "search": len(search_set),
                               "heldout": len(held), "synthetic": data.synthetic, "labels": data.labels is not None}
         advance = progress("capture", 1)
-        stats, search_ref = capture(prepared, targets, search_set, config.batch_size, seed=config.seed)
+        try:
+            stats, search_ref = capture(prepared, targets, search_set, config.batch_size, seed=config.seed)
+            held_ref = predict(original_session, held, config.batch_size)
+        except RUNTIME_ERRORS as e:
+            raise CalibrationError("onnxruntime failed running the model on the calibration data: "
+                                   f"{runtime_message(e)}") from None
         advance()
+        _require_finite(search_ref, held_ref, len(data), skipped)
         metric = resolve_metric(config.metric, search_ref, search_set.labels)
         report.metric = metric
-        held_ref = predict(original, held, config.batch_size)
 
     timer = None
     if config.cost == "latency":
@@ -328,11 +338,25 @@ def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, 
     return compressed, choice, q, steps, _nonfinite_samples(held_ref, outputs)
 
 
+def _nonfinite(outputs: list[np.ndarray]) -> np.ndarray:
+    """Per sample: whether some output holds a NaN or Inf."""
+    return np.any([~np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in outputs], axis=0)
+
+
 def _nonfinite_samples(reference: list[np.ndarray], outputs: list[np.ndarray]) -> int:
     """Samples with a NaN or Inf in some output where the reference has none."""
-    def bad(arrays: list[np.ndarray]) -> np.ndarray:
-        return np.any([~np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in arrays], axis=0)
-    return int(np.sum(bad(outputs) & ~bad(reference)))
+    return int(np.sum(_nonfinite(outputs) & ~_nonfinite(reference)))
+
+
+def _require_finite(search_ref: list[np.ndarray], held_ref: list[np.ndarray], samples: int,
+                    skipped: list[Skipped]) -> None:
+    """The original's outputs must be finite: no quality drop can be measured against NaN."""
+    bad = int(_nonfinite(search_ref).sum() + _nonfinite(held_ref).sum())
+    if bad:
+        nan_weights = [s.name for s in skipped if "NaN" in s.reason]
+        cause = f" (layers with NaN/Inf weights: {', '.join(nan_weights)})" if nan_weights else ""
+        raise InvalidModel(f"the model itself outputs NaN or Inf on {bad} of {samples} calibration samples{cause}; "
+                           "there is no quality to keep")
 
 
 def _step_back(problems, choice: Choice) -> Choice:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 from helpers import MODELS, conv_model
 from typer.testing import CliRunner
 
+from onnx_lowrank import cli, pipeline
 from onnx_lowrank.cli import app
 
 runner = CliRunner()
@@ -152,3 +156,24 @@ def test_a_drop_over_eps_after_stepping_back_fails_verification(tmp_path, monkey
     result = _convert(MODELS / "digit_cnn.onnx", out, "--calib", calib, "--labels", "labels", "--eps", "0.01")
     _one_line_error(result, "exceeds eps 0.01")
     assert not out.exists()
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys, calib):
+    """A bug of ours still gives a deployment pipeline one line and a non-zero exit; the traceback
+    is there with ONNX_LOWRANK_DEBUG=1."""
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range\nsecond line")
+
+    monkeypatch.setattr(pipeline, "capture", broken)
+    argv = ["onnx-lowrank", "convert", str(MODELS / "digit_cnn.onnx"), str(tmp_path / "out.onnx"), "--calib", str(calib)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("ONNX_LOWRANK_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    assert exit_.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: internal error (IndexError: list index out of range)")
+    assert not [line for line in err[:-1] if line.strip()] and not list(tmp_path.iterdir())
+    monkeypatch.setenv("ONNX_LOWRANK_DEBUG", "1")
+    with pytest.raises(IndexError):
+        cli.run()

@@ -128,3 +128,23 @@ def test_held_out_back_off_stops_at_the_first_step_that_holds(calib):
     assert all(walk[-1][p.name] is choice[p.name] for p in problems)
     before = predict(_build(prepared, problems, walk[-2]), held)
     assert quality("accuracy", held_ref, before, held.labels).drop > config.eps
+
+
+def test_gemm_with_transposed_activation_gets_its_rank(tmp_path):
+    """Gemm with transA=1 reads its input vectors as the columns of A: captured that way, a
+    rank-8 weight is found to be rank 8 and factored without error."""
+    from onnx import helper
+
+    from helpers import init, make_model, tensor
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((16, 8)) @ rng.standard_normal((8, 32))).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+             helper.make_node("Gemm", ["xt", "W"], ["y"], name="fc", transA=1)]
+    model = make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 32])], [init("W", weight)])
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    out, report = compress(model, CompressConfig(eps=0.01, select="cosine"), calibration=tmp_path / "x.npz")
+    (layer,) = report.layers
+    assert layer.method == "svd" and layer.ranks == [8]
+    np.testing.assert_allclose(run(out, {"x": x[:5]})[0], x[:5] @ weight, rtol=1e-3, atol=1e-3)

@@ -24,11 +24,11 @@ def activation_name(target: LayerTarget) -> str:
 
 
 def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int,
-            weight_side: str = "right") -> np.ndarray:
+            columns: bool = False) -> np.ndarray:
     """Rows the layer's weight multiplies, (rows, groups, in_per_group * prod(kernel)): a conv's
     im2col patches, a dense layer's input vectors; at most `max_rows` of them, drawn at random."""
     if not layer.is_conv:
-        if weight_side == "left":  # W @ X: the columns of X are the inputs
+        if columns:  # W @ X, or Gemm's transposed A: the columns of X are the inputs
             rows = np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2])
         else:
             rows = x.reshape(-1, x.shape[-1])
@@ -124,7 +124,8 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
         for t in targets:
             x = values[activation_name(t)]
             dim = t.layer.in_per_group * int(np.prod(t.layer.kernel))
-            rows = patches(x, t.layer, rng, -(-max(MIN_ROWS, ROWS_PER_DIM * dim) // batches), t.weight_side)
+            rows = patches(x, t.layer, rng, -(-max(MIN_ROWS, ROWS_PER_DIM * dim) // batches),
+                           t.inputs_in_columns)
             keys = rng.random(len(rows))
             s = stats.get(t.name)
             if s is None:

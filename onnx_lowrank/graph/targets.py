@@ -35,6 +35,14 @@ class LayerTarget:
         return self.bias_add.output[0] if self.bias_add is not None else self.node.output[0]
 
     @property
+    def inputs_in_columns(self) -> bool:
+        """Whether the activation holds the layer's input vectors as columns (MatMul W @ X, Gemm
+        with transA=1) rather than as rows."""
+        if self.op_type == "Gemm":
+            return bool(node_attrs(self.node).get("transA", 0))
+        return self.op_type == "MatMul" and self.weight_side == "left"
+
+    @property
     def in_spatial(self) -> tuple[int, ...] | None:
         """What `Layer.macs` takes for one sample, from the inferred input shape (None if
         unknown): a conv's input spatial size; a dense layer's rows per sample."""

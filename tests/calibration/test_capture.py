@@ -39,7 +39,7 @@ def test_left_matmul_rows_are_columns_even_when_square():
                        [tensor("y", None)], [init("W", w)])
     (target,), _ = find_targets(prepare(model))
     x = rng.standard_normal((2, 6, 6)).astype(np.float32)
-    rows = patches(x, target.layer, rng, max_rows=10**9, weight_side=target.weight_side)
+    rows = patches(x, target.layer, rng, max_rows=10**9, columns=target.inputs_in_columns)
     np.testing.assert_allclose(rows[:, 0] @ w.T, np.moveaxis(run(model, {"x": x})[0], -1, -2).reshape(-1, 5),
                                rtol=1e-4, atol=1e-4)
 
