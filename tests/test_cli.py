@@ -114,7 +114,6 @@ def _poison_export(monkeypatch):
     """Every model written gets a NaN in its first float initializer: the outputs go NaN."""
     from onnx import numpy_helper
 
-    import onnx_lowrank.pipeline as pipeline
 
     real = pipeline._export
 
@@ -148,7 +147,6 @@ def test_nan_outputs_fail_verification_and_write_nothing(tmp_path, monkeypatch, 
 def test_a_drop_over_eps_after_stepping_back_fails_verification(tmp_path, monkeypatch, calib):
     """Stepping back cannot undo damage done at export (here: a NaN in a weight of every model),
     so the held-out check fails even with every layer kept."""
-    import onnx_lowrank.pipeline as pipeline
 
     _poison_export(monkeypatch)
     monkeypatch.setattr(pipeline, "_nonfinite_samples", lambda ref, out: 0)  # the drop alone must fail it
