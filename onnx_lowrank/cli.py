@@ -51,7 +51,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")) -> None:
-    pass
+    import onnxruntime
+
+    # onnxruntime logs a model it refuses as its own coloured line on stderr; we report every
+    # error once, in our line
+    onnxruntime.set_default_logger_severity(4)
 
 
 @app.command()
@@ -147,6 +151,13 @@ def _progress() -> Iterator:
         yield stage
 
 
+def _floats(option: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}") from None
+
+
 def _split(values: Optional[list[str]]) -> tuple[str, ...]:
     return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
 
@@ -209,15 +220,15 @@ def convert(
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
             merge=merge, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
-            image=ImageOptions(size=image_size, mean=tuple(float(v) for v in image_mean.split(",")),
-                               std=tuple(float(v) for v in image_std.split(",")), layout=image_layout,
+            image=ImageOptions(size=image_size, mean=_floats("--image-mean", image_mean),
+                               std=_floats("--image-std", image_std), layout=image_layout,
                                scale=image_scale))
         config.validate()
         if plots is not None:
             _require_matplotlib()
         with warnings.catch_warnings(record=True) as caught, _progress() as stage:
             warnings.simplefilter("always", UserWarning)
-            result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage)
+            result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage, plots)
         for w in caught:
             if issubclass(w.category, UserWarning):
                 typer.secho(f"warning: {w.message}", err=True, fg="yellow", bold=True)
@@ -229,8 +240,7 @@ def convert(
     for table in result.tables():
         console.print(table)
     if plots is not None:
-        for path in result.plots(plots):
-            console.print(f"plot: {path}")
+        console.print(f"plots: {plots}/trade_off.png, {plots}/layers.png", highlight=False)
     console.print(f"wrote {dst}: {result.mac_ratio:.2f}x fewer MACs, {result.param_ratio:.2f}x fewer parameters, "
                   f"held-out {result.metric} drop {result.drop:.4f} (eps {result.eps})", highlight=False)
 

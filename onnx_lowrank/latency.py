@@ -45,7 +45,7 @@ def runtime_session(model: onnx.ModelProto | bytes, provider: str = "CPUExecutio
     """A session as a deployment would open it: onnxruntime's defaults but the thread count."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=[provider])
 

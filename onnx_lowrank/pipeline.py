@@ -68,6 +68,11 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
         targets, skipped = _exclude(targets, skipped, config.exclude)
         targets, skipped = _factorable(targets, skipped, config.methods or auto_methods())
     report.skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in skipped]
+    if not targets:
+        message = "nothing to factor: the model has no Conv, Gemm or MatMul layer" + (
+            f" that can be ({len(skipped)} skipped; the report says why)" if skipped else "")
+        warnings.warn(message, stacklevel=2)
+        report.warnings.append(message)
 
     with _timed(report, "calibrate"):
         data = load_calibration(calibration, prepared, labels, config.image, config.seed)
@@ -176,18 +181,21 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
 
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: CompressConfig | None = None,
                   calibration: Any = None, labels: Any = None, report_path: str | os.PathLike | None = None,
-                  progress: Progress = _quiet_progress) -> Report:
-    """Path to path: the output is written atomically; `src` is never modified."""
-    if Path(src).resolve() == Path(dst).resolve():
-        raise OnnxLowrankError(f"{dst}: the output would overwrite the input; choose another path")
+                  progress: Progress = _quiet_progress, plots: str | os.PathLike | None = None) -> Report:
+    """Path to path. `src` and the calibration files are never modified: an output naming one of
+    them is refused before any work. The model, the report and the plots are written all or
+    nothing, each file atomically."""
+    _check_paths(src, dst, calibration, labels, report_path)
     out, report = compress(src, config, calibration, labels, progress)
     written: list[Path] = []
     with _interrupts_ignored():
-        try:  # all or nothing: a failure writing the report takes back the model
+        try:  # all or nothing: a failure writing the report or the plots takes back the model
             save_model(out, dst)
             written.append(Path(dst))
             report.file_size_after = Path(dst).stat().st_size
             report.file_size_before = Path(src).stat().st_size
+            if plots is not None:
+                written += report.plots(plots)
             if report_path is not None:
                 report.write_json(report_path)
         except BaseException:
@@ -195,6 +203,32 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
                 path.unlink(missing_ok=True)
             raise
     return report
+
+
+def _check_paths(src, dst, calibration, labels, report_path) -> None:
+    """Outputs must not be inputs (by any path or link to them) nor each other."""
+    inputs = {"the input model": src}
+    if isinstance(calibration, (str, os.PathLike)):
+        inputs["the calibration data"] = calibration
+    if isinstance(labels, (str, os.PathLike)) and str(labels).endswith(".npy"):
+        inputs["the labels"] = labels
+    outputs = {"the output": dst} | ({"the report": report_path} if report_path is not None else {})
+
+    def same(a, b) -> bool:
+        a, b = Path(a), Path(b)
+        if a.resolve() == b.resolve():
+            return True
+        try:
+            return a.exists() and b.exists() and os.path.samefile(a, b)
+        except OSError:
+            return False
+
+    for out_what, out in outputs.items():
+        for in_what, path in inputs.items():
+            if same(out, path):
+                raise OnnxLowrankError(f"{out}: {out_what} would overwrite {in_what}; choose another path")
+    if report_path is not None and same(dst, report_path):
+        raise OnnxLowrankError(f"{report_path}: the report and the output model are the same file")
 
 
 @contextmanager
@@ -390,6 +424,8 @@ def _layer_report(p, c, reason: str, timed: bool = False) -> LayerReport:
     spatial = p.stats.in_spatial
     f = c.factors
     latency = (p.base_cost, c.cost) if timed else (None, None)
+    if len(p.candidates) == 1 and p.declined:  # keep was all there was: say why
+        reason = "kept: " + "; ".join(f"{method}: {why}" for method, why in p.declined.items())
     return LayerReport(p.name, p.target.op_type, c.method, list(c.ranks), int(layer.params),
                        int(layer.params if f is None else f.params), int(layer.macs(spatial)),
                        int(layer.macs(spatial) if f is None else f.macs(spatial)), float(c.error), reason,

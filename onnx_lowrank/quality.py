@@ -35,7 +35,7 @@ def runtime_message(error: Exception) -> str:
 def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run reaches the user once, as our error line
     # idle threads sleep instead of spinning: on a machine shared with other work (or with our own
     # numpy between runs) spinning threads steal the cores the work needs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -66,6 +66,11 @@ def resolve_metric(metric: str, reference: list[np.ndarray], labels: np.ndarray 
         raise ValueError("--metric accuracy needs labels (--labels)")
     if metric in ("accuracy", "agreement") and not is_classifier(reference):
         raise ValueError(f"--metric {metric} needs one (samples, classes) output")
+    if labels is not None and is_classifier(reference):
+        classes = reference[0].shape[1]
+        if labels.min() < 0 or labels.max() >= classes:
+            raise ValueError(f"labels must be class indices 0..{classes - 1} (the model has {classes} outputs); "
+                             f"got {labels.min()}..{labels.max()}")
     if metric != "auto":
         return metric
     if labels is not None and is_classifier(reference):

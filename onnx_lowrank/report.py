@@ -3,6 +3,7 @@ table, and as plots."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -59,11 +60,11 @@ class Report:
 
     @property
     def mac_ratio(self) -> float:
-        return self.macs_before / max(self.macs_after, 1)
+        return self.macs_before / self.macs_after if self.macs_after else 1.0
 
     @property
     def param_ratio(self) -> float:
-        return self.params_before / max(self.params_after, 1)
+        return self.params_before / self.params_after if self.params_after else 1.0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -80,9 +81,9 @@ class Report:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             os.replace(tmp, path)
         except OSError as e:
+            with contextlib.suppress(OSError):  # the folder may not even exist
+                tmp.unlink(missing_ok=True)
             raise OutputError(f"{path}: cannot write the report: {e.strerror or e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def tables(self) -> list[Table]:
         timed = any(r.latency_before is not None for r in self.layers)
@@ -116,15 +117,28 @@ class Report:
     def plots(self, folder: str | Path) -> list[Path]:
         """trade_off.png: each model the search measured, its cost ratio against its measured
         drop, the eps line and the chosen point; layers.png: per layer, the compression chosen
-        against the layer's output error."""
+        against the layer's output error. All or nothing: on a failure, what was written (the
+        folder too, if made here) is removed and OutputError raised."""
+        folder = Path(folder)
+        made = not folder.exists()
+        written: list[Path] = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._plot(folder, written)
+        except OSError as e:
+            for path in written:
+                path.unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise OutputError(f"{folder}: cannot write the plots: {e.strerror or e}") from None
+        return written
+
+    def _plot(self, folder: Path, written: list[Path]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = []
 
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         top = max(4 * self.eps, 2 * self.search_drop, 1e-3)  # far-off failures would hide the budget
@@ -163,4 +177,3 @@ class Report:
         written.append(folder / "layers.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-        return written

@@ -6,6 +6,7 @@ a held-out part."""
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -69,7 +70,8 @@ class CalibrationSet:
             self.indices = np.arange(len(self))
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        first = next(iter(self.inputs.values()))
+        return first.shape[0] if first.ndim else 0
 
     def take(self, idx: np.ndarray) -> "CalibrationSet":
         labels = None if self.labels is None else self.labels[idx]
@@ -96,6 +98,9 @@ def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
     """Calibration inputs for `model` from `source` (None: synthetic), checked against the model's
     inputs. `labels`: an .npy path, or the name of a key in the .npz source."""
     specs = model_inputs(model)
+    if not specs:
+        raise CalibrationError("the model has no inputs to feed (every graph input is an initializer): "
+                               "it computes a constant; there is nothing to compress against")
     if source is None:
         data = synthetic(specs, seed)
     elif hasattr(source, "get_next"):
@@ -130,15 +135,28 @@ def synthetic(specs: Sequence[InputSpec], seed: int) -> CalibrationSet:
     return CalibrationSet(inputs, None, "synthetic N(0, 1) inputs", synthetic=True)
 
 
-def _npz_file(path: Path):
+def _load(path: Path, kind: type, what: str = "") -> Any:
+    """np.load of an .npz (kind NpzFile) or .npy (kind ndarray), refusing pickled objects and a
+    file whose content is the other kind."""
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"{path}: cannot read: {e}") from None
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise CalibrationError(f"{path}: holds Python objects (pickled), not numeric arrays") from None
+        raise CalibrationError(f"{path}: cannot read {what}: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        reason = "empty or truncated" if isinstance(e, EOFError) else str(e)
+        raise CalibrationError(f"{path}: cannot read {what}: {reason}") from None
+    if not isinstance(loaded, kind):
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            loaded.close()
+        want = "an .npz archive" if kind is np.lib.npyio.NpzFile else "a single .npy array"
+        raise CalibrationError(f"{path}: not {want}, whatever its suffix says")
+    return loaded
 
 
 def _from_npz(path: Path, specs, labels) -> CalibrationSet:
-    with _npz_file(path) as npz:
+    with _load(path, np.lib.npyio.NpzFile, "calibration data") as npz:
         keys = set(npz.files)
         label_key = labels if isinstance(labels, str) and not labels.endswith(".npy") else None
         names = {s.name for s in specs}
@@ -148,19 +166,22 @@ def _from_npz(path: Path, specs, labels) -> CalibrationSet:
                                    f"the file has {', '.join(sorted(keys)) or 'nothing'}")
         if label_key is not None and label_key not in keys:
             raise CalibrationError(f"{path}: no labels key {label_key!r}; the file has {', '.join(sorted(keys))}")
-        inputs = {n: npz[n] for n in names}
-        data = CalibrationSet(inputs, npz[label_key] if label_key else None, str(path))
+        try:  # the members are read here: a damaged one fails now
+            inputs = {n: npz[n] for n in names}
+            data = CalibrationSet(inputs, npz[label_key] if label_key else None, str(path))
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise CalibrationError(f"{path}: holds Python objects (pickled), not numeric arrays") from None
+            raise CalibrationError(f"{path}: cannot read an array: {e}") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise CalibrationError(f"{path}: cannot read an array: {e or 'truncated'}") from None
     return data
 
 
 def _from_npy(path: Path, specs) -> CalibrationSet:
     if len(specs) != 1:
         raise CalibrationError(f"{path}: an .npy holds one array but the model has {len(specs)} inputs; use .npz")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"{path}: cannot read: {e}") from None
-    return CalibrationSet({specs[0].name: array}, None, str(path))
+    return CalibrationSet({specs[0].name: _load(path, np.ndarray, "calibration data")}, None, str(path))
 
 
 def _from_reader(reader) -> CalibrationSet:
@@ -220,11 +241,7 @@ def _from_images(folder: Path, specs, options: ImageOptions) -> CalibrationSet:
 def _labels(source) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return source
-    path = Path(os.fspath(source))
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"{path}: cannot read labels: {e}") from None
+    return _load(Path(os.fspath(source)), np.ndarray, "labels")
 
 
 def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
@@ -233,7 +250,11 @@ def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
     if extra:
         raise CalibrationError(f"calibration data has array(s) {', '.join(sorted(extra))} that are not model "
                                f"inputs ({', '.join(sorted(names))})")
-    counts = {k: len(v) if v.ndim else 0 for k, v in data.inputs.items()}
+    for name, array in data.inputs.items():
+        if array.ndim == 0:
+            raise CalibrationError(f"input {name!r}: calibration array is a scalar; it needs the samples "
+                                   "along its first axis")
+    counts = {k: len(v) for k, v in data.inputs.items()}
     if len(set(counts.values())) != 1:
         raise CalibrationError(f"calibration arrays hold different numbers of samples: {counts}")
     n = next(iter(counts.values()))
@@ -256,6 +277,8 @@ def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
         if np.issubdtype(spec.dtype, np.floating) and not np.all(np.isfinite(data.inputs[spec.name])):
             raise CalibrationError(f"input {spec.name!r}: calibration array contains NaN or Inf")
     if data.labels is not None:
+        if data.labels.ndim != 1:
+            raise CalibrationError(f"labels must be one class index per sample (1-D); got shape {data.labels.shape}")
         if len(data.labels) != n:
             raise CalibrationError(f"{len(data.labels)} labels for {n} calibration samples")
         if not np.issubdtype(data.labels.dtype, np.integer):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..errors import InvalidModel
 from .index import FLOAT_TYPES, GraphIndex
 from .prepare import infer_shapes
 
@@ -54,7 +55,8 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
     def dims(name: str) -> tuple[int, ...]:
         shape = index.static_shape(name)
         if shape is None:
-            raise ValueError(f"shape of {name!r} is unknown after inference at concrete input shapes")
+            raise InvalidModel(f"the shape of {name!r} cannot be inferred at the calibration inputs' shapes: "
+                               "do the shapes the model declares contradict its graph?")
         return shape
 
     costs = []

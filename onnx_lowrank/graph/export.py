@@ -171,7 +171,7 @@ def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = path
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(path)
     del optimized.graph.value_info[:]

@@ -28,12 +28,15 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(p), load_external_data=True)
     except DecodeError:
         raise InvalidModel(f"{p}: not an ONNX model (the file does not parse as one; truncated?)") from None
-    except (OSError, ValueError) as e:
-        raise InvalidModel(f"{p}: cannot read the model or its external data: {e}") from None
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:  # the last: a bad external-data path
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidModel(f"{p}: cannot read the model or its external data: {first}") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise InvalidModel(f"{p}: not an ONNX model (no IR version, graph or opset)")
     if not model.graph.node:
         raise InvalidModel(f"{p}: the model's graph has no nodes")
+    if not model.graph.output:
+        raise InvalidModel(f"{p}: the model's graph has no outputs")
     small = tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD
     try:
         # shapes first: the checker wants every graph output typed, onnxruntime does not

@@ -35,7 +35,7 @@ class _Names:
         return name
 
 
-def build_chain(target: LayerTarget, factors: Factors, names: _Names
+def build_chain(target: LayerTarget, factors: Factors, names: _Names, opset: int
                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes and initializers that compute `target` with `factors`."""
     steps = factors.chain()
@@ -81,7 +81,7 @@ def build_chain(target: LayerTarget, factors: Factors, names: _Names
             shape = const(f"{base}/shape", np.array([-1, channels] + [0] * ndim), np.int64)
             nodes.append(helper.make_node("Reshape", [current, shape], [out], name=names.new(f"{base}/Reshape")))
         elif isinstance(step, DenseStep):
-            nodes += _dense_nodes(target, step, i == last, current, out, base, const, names)
+            nodes += _dense_nodes(target, step, i == last, current, out, base, const, names, opset)
         else:
             raise TypeError(f"unknown chain step {step!r}")
         current = out
@@ -89,7 +89,7 @@ def build_chain(target: LayerTarget, factors: Factors, names: _Names
 
 
 def _dense_nodes(target: LayerTarget, step: DenseStep, is_last: bool, current: str, out: str,
-                 base: str, const, names: _Names) -> list[onnx.NodeProto]:
+                 base: str, const, names: _Names, opset: int) -> list[onnx.NodeProto]:
     if target.op_type == "Gemm":
         attrs = dict(transB=1)
         if current == target.node.input[0]:
@@ -101,6 +101,8 @@ def _dense_nodes(target: LayerTarget, step: DenseStep, is_last: bool, current: s
         elif is_last and target.gemm_c is not None:
             inputs.append(target.gemm_c[0])
             attrs["beta"] = target.gemm_c[1]
+        elif opset < 11:  # Gemm's C is optional from opset 11 on
+            inputs.append(const(f"{base}/C", np.zeros(len(step.weight))))
         return [helper.make_node("Gemm", inputs, [out], name=names.new(f"{base}/Gemm"), **attrs)]
     # MatMul: X @ W^T on the right, W @ X on the left
     if target.weight_side == "right":
@@ -125,6 +127,7 @@ def replace_layers(model: onnx.ModelProto, chosen: Iterable[tuple[LayerTarget, F
     graph = out.graph
     index = GraphIndex(graph)
     names = _Names(index.names())
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 1)
     by_output = {t.node.output[0]: (t, f) for t, f in chosen}
     dropped = {t.bias_add.output[0] for t, _ in chosen if t.bias_add is not None}
 
@@ -136,7 +139,7 @@ def replace_layers(model: onnx.ModelProto, chosen: Iterable[tuple[LayerTarget, F
         if hit is None:
             new_nodes.append(node)
             continue
-        nodes, inits = build_chain(hit[0], hit[1], names)
+        nodes, inits = build_chain(hit[0], hit[1], names, opset)
         new_nodes.extend(nodes)
         graph.initializer.extend(inits)
     del graph.node[:]

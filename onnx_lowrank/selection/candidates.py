@@ -153,10 +153,14 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
     layer = replace(target.layer, input_cov=moment if data_aware else None)
     base = cost_of(target.layer, None, stats.in_spatial, cost)
     problem = LayerProblem(target, stats, layer, moment, base)
-    # one Cholesky of the moment for both the errors and the data-aware SVD
-    white = Whitener(moment) if target.layer.groups == 1 else None
-    meter = ErrorMeter(target.layer, moment, white)
     cands: list[Candidate] = []
+    try:
+        # one Cholesky of the moment for both the errors and the data-aware SVD
+        white = Whitener(moment) if target.layer.groups == 1 else None
+        meter = ErrorMeter(target.layer, moment, white)
+    except np.linalg.LinAlgError as e:  # weights or inputs so extreme that LAPACK gives up
+        problem.declined = {name: f"numerical failure: {e}" for name in methods}
+        methods = ()
     for name in methods:
         reason = reason_not_applicable(layer, name)
         if reason is None and name == "spatial-svd" and all(k == 1 for k in layer.kernel):
@@ -166,12 +170,15 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
             continue
         try:
             ladder = method_ladder(name, layer, multiple, white if data_aware else None)
+            costs = [cost_of(target.layer, f, stats.in_spatial, cost) for f in ladder.factors]
+            cheaper = [(f, c) for f, c in zip(ladder.factors, costs) if c < base]  # never larger than the layer
+            errors = meter.errors([f for f, _ in cheaper], ladder.truncations)
         except UnsupportedLayer as e:
             problem.declined[name] = str(e)
             continue
-        costs = [cost_of(target.layer, f, stats.in_spatial, cost) for f in ladder.factors]
-        cheaper = [(f, c) for f, c in zip(ladder.factors, costs) if c < base]  # never larger than the layer
-        errors = meter.errors([f for f, _ in cheaper], ladder.truncations)
+        except np.linalg.LinAlgError as e:
+            problem.declined[name] = f"numerical failure: {e}"
+            continue
         cands.extend(Candidate(name, f, c, e) for (f, c), e in zip(cheaper, errors))
     cands.sort(key=lambda c: (c.cost, c.error))
     problem.candidates = cands + [Candidate(None, None, base, 0.0)]

@@ -37,7 +37,8 @@ class Search:
         return self.other_cost + sum(choice[p.name].cost for p in self.problems)
 
     def cost_ratio(self, choice: Choice) -> float:
-        return self.base_cost / self.cost(choice)
+        cost = self.cost(choice)
+        return self.base_cost / cost if cost else 1.0  # a model without MACs (nothing to factor)
 
     def keep_all(self) -> Choice:
         return {p.name: p.keep for p in self.problems}
