@@ -107,7 +107,7 @@ def _weight(index: GraphIndex, name: str, activation: str) -> np.ndarray | str:
     if value is None:
         return "weight is not a constant"
     if index.uses(name) > 1:
-        return "weight is shared with another node"
+        return "weight is shared with another node or a subgraph"
     if value.dtype not in FLOAT_DTYPES:
         return f"weight dtype {value.dtype} is not floating point"
     if not np.all(np.isfinite(value)):

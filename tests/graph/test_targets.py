@@ -39,7 +39,7 @@ def test_shared_weight_is_skipped():
              helper.make_node("Conv", ["x", "W"], ["b"], name="c2", pads=[1] * 4)]
     model = make_model(nodes, [tensor("x", [1, 4, 8, 8])], [tensor("a", None), tensor("b", None)], [init("W", W)])
     targets, skipped = find_targets(prepare(model))
-    assert not targets and [s.reason for s in skipped] == ["weight is shared with another node"] * 2
+    assert not targets and [s.reason for s in skipped] == ["weight is shared with another node or a subgraph"] * 2
 
 
 def test_computed_weight_is_skipped():
