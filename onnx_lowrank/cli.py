@@ -19,7 +19,7 @@ from . import __version__
 from .calibration.data import ImageOptions
 from .config import EPS_HELP, CompressConfig
 from .decompositions import METHODS
-from .errors import OnnxLowrankError
+from .errors import OnnxLowrankError, first_line
 from .graph import find_targets, load_model, prepare
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -254,9 +254,7 @@ def run() -> None:
     except Exception as e:
         if os.environ.get("ONNX_LOWRANK_DEBUG"):
             raise
-        text = str(e).strip()
-        detail = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-        typer.echo(f"error: internal error ({detail}); please report this bug, with the traceback "
+        typer.echo(f"error: internal error ({type(e).__name__}: {first_line(e)}); please report this bug, with the traceback "
                    "ONNX_LOWRANK_DEBUG=1 shows", err=True)
         sys.exit(3)
 

@@ -2,6 +2,13 @@
 prints it and exits non-zero instead of showing a traceback."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): the libraries
+    we call put whole reports in theirs."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class OnnxLowrankError(Exception):
     """Base of every error the converter reports to the user."""
 

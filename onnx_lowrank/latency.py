@@ -122,7 +122,7 @@ class LayerTimer:
 
     def seconds(self, target: LayerTarget, input_shape: tuple[int, ...], factors: Factors | None) -> float:
         """Per run at batch `self.batch`. `input_shape`: one sample's activation shape, batch first
-        (1, ...), as captured."""
+        (1, ...) (Gemm's transposed A: (K, 1)), as captured."""
         model, micro_target, feed = self._micro_model(target, input_shape)
         if factors is not None:
             model = replace_layers(model, [(micro_target, factors)], infer=False)
@@ -141,7 +141,10 @@ class LayerTimer:
 
     def _micro_model(self, target: LayerTarget, input_shape: tuple[int, ...]):
         if target.name not in self._micro:
-            model = micro_model(self.model, target, (self.batch,) + tuple(input_shape[1:]))
+            # batch first, but for Gemm's transposed A, whose samples are its columns
+            columns = target.op_type == "Gemm" and target.inputs_in_columns
+            shape = (input_shape[0], self.batch) if columns else (self.batch,) + tuple(input_shape[1:])
+            model = micro_model(self.model, target, shape)
             found, _ = find_targets(model)
             if len(found) != 1:
                 raise ValueError(f"{target.name}: its micro-model has {len(found)} targets")

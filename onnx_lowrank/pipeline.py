@@ -14,14 +14,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .calibration.capture import activation_name, capture
 from .calibration.data import CalibrationError, CalibrationSet, load_calibration
 from .config import CompressConfig
 from .decompositions import reason_not_applicable
-from .errors import InvalidModel, OnnxLowrankError, VerificationError
+from .errors import InvalidModel, OnnxLowrankError, OutputError, VerificationError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
+from .graph.index import FLOAT_TYPES, WEIGHT_TYPES
 from .graph.targets import LayerTarget, Skipped
 from .latency import LayerTimer, interleaved, runtime_session, time_session
 from .quality import RUNTIME_ERRORS, DropMeter, predict, quality, resolve_metric, runtime_message, session
@@ -92,8 +94,8 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
             raise CalibrationError("onnxruntime failed running the model on the calibration data: "
                                    f"{runtime_message(e)}") from None
         advance()
-        _require_finite(search_ref, held_ref, len(data), skipped)
-        metric = resolve_metric(config.metric, search_ref, search_set.labels)
+        _require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
+        metric = resolve_metric(config.metric, search_ref, data.labels)
         report.metric = metric
 
     timer = None
@@ -194,10 +196,11 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
             written.append(Path(dst))
             report.file_size_after = Path(dst).stat().st_size
             report.file_size_before = Path(src).stat().st_size
-            if plots is not None:
-                written += report.plots(plots)
             if report_path is not None:
                 report.write_json(report_path)
+                written.append(Path(report_path))
+            if plots is not None:  # last: on a failure it removes what it wrote itself
+                report.plots(plots)
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)
@@ -206,29 +209,38 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
 
 
 def _check_paths(src, dst, calibration, labels, report_path) -> None:
-    """Outputs must not be inputs (by any path or link to them) nor each other."""
-    inputs = {"the input model": src}
+    """Before any work: no output may name an input (the model, its external data, the calibration
+    data, the labels), directly or through a symbolic link, nor the other output; each output's
+    folder must exist. (A hard link to an input is safe: outputs are renamed into place, which
+    replaces the link, not the bytes it shares.)"""
+    inputs = [("the input model", src)] + [("the input model's external data", p) for p in _external_data(src)]
     if isinstance(calibration, (str, os.PathLike)):
-        inputs["the calibration data"] = calibration
-    if isinstance(labels, (str, os.PathLike)) and str(labels).endswith(".npy"):
-        inputs["the labels"] = labels
-    outputs = {"the output": dst} | ({"the report": report_path} if report_path is not None else {})
-
-    def same(a, b) -> bool:
-        a, b = Path(a), Path(b)
-        if a.resolve() == b.resolve():
-            return True
-        try:
-            return a.exists() and b.exists() and os.path.samefile(a, b)
-        except OSError:
-            return False
-
-    for out_what, out in outputs.items():
-        for in_what, path in inputs.items():
-            if same(out, path):
+        inputs.append(("the calibration data", calibration))
+    if isinstance(labels, (str, os.PathLike)) and Path(labels).is_file():  # else an npz key
+        inputs.append(("the labels", labels))
+    outputs = [("the output", dst)] + ([("the report", report_path)] if report_path is not None else [])
+    for out_what, out in outputs:
+        for in_what, path in inputs:
+            if Path(out).resolve() == Path(path).resolve():
                 raise OnnxLowrankError(f"{out}: {out_what} would overwrite {in_what}; choose another path")
-    if report_path is not None and same(dst, report_path):
+        folder = Path(out).resolve().parent
+        if not folder.is_dir():
+            raise OutputError(f"{out}: the folder {folder} does not exist")
+    if report_path is not None and Path(dst).resolve() == Path(report_path).resolve():
         raise OnnxLowrankError(f"{report_path}: the report and the output model are the same file")
+
+
+def _external_data(src) -> list[Path]:
+    """The files an ONNX model keeps its external tensors in."""
+    if not Path(src).is_file():  # a FIFO would block the read; load_model says what is wrong
+        return []
+    try:
+        model = onnx.load(str(src), load_external_data=False)
+    except Exception:  # not a model we can read: load_model says why, in its own words
+        return []
+    locations = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    return [Path(src).parent / location for location in sorted(locations)]
 
 
 @contextmanager
@@ -255,8 +267,6 @@ def auto_methods() -> tuple[str, ...]:
 def model_params(model: onnx.ModelProto) -> int:
     """Elements of every initializer and Constant that holds weights (index.WEIGHT_TYPES: floating
     point and quantized integers; not shapes, axes or indices)."""
-    from .graph.index import WEIGHT_TYPES
-
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in WEIGHT_TYPES)
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -369,28 +379,34 @@ def _verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, 
     compressed = _export(_build(prepared, problems, choice), config)
     outputs = predict(compressed, held, config.batch_size)
     q = quality(metric, held_ref, outputs, held.labels)
-    return compressed, choice, q, steps, _nonfinite_samples(held_ref, outputs)
+    return compressed, choice, q, steps, _nonfinite_samples(held_ref, outputs, len(held))
 
 
-def _nonfinite(outputs: list[np.ndarray]) -> np.ndarray:
-    """Per sample: whether some output holds a NaN or Inf."""
-    return np.any([~np.isfinite(a.reshape(len(a), -1)).all(axis=1) for a in outputs], axis=0)
+def _nonfinite(outputs: list[np.ndarray], samples: int) -> np.ndarray:
+    """Per sample: whether some floating-point output holds a NaN or Inf (outputs that are not one
+    row per sample, like a Shape, say nothing about a sample)."""
+    bad = np.zeros(samples, dtype=bool)
+    for a in outputs:
+        if a.ndim and len(a) == samples and np.issubdtype(a.dtype, np.floating):
+            bad |= ~np.isfinite(a.reshape(samples, -1)).all(axis=1)
+    return bad
 
 
-def _nonfinite_samples(reference: list[np.ndarray], outputs: list[np.ndarray]) -> int:
+def _nonfinite_samples(reference: list[np.ndarray], outputs: list[np.ndarray], samples: int) -> int:
     """Samples with a NaN or Inf in some output where the reference has none."""
-    return int(np.sum(_nonfinite(outputs) & ~_nonfinite(reference)))
+    return int(np.sum(_nonfinite(outputs, samples) & ~_nonfinite(reference, samples)))
 
 
-def _require_finite(search_ref: list[np.ndarray], held_ref: list[np.ndarray], samples: int,
-                    skipped: list[Skipped]) -> None:
+def _require_finite(model: onnx.ModelProto, search_ref: list[np.ndarray], held_ref: list[np.ndarray],
+                    search: int, held: int) -> None:
     """The original's outputs must be finite: no quality drop can be measured against NaN."""
-    bad = int(_nonfinite(search_ref).sum() + _nonfinite(held_ref).sum())
+    bad = int(_nonfinite(search_ref, search).sum() + _nonfinite(held_ref, held).sum())
     if bad:
-        nan_weights = [s.name for s in skipped if "NaN" in s.reason]
-        cause = f" (layers with NaN/Inf weights: {', '.join(nan_weights)})" if nan_weights else ""
-        raise InvalidModel(f"the model itself outputs NaN or Inf on {bad} of {samples} calibration samples{cause}; "
-                           "there is no quality to keep")
+        broken = [t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES
+                  and not np.all(np.isfinite(numpy_helper.to_array(t)))]
+        cause = f" (weights with NaN/Inf: {', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''})" if broken else ""
+        raise InvalidModel(f"the model itself outputs NaN or Inf on {bad} of {search + held} calibration "
+                           f"samples{cause}; there is no quality to keep")
 
 
 def _step_back(problems, choice: Choice) -> Choice:
@@ -424,8 +440,9 @@ def _layer_report(p, c, reason: str, timed: bool = False) -> LayerReport:
     spatial = p.stats.in_spatial
     f = c.factors
     latency = (p.base_cost, c.cost) if timed else (None, None)
-    if len(p.candidates) == 1 and p.declined:  # keep was all there was: say why
-        reason = "kept: " + "; ".join(f"{method}: {why}" for method, why in p.declined.items())
+    failed = {method: why for method, why in p.declined.items() if why.startswith("numerical failure")}
+    if f is None and failed:  # the methods that could not run say more than "nothing pays"
+        reason = "kept: " + "; ".join(f"{method}: {why}" for method, why in failed.items())
     return LayerReport(p.name, p.target.op_type, c.method, list(c.ranks), int(layer.params),
                        int(layer.params if f is None else f.params), int(layer.macs(spatial)),
                        int(layer.macs(spatial) if f is None else f.macs(spatial)), float(c.error), reason,

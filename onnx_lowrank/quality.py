@@ -16,20 +16,21 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .calibration.data import CalibrationSet
+from .errors import first_line
 
 METRICS = ("auto", "accuracy", "agreement", "cosine")
 
 
 # what onnxruntime raises on a model it cannot load or run (plain Exceptions, not RuntimeError)
-RUNTIME_ERRORS = (_state.Fail, _state.InvalidArgument, _state.InvalidGraph, _state.InvalidProtobuf, _state.NoSuchFile,
-                  _state.NoModel, _state.NotImplemented, _state.RuntimeException, _state.EPFail)
+RUNTIME_ERRORS = tuple(getattr(_state, name) for name in (
+    "Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel", "NotImplemented",
+    "RuntimeException", "EPFail", "EngineError", "NotFound", "ModelRequiresCompilation", "DeviceReset",
+    "ModelLoaded", "ModelLoadCanceled") if hasattr(_state, name))
 
 
 def runtime_message(error: Exception) -> str:
     """The first line of onnxruntime's message, without its "[ONNXRuntimeError] : 1 : FAIL : "."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(error))
 
 
 def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:

@@ -587,7 +587,11 @@ for _b, _name, _fill, _every, _what in [
         ("gemm", "fc1.weight", np.inf, False, "inf-gemm-weight"),
         ("matmul", "w1", np.nan, False, "nan-matmul-weight"),
         ("matmul", "b1", np.inf, False, "inf-add-bias")]:
-    add_model(f"{_what}-{_b}", lambda b=_b, n=_name, f=_fill, e=_every: with_value(base(b), n, lambda v: nan_at(v, f, e)))
+    # NaN/Inf that reach the outputs: the model itself is refused. Two convert: a huge finite weight
+    # (layers LAPACK cannot decompose are kept, with the reason), and the small Gemm's Inf, which
+    # meets a background pixel that the ReLU then zeroes (the layer is skipped: NaN or Inf weight)
+    add_model(f"{_what}-{_b}", lambda b=_b, n=_name, f=_fill, e=_every: with_value(base(b), n, lambda v: nan_at(v, f, e)),
+              "ok" if f"{_what}-{_b}" in ("huge-gemm-weight-digit", "inf-gemm-weight-gemm") else "error")
 
 
 def _all_weights(fill: float) -> onnx.ModelProto:
@@ -597,8 +601,8 @@ def _all_weights(fill: float) -> onnx.ModelProto:
     return m
 
 
-add_model("nan-all-weights-digit", lambda: _all_weights(np.nan))
-add_model("inf-all-weights-digit", lambda: _all_weights(np.inf))
+add_model("nan-all-weights-digit", lambda: _all_weights(np.nan), "error")
+add_model("inf-all-weights-digit", lambda: _all_weights(np.inf), "error")
 add_model("zero-all-weights-digit", lambda: _all_weights(0.0))
 
 
@@ -812,6 +816,24 @@ for _v in ("missing", "traversal", "absolute", "short", "directory", "offset-bey
 add("external-data-ok", _external("ok"), "ok")
 
 
+def _external_collision(flag: str | None) -> Callable[[Ctx], list[str]]:
+    """OUT (flag None) or --report/... naming the input model's external-data file."""
+    def setup(ctx: Ctx) -> list[str]:
+        args = _external("ok")(ctx)
+        target = ctx.in_dir / "weights.bin"
+        if flag is None:
+            ctx.out = target
+            args[2] = str(target)
+            return args
+        ctx.report = target
+        return args + [flag, str(target)]
+    return setup
+
+
+add("external-data-is-out", _external_collision(None), "error")
+add("external-data-is-report", _external_collision("--report"), "error")
+
+
 # -- calibration data (on the small conv model; a few on digit_cnn at the end) --------------------
 
 _default_base = "conv"
@@ -983,6 +1005,27 @@ for _what, _name, _data in [
         "any" if _what == "upper-case-suffix" else "error")
 
 
+def _compressed_npz_bytes() -> bytes:
+    x, y = calib_arrays()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, image=x, labels=y)
+    return buf.getvalue()
+
+
+def _flipped_compressed(offset: int) -> Callable[[], bytes]:
+    def make() -> bytes:
+        data = bytearray(_compressed_npz_bytes())
+        data[offset] ^= 0xFF
+        return bytes(data)
+    return make
+
+
+# a byte flipped in a compressed archive: zlib, zipfile's CRC or numpy's header parser objects
+for _offset in (78, 90, 117, 147, 186, 400, 2000):
+    add(f"calib-file-compressed-npz-flip-{_offset}", _calib(_calib_bytes("calib.npz", _flipped_compressed(_offset))),
+        "error")
+
+
 def _npy_bytes(value, allow_pickle: bool = False) -> bytes:
     buf = io.BytesIO()
     np.save(buf, value, allow_pickle=allow_pickle)
@@ -1101,6 +1144,14 @@ def _calib_path(ctx: Ctx, src: Path) -> Path:
     return ctx.default_calib()
 
 
+def _labels_file_report(ctx: Ctx) -> list[str]:
+    """--labels as a file whose name does not end in .npy, then named as the report."""
+    x, y = calib_arrays()
+    labels = ctx.npy("labels.dat", y)
+    ctx.report = labels
+    return ctx.args(calib=ctx.npy("calib.npy", x), labels=str(labels), extra=["--report", str(labels)])
+
+
 def _labels_npy_out(ctx: Ctx) -> list[str]:
     x, y = calib_arrays()
     labels = ctx.npy("labels.npy", y)
@@ -1117,10 +1168,11 @@ add("out-equals-in-symlinked-folder", _out(lambda ctx, src: _symlink(ctx.root / 
     "error")
 _default_base = "conv"
 # a hard link is another name for IN's bytes; the atomic rename replaces the name, never the bytes:
-# writing there is allowed, but IN must stay as it was
-add("out-hardlink-to-in", _out(_hardlink), "any")
+# writing there is allowed, and IN stays as it was
+add("out-hardlink-to-in", _out(_hardlink), "ok")
 add("out-equals-calib", _out(lambda ctx, src: ctx.calib_dir / "calib.npz"), "error")
 add("out-equals-labels-npy", _labels_npy_out, "error")
+add("report-equals-labels-dat", _labels_file_report, "error")
 add("out-missing-folder", _out(lambda ctx, src: ctx.root / "missing" / "out.onnx"), "error")
 add("out-missing-nested-folder", _out(lambda ctx, src: ctx.root / "a" / "b" / "out.onnx"), "error")
 add("out-is-directory", _out(lambda ctx, src: ctx.out_dir), "error")

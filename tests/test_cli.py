@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import onnx
 import pytest
-from helpers import MODELS, conv_model
+from helpers import MODELS, conv_model, mnist_test_images
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from onnx_lowrank import cli, pipeline
@@ -64,6 +66,18 @@ def test_convert_rejects_bad_input_without_writing(tmp_path):
     np.savez(wrong_name, pixels=np.zeros((4, 1, 28, 28), np.float32))
     wrong_shape = tmp_path / "wrong_shape.npz"
     np.savez(wrong_shape, image=np.zeros((4, 1, 32, 32), np.float32))
+    digit = onnx.load(str(model))
+    digit.graph.node[3].name = digit.graph.node[0].name  # the spec wants node names unique
+    twins = tmp_path / "twins.onnx"
+    onnx.save(digit, twins)
+    digit = onnx.load(str(model))
+    weight = numpy_helper.to_array(digit.graph.initializer[0]).copy()
+    weight[0, 0, 0, 0] = np.nan
+    digit.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, digit.graph.initializer[0].name))
+    nan = tmp_path / "nan.onnx"
+    onnx.save(digit, nan)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=mnist_test_images(16)[0])
     cases = [
         ((tmp_path / "missing.onnx", out), "no such file"),
         ((junk, out), "not an ONNX model"),
@@ -73,13 +87,17 @@ def test_convert_rejects_bad_input_without_writing(tmp_path):
         ((model, model, "--select", "rank", "--ratio", "0.5"), "would overwrite the input"),
         ((model, out, "--eps", "2"), "--eps is a quality drop"),
         ((model, out, "--select", "best"), "--select must be one of"),
+        ((twins, out, "--calib", calib), "onnxruntime cannot load the model: This is an invalid model. Error: "
+                                         "two nodes with same node name"),
+        ((nan, out, "--calib", calib), "the model itself outputs NaN or Inf on 16 of 16 calibration samples "
+                                       "(weights with NaN/Inf: conv_layers.0.weight)"),
     ]
     before = model.read_bytes()
     for args, phrase in cases:
         _one_line_error(_convert(*args), phrase)
         assert not out.exists()
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["half.onnx", "junk.onnx", "wrong_name.npz",
-                                                              "wrong_shape.npz"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "half.onnx", "junk.onnx", "nan.onnx",
+                                                              "twins.onnx", "wrong_name.npz", "wrong_shape.npz"]
     assert model.read_bytes() == before
 
 
@@ -149,7 +167,7 @@ def test_a_drop_over_eps_after_stepping_back_fails_verification(tmp_path, monkey
     so the held-out check fails even with every layer kept."""
 
     _poison_export(monkeypatch)
-    monkeypatch.setattr(pipeline, "_nonfinite_samples", lambda ref, out: 0)  # the drop alone must fail it
+    monkeypatch.setattr(pipeline, "_nonfinite_samples", lambda ref, out, samples: 0)  # the drop alone must fail it
     out = tmp_path / "out.onnx"
     result = _convert(MODELS / "digit_cnn.onnx", out, "--calib", calib, "--labels", "labels", "--eps", "0.01")
     _one_line_error(result, "exceeds eps 0.01")

@@ -148,3 +148,22 @@ def test_gemm_with_transposed_activation_gets_its_rank(tmp_path):
     (layer,) = report.layers
     assert layer.method == "svd" and layer.ranks == [8]
     np.testing.assert_allclose(run(out, {"x": x[:5]})[0], x[:5] @ weight, rtol=1e-3, atol=1e-3)
+    # timed as it runs: the micro-model feeds the transposed A with its samples along axis 1
+    _, timed = compress(model, CompressConfig(eps=0.01, cost="latency"), calibration=tmp_path / "x.npz")
+    assert timed.layers[0].latency_before > 0
+
+
+def test_a_layer_lapack_cannot_decompose_is_kept_with_the_reason(calib):
+    """A 1e25 weight (the outputs stay finite in float32) makes the next layer's input moments
+    (sums of squares, 1e50) overflow: that layer is kept, saying why, and the rest converts."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(DIGIT))
+    (fc0,) = [t for t in model.graph.initializer if t.name == "fc_layers.0.weight"]
+    weight = numpy_helper.to_array(fc0).copy()
+    weight.flat[0] = 1e25
+    fc0.CopyFrom(numpy_helper.from_array(weight, fc0.name))
+    out, report = compress(model, CompressConfig(eps=0.02), calibration=calib, labels="labels")
+    kept = [layer for layer in report.layers if "numerical failure" in layer.reason]
+    assert kept and all(layer.method is None for layer in kept)
+    onnx.checker.check_model(out, full_check=True)

@@ -130,8 +130,10 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             s = stats.get(t.name)
             if s is None:
                 d = rows.shape[-1]
+                # one sample's input: Gemm's transposed A has its samples along axis 1
+                one = x.shape[:1] + (1,) if t.op_type == "Gemm" and t.inputs_in_columns else (1,) + x.shape[1:]
                 s = stats[t.name] = LayerStats(np.zeros((rows.shape[1], d, d)), 0, _in_spatial(t, x),
-                                               (1,) + x.shape[1:], rows[:0], keys[:0])
+                                               one, rows[:0], keys[:0])
             flat = rows.astype(np.float32).transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
             s.moment_sum += np.matmul(flat.transpose(0, 2, 1), flat).astype(np.float64)
             s.rows += len(rows)

@@ -6,7 +6,7 @@ a held-out part."""
 from __future__ import annotations
 
 import os
-import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import OnnxLowrankError
+from ..errors import OnnxLowrankError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SYNTHETIC_SAMPLES = 64
@@ -99,8 +99,8 @@ def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
     inputs. `labels`: an .npy path, or the name of a key in the .npz source."""
     specs = model_inputs(model)
     if not specs:
-        raise CalibrationError("the model has no inputs to feed (every graph input is an initializer): "
-                               "it computes a constant; there is nothing to compress against")
+        raise CalibrationError("the model has no inputs to feed (none, or only initializers): it computes a "
+                               "constant; there is nothing to compress against")
     if source is None:
         data = synthetic(specs, seed)
     elif hasattr(source, "get_next"):
@@ -135,18 +135,25 @@ def synthetic(specs: Sequence[InputSpec], seed: int) -> CalibrationSet:
     return CalibrationSet(inputs, None, "synthetic N(0, 1) inputs", synthetic=True)
 
 
-def _load(path: Path, kind: type, what: str = "") -> Any:
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Any failure to read a user's numpy file is theirs to fix: numpy, zipfile, zlib and the header
+    parser each raise their own exceptions on a damaged one."""
+    try:
+        yield
+    except CalibrationError:
+        raise
+    except Exception as e:
+        reason = "holds Python objects (pickled), not numeric arrays" if "allow_pickle" in str(e) else (
+            f"cannot read {what}: {first_line(e) if str(e).strip() else 'empty or truncated'}")
+        raise CalibrationError(f"{path}: {reason}") from None
+
+
+def _load(path: Path, kind: type, what: str) -> Any:
     """np.load of an .npz (kind NpzFile) or .npy (kind ndarray), refusing pickled objects and a
     file whose content is the other kind."""
-    try:
+    with _reading(path, what):
         loaded = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise CalibrationError(f"{path}: holds Python objects (pickled), not numeric arrays") from None
-        raise CalibrationError(f"{path}: cannot read {what}: {e}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        reason = "empty or truncated" if isinstance(e, EOFError) else str(e)
-        raise CalibrationError(f"{path}: cannot read {what}: {reason}") from None
     if not isinstance(loaded, kind):
         if isinstance(loaded, np.lib.npyio.NpzFile):
             loaded.close()
@@ -166,15 +173,9 @@ def _from_npz(path: Path, specs, labels) -> CalibrationSet:
                                    f"the file has {', '.join(sorted(keys)) or 'nothing'}")
         if label_key is not None and label_key not in keys:
             raise CalibrationError(f"{path}: no labels key {label_key!r}; the file has {', '.join(sorted(keys))}")
-        try:  # the members are read here: a damaged one fails now
+        with _reading(path, "an array"):  # the members are read here: a damaged one fails now
             inputs = {n: npz[n] for n in names}
             data = CalibrationSet(inputs, npz[label_key] if label_key else None, str(path))
-        except ValueError as e:
-            if "allow_pickle" in str(e):
-                raise CalibrationError(f"{path}: holds Python objects (pickled), not numeric arrays") from None
-            raise CalibrationError(f"{path}: cannot read an array: {e}") from None
-        except (OSError, EOFError, zipfile.BadZipFile) as e:
-            raise CalibrationError(f"{path}: cannot read an array: {e or 'truncated'}") from None
     return data
 
 

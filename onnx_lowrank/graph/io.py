@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from ..errors import InvalidModel, OutputError
+from ..errors import InvalidModel, OutputError, first_line
 
 # protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -29,8 +29,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except DecodeError:
         raise InvalidModel(f"{p}: not an ONNX model (the file does not parse as one; truncated?)") from None
     except (OSError, ValueError, onnx.checker.ValidationError) as e:  # the last: a bad external-data path
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InvalidModel(f"{p}: cannot read the model or its external data: {first}") from None
+        raise InvalidModel(f"{p}: cannot read the model or its external data: {first_line(e)}") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise InvalidModel(f"{p}: not an ONNX model (no IR version, graph or opset)")
     if not model.graph.node:
@@ -42,8 +41,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         # shapes first: the checker wants every graph output typed, onnxruntime does not
         onnx.checker.check_model(onnx.shape_inference.infer_shapes(model) if small else str(p))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InvalidModel(f"{p}: invalid ONNX model: {first}") from None
+        raise InvalidModel(f"{p}: invalid ONNX model: {first_line(e)}") from None
     return model
 
 

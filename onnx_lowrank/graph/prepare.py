@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import InvalidModel
+from ..errors import InvalidModel, first_line
 from .index import GraphIndex, node_attrs
 
 
@@ -16,8 +16,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise InvalidModel(f"shape inference failed: {first}") from None
+        raise InvalidModel(f"shape inference failed: {first_line(e)}") from None
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:

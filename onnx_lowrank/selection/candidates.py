@@ -155,6 +155,8 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
     problem = LayerProblem(target, stats, layer, moment, base)
     cands: list[Candidate] = []
     try:
+        if not np.all(np.isfinite(moment)):  # inputs beyond float32's range: the sums overflowed
+            raise np.linalg.LinAlgError("the layer's input moments overflow")
         # one Cholesky of the moment for both the errors and the data-aware SVD
         white = Whitener(moment) if target.layer.groups == 1 else None
         meter = ErrorMeter(target.layer, moment, white)
