@@ -245,6 +245,41 @@ def convert(
                   f"held-out {result.metric} drop {result.drop:.4f} (eps {result.eps})", highlight=False)
 
 
+@app.command("finetune")
+def finetune_command(
+    student: Path = typer.Argument(..., help="The compressed model to fine-tune (never modified)."),
+    dst: Path = typer.Argument(..., help="Where to write the fine-tuned model (written atomically)."),
+    teacher: Path = typer.Option(..., help="The original model: the outputs the student learns to give."),
+    calib: Path = typer.Option(..., help="Training inputs (as for convert); --holdout of them measure the result."),
+    labels: Optional[str] = typer.Option(None, help="Labels (as for convert): cross-entropy is then mixed in."),
+    epochs: int = typer.Option(3, help="Passes over the training part."),
+    lr: float = typer.Option(1e-4, help="Adam's learning rate."),
+    batch_size: int = typer.Option(64, help="Samples per step (per process under torchrun)."),
+    device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, ..."),
+    holdout: float = typer.Option(0.3, help="Share of --calib kept out of training to measure the result."),
+    seed: int = typer.Option(0, help="Seed of the split, the shuffling and the initial state."),
+) -> None:
+    """Fine-tune a compressed model through PyTorch: distillation from --teacher (KL on logits,
+    MSE on other outputs; no labels needed), plus cross-entropy with --labels. Runs unchanged
+    under torchrun --nproc_per_node N (DistributedDataParallel); only rank 0 writes."""
+    from .bridge.finetune import FinetuneOptions
+    from .pipeline import finetune_file
+
+    try:
+        options = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed)
+        result = finetune_file(student, dst, teacher, str(calib), labels, options, holdout, seed)
+    except (OnnxLowrankError, ValueError) as e:
+        fail(e)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; nothing was written", err=True)
+        raise typer.Exit(130) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = ", ".join(f"{loss:.4f}" for loss in result.losses)
+        console.print(f"wrote {dst}: held-out {result.metric} {result.quality_before:.4f} -> {result.quality_after:.4f} "
+                      f"(teacher {result.teacher_quality:.4f}); loss per epoch {losses}; {result.processes} "
+                      f"process(es); export parity {result.parity:.1e}", highlight=False)
+
+
 def run() -> None:
     """The console script. Errors we foresee are reported where they happen; anything else is a bug
     of ours, and a deployment pipeline still gets one line and a non-zero exit, not a traceback

@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -241,6 +242,50 @@ def _external_data(src) -> list[Path]:
     locations = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
                  for e in t.external_data if e.key == "location"}
     return [Path(src).parent / location for location in sorted(locations)]
+
+
+@dataclass
+class FinetuneResult:
+    metric: str
+    quality_before: float   # the student against the teacher (or the labels), held-out, before
+    quality_after: float    # ... and after fine-tuning
+    teacher_quality: float
+    losses: list[float]
+    processes: int
+    parity: float
+
+
+def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: str | os.PathLike,
+                  calibration: Any, labels: Any = None, options: Any = None, holdout: float = 0.3,
+                  seed: int = 0, metric: str = "auto") -> FinetuneResult:
+    """Fine-tune the compressed model `student` towards the original `teacher` on the search part of
+    `calibration` and write it to `dst` (on rank 0 of a torchrun job only); the held-out part
+    measures it before and after. Neither input is modified."""
+    from .bridge.finetune import FinetuneOptions, finetune
+
+    options = options or FinetuneOptions()
+    options.validate()
+    _check_paths(student, dst, calibration, labels, None)
+    if Path(dst).resolve() == Path(teacher).resolve():
+        raise OnnxLowrankError(f"{dst}: the output would overwrite the teacher; choose another path")
+    student_model, teacher_model = load_model(student), load_model(teacher)
+    data = load_calibration(calibration, student_model, labels, seed=seed)
+    train, held = data.split(holdout, seed)
+    held_ref = predict(teacher_model, held)
+    metric = resolve_metric(metric, held_ref, data.labels)
+    before = quality(metric, held_ref, predict(student_model, held), held.labels)
+    tuned, log = finetune(student_model, teacher_model, train, options)
+    after = quality(metric, held_ref, predict(tuned, held), held.labels)
+    if _rank() == 0:
+        with _interrupts_ignored():
+            save_model(tuned, dst)
+    return FinetuneResult(metric, before.value, after.value, quality(metric, held_ref, held_ref, held.labels).value,
+                          log.losses, log.processes, log.parity)
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun job (0 when there is none)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 @contextmanager

@@ -1,0 +1,190 @@
+"""Fine-tuning a compressed model through PyTorch: ONNX → onnx2torch module → train → ONNX.
+
+The student learns from the original model's outputs (distillation: KL divergence on softened
+logits for a classifier, scale-free MSE for other outputs), so an exported model and unlabeled
+data are enough; with labels, cross-entropy is added. Under `torchrun --nproc_per_node N` the same
+call trains with DistributedDataParallel (gloo on CPU, nccl on GPU) and a DistributedSampler; every
+process returns the same model, and only the caller on rank 0 should write it.
+
+The way back is torch.onnx.export (the TorchScript exporter: the dynamo one fails on onnx2torch's
+Reshape and moves weights to a side file) with the student's input/output names, its dynamic
+batch axis and its opset where torch can write it; the exported file is then run in onnxruntime
+against the module, and a mismatch above `PARITY` is an error, not a silent drift."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..calibration.data import CalibrationSet, model_inputs
+from ..errors import OnnxLowrankError
+from ..quality import is_classifier, predict, session
+from . import deps
+from .convert import to_torch
+
+PARITY = 1e-4  # largest |exported - module| allowed on the check batch
+LEGACY_EXPORT_MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    epochs: int = 3
+    lr: float = 1e-4               # Adam
+    batch_size: int = 64
+    device: str = "cpu"
+    temperature: float = 2.0       # of the distillation softmax (Hinton et al.)
+    label_weight: float = 0.5      # with labels: this much cross-entropy, the rest distillation
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"--epochs must be >= 0; got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive; got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1; got {self.batch_size}")
+        if not 0 <= self.label_weight <= 1:
+            raise ValueError(f"the label weight must be in [0, 1]; got {self.label_weight}")
+
+
+@dataclass
+class FinetuneLog:
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+    processes: int = 1
+    parity: float = 0.0                                 # max |exported - module| on the check batch
+
+
+def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: CalibrationSet,
+             options: FinetuneOptions = FinetuneOptions()) -> tuple[onnx.ModelProto, FinetuneLog]:
+    """`student` trained for `options.epochs` epochs on `data` (its inputs; its labels if any)
+    towards `teacher`'s outputs, returned as an ONNX model with the student's interface."""
+    options.validate()
+    deps.require_torch()
+    import torch
+    import torch.distributed as dist
+
+    distributed = _init_distributed(options.device)
+    log = FinetuneLog(processes=dist.get_world_size() if distributed else 1)
+    torch.manual_seed(options.seed)
+    targets = predict(teacher, data, options.batch_size)
+    classifier = is_classifier(targets)
+    names = [spec.name for spec in model_inputs(student)]
+    device = torch.device(options.device)
+    module = to_torch(student).to(device)
+    model = module
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in names]
+    tensors += [torch.from_numpy(np.ascontiguousarray(t)) for t in targets]
+    if data.labels is not None:
+        tensors.append(torch.from_numpy(data.labels.astype(np.int64)))
+    dataset = torch.utils.data.TensorDataset(*tensors)
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=options.seed) if distributed else None
+    generator = torch.Generator().manual_seed(options.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, shuffle=sampler is None,
+                                         sampler=sampler, generator=generator if sampler is None else None)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=options.lr)
+    k = len(names)
+    for epoch in range(options.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        total, seen = 0.0, 0
+        for batch in loader:
+            batch = [b.to(device) for b in batch]
+            outputs = model(*batch[:k])
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            teacher_out = batch[k:k + len(targets)]
+            labels = batch[k + len(targets)] if data.labels is not None else None
+            loss = _loss(outputs, teacher_out, labels, classifier, options)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch[0])
+            seen += len(batch[0])
+        log.losses.append(_mean_over_processes(total, seen, distributed))
+    module.eval()
+    exported = export(module, student, {n: data.inputs[n][:8] for n in names}, log)
+    return exported, log
+
+
+def _init_distributed(device: str) -> bool:
+    """Join the process group torchrun set up (its environment variables), if there is one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_world_size() > 1
+
+
+def _mean_over_processes(total: float, seen: int, distributed: bool) -> float:
+    if distributed:
+        import torch
+        import torch.distributed as dist
+
+        both = torch.tensor([total, float(seen)], dtype=torch.float64)
+        dist.all_reduce(both)
+        total, seen = float(both[0]), int(both[1])
+    return total / max(seen, 1)
+
+
+def _loss(outputs, teacher, labels, classifier: bool, options: FinetuneOptions):
+    """Distillation from the teacher's outputs; with labels, mixed with cross-entropy."""
+    import torch.nn.functional as F
+
+    if classifier:
+        t = options.temperature
+        loss = F.kl_div(F.log_softmax(outputs[0] / t, dim=1), F.log_softmax(teacher[0] / t, dim=1),
+                        log_target=True, reduction="batchmean") * t * t
+        if labels is not None:
+            w = options.label_weight
+            loss = (1 - w) * loss + w * F.cross_entropy(outputs[0], labels)
+        return loss
+    # MSE relative to the teacher's own scale, so outputs of any size weigh alike
+    return sum(F.mse_loss(s.float(), r.float()) / (r.float().pow(2).mean() + 1e-12) for s, r in zip(outputs, teacher))
+
+
+def export(module, like: onnx.ModelProto, sample: dict[str, np.ndarray], log: FinetuneLog | None = None) -> onnx.ModelProto:
+    """`module` as ONNX with `like`'s input/output names, its symbolic (dynamic) axes and its opset
+    (capped at what the exporter writes), checked against the module in onnxruntime on `sample`."""
+    import torch
+
+    inputs = [i for i in like.graph.input if i.name in sample]
+    names_in = [i.name for i in inputs]
+    names_out = [o.name for o in like.graph.output]
+    dynamic = {}
+    for value in list(inputs) + list(like.graph.output):
+        axes = {i: d.dim_param or f"{value.name}_dim{i}" for i, d in enumerate(value.type.tensor_type.shape.dim)
+                if not d.HasField("dim_value")}
+        if axes:
+            dynamic[value.name] = axes
+    opset = next((o.version for o in like.opset_import if o.domain in ("", "ai.onnx")), 17)
+    device = next(module.parameters()).device
+    args = tuple(torch.from_numpy(np.ascontiguousarray(sample[n])).to(device) for n in names_in)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer notes
+        torch.onnx.export(module, args, buffer, input_names=names_in, output_names=names_out,
+                          dynamic_axes=dynamic, opset_version=min(max(opset, 9), LEGACY_EXPORT_MAX_OPSET),
+                          do_constant_folding=True, dynamo=False)
+    exported = onnx.load_from_string(buffer.getvalue())
+    with torch.no_grad():
+        expected = module(*args)
+    expected = [e.cpu().numpy() for e in (expected if isinstance(expected, (tuple, list)) else (expected,))]
+    got = session(exported).run(names_out, {n: sample[n] for n in names_in})
+    parity = max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected))
+    if not parity <= PARITY:
+        raise OnnxLowrankError(f"the exported ONNX differs from the fine-tuned module by {parity:.2e} "
+                               f"(allowed {PARITY:g}): not written")
+    if log is not None:
+        log.parity = parity
+    return exported
