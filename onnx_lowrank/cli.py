@@ -195,6 +195,10 @@ def convert(
     optimize: bool = typer.Option(False, "--optimize", help="Write onnxruntime's offline-optimized graph (basic "
                                   "level: constant folding, redundant nodes; portable)."),
     jobs: int = typer.Option(1, help="Layers decomposed at once, in threads (0: one per CPU)."),
+    finetune_epochs: int = typer.Option(0, help="Fine-tune through PyTorch (distillation from IN, plus --labels) "
+                                        "for this many epochs on the search part, then compress further while the "
+                                        "fine-tuned model stays within eps (needs the torch extra)."),
+    finetune_lr: float = typer.Option(1e-4, help="Adam's learning rate for --finetune-epochs."),
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
@@ -219,6 +223,7 @@ def convert(
             methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
             merge=merge, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
+            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
             image=ImageOptions(size=image_size, mean=_floats("--image-mean", image_mean),
                                std=_floats("--image-std", image_std), layout=image_layout,

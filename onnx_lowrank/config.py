@@ -39,6 +39,8 @@ class CompressConfig:
     fp16: bool = False                     # store weights in float16 (compute stays float32)
     optimize: bool = False                 # write onnxruntime's offline-optimized graph (basic level)
     jobs: int = 1                          # layers decomposed at once, in threads (0: one per CPU)
+    finetune_epochs: int = 0               # > 0: fine-tune through PyTorch, and compress further while it fits
+    finetune_lr: float = 1e-4              # ... Adam's learning rate
     seed: int = 0
     batch_size: int = 64
     image: ImageOptions = field(default_factory=ImageOptions)
@@ -81,3 +83,8 @@ class CompressConfig:
             raise ValueError(f"--holdout is a share in (0, 1); got {self.holdout}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1; got {self.batch_size}")
+        if self.finetune_epochs < 0 or not self.finetune_lr > 0:
+            raise ValueError(f"--finetune-epochs must be >= 0 and --finetune-lr positive; got "
+                             f"{self.finetune_epochs}, {self.finetune_lr}")
+        if self.finetune_epochs and self.cost == "latency":
+            raise ValueError("--finetune-epochs with --cost latency is not supported yet: the rounds compare MACs")

@@ -173,6 +173,14 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
             sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
             report.latency_before, report.latency_after = (float(np.median(t)) for t in interleaved(sessions, feed))
 
+    if config.finetune_epochs:
+        with _timed(report, "finetune"):
+            compressed, choice, drop_q, reasons = _finetune_rounds(
+                original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
+                search_set, search_ref, held, held_ref, metric, report)
+            report.quality_after, report.drop = drop_q.value, drop_q.drop
+            onnx.checker.check_model(compressed, full_check=True)
+
     report.trace = search.trace
     report.layers = [_layer_report(p, choice[p.name], reasons[p.name], timer is not None) for p in problems]
     after = node_costs(compressed, shapes)
@@ -364,6 +372,62 @@ def _select(config: CompressConfig, search: Search, prepared: onnx.ModelProto, d
         inputs = {t.name: activation_name(t) for t in targets}
         return cosine.select(search, prepared, config.methods, inputs)
     return hessian.select(search, prepared, data, config.methods, config.seed)
+
+
+FINETUNE_ROUNDS = 4  # compress-further attempts after the first fine-tune
+
+
+def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
+                     train, train_ref, held, held_ref, metric, report):
+    """004's loop: fine-tune the model selection chose and measure it on the held-out part; while
+    the fine-tuned model fits eps, select again with twice the budget (more compression), fine-tune
+    that and measure; once a round exceeds eps, the next tries the budget halfway (geometrically)
+    between the last that fitted and the first that did not. The fine-tuned model with the fewest
+    MACs within eps is kept (the model without fine-tuning, which holds, if none is). Ranks fixed
+    by options get the one fine-tune."""
+    from .bridge.finetune import FinetuneOptions, finetune
+
+    options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
+                              batch_size=config.batch_size, seed=config.seed)
+    shapes = {name: (1,) + array.shape[1:] for name, array in train.inputs.items()}
+
+    def macs(model: onnx.ModelProto) -> int:
+        return sum(c.macs for c in node_costs(model, shapes))
+
+    base = macs(prepared)
+    best = (compressed, choice, drop_q, reasons)
+
+    def attempt(budget: float, choice_: Choice, reasons_: dict) -> bool:
+        nonlocal best
+        model = _build(prepared, problems, choice_)
+        tuned, log = finetune(model, original, train, options)
+        outputs = predict(tuned, held, config.batch_size)
+        q = quality(metric, held_ref, outputs, held.labels)
+        untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
+        report.finetune.append({"search_eps": budget, "mac_ratio": base / max(macs(model), 1),
+                                "drop_before": untuned.drop, "drop_after": q.drop, "losses": log.losses})
+        fits = q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held))
+        if fits and macs(tuned) <= macs(best[0]):
+            best = (_export(tuned, config), choice_, q, {k: v + " (fine-tuned)" for k, v in reasons_.items()})
+        return fits
+
+    attempt(config.eps, choice, reasons)
+    if not _tuned_to_eps(config):
+        return best
+    good, bad = config.eps, None
+    for _ in range(FINETUNE_ROUNDS):
+        budget = 2 * good if bad is None else (good * bad) ** 0.5
+        if budget >= 1:
+            break
+        meter = DropMeter(metric, train, train_ref, budget, config.batch_size)
+        wider = Search(problems, lambda c: meter(_build(prepared, problems, c, infer=False)), budget,
+                       search.other_cost)
+        choice_, reasons_ = _select(config, wider, prepared, train, [p.target for p in problems])
+        if attempt(budget, choice_, reasons_):
+            good = budget
+        else:
+            bad = budget
+    return best
 
 
 def _build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True) -> onnx.ModelProto:

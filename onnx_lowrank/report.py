@@ -57,6 +57,7 @@ class Report:
     timings: dict = field(default_factory=dict)
     trace: list[TracePoint] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    finetune: list[dict] = field(default_factory=list)  # --finetune-epochs: one entry per round
 
     @property
     def mac_ratio(self) -> float:
@@ -112,7 +113,15 @@ class Report:
                       f"drop {self.drop:.4f} (eps {self.eps})")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         whole.caption = f"search-set drop {self.search_drop:.4f}; time: {timing}"
-        return [layers, whole]
+        if not self.finetune:
+            return [layers, whole]
+        rounds = Table(title="fine-tuning rounds (held-out drop before and after each fine-tune)")
+        for col in ("selected for drop", "MACs", "drop before", "drop after", f"within eps {self.eps}"):
+            rounds.add_column(col, justify="right")
+        for r in self.finetune:
+            rounds.add_row(f"{r['search_eps']:.4f}", f"{r['mac_ratio']:.2f}x", f"{r['drop_before']:.4f}",
+                           f"{r['drop_after']:.4f}", "yes" if r["drop_after"] <= self.eps else "no")
+        return [layers, rounds, whole]
 
     def plots(self, folder: str | Path) -> list[Path]:
         """trade_off.png: each model the search measured, its cost ratio against its measured

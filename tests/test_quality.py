@@ -52,3 +52,20 @@ def test_a_failing_model_stops_after_the_first_chunk():
     drop = meter(linear_classifier(rng.normal(size=w.shape)))  # an unrelated classifier
     assert not meter.exact and drop > 0.01
     assert calls == [DropMeter.FIRST_CHUNK]
+
+
+def test_an_accuracy_drop_of_exactly_eps_is_not_above_it():
+    """890/900 - 872/900 is 0.020000000000000018 in floats; 18 samples lost of 900 is 0.02, which
+    DropMeter (counting) and the verification (quality) must agree is within eps 0.02."""
+    from onnx_lowrank.quality import quality
+
+    n = 900
+    labels = np.zeros(n, dtype=np.int64)
+    reference = np.zeros((n, 3))
+    reference[:, 0] = 1
+    reference[:10] = [0, 0, 1]                 # the original gets 890 right
+    outputs = reference.copy()
+    outputs[10:28] = [0, 1, 0]                 # the compressed model 872
+    q = quality("accuracy", [reference], [outputs], labels)
+    assert q.drop == 0.02 and q.value == 872 / 900
+    assert quality("agreement", [reference], [outputs], None).drop == 0.02
