@@ -415,6 +415,7 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
     if not _tuned_to_eps(config):
         return best
     good, bad = config.eps, None
+    tried = {tuple(id(choice[p.name]) for p in problems)}
     for _ in range(FINETUNE_ROUNDS):
         budget = 2 * good if bad is None else (good * bad) ** 0.5
         if budget >= 1:
@@ -423,6 +424,10 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
         wider = Search(problems, lambda c: meter(_build(prepared, problems, c, infer=False)), budget,
                        search.other_cost)
         choice_, reasons_ = _select(config, wider, prepared, train, [p.target for p in problems])
+        key = tuple(id(choice_[p.name]) for p in problems)
+        if key in tried:  # the budget moved too little to change the selection: done
+            break
+        tried.add(key)
         if attempt(budget, choice_, reasons_):
             good = budget
         else:
