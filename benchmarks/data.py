@@ -27,12 +27,19 @@ def mnist() -> tuple:
                  for x, y in parts)
 
 
-def photo_crops(per_photo: int, seed: int, size: int = 224) -> np.ndarray:
+def photo_names() -> list[str]:
+    return sorted(p.stem for p in (MODELS / "photos").glob("*.png"))
+
+
+def photo_crops(per_photo: int, seed: int, size: int = 224, names: list[str] | None = None) -> np.ndarray:
     """`per_photo` random resized crops (a quarter to all of the shorter side, random aspect 3:4
-    to 4:3, half of them mirrored) of each real photo, ImageNet-normalised NCHW float32."""
+    to 4:3, half of them mirrored) of each real photo (of those in `names`, if given),
+    ImageNet-normalised NCHW float32."""
     rng = np.random.default_rng(seed)
     crops = []
     for path in sorted((MODELS / "photos").glob("*.png")):
+        if names is not None and path.stem not in names:
+            continue
         with Image.open(path) as im:
             im = im.convert("RGB")
             w, h = im.size

@@ -380,9 +380,10 @@ FINETUNE_ROUNDS = 4  # compress-further attempts after the first fine-tune
 def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
                      train, train_ref, held, held_ref, metric, report):
     """004's loop: fine-tune the model selection chose and measure it on the held-out part; while
-    the fine-tuned model fits eps, select again with twice the budget (more compression), fine-tune
-    that and measure; once a round exceeds eps, the next tries the budget halfway (geometrically)
-    between the last that fitted and the first that did not. The fine-tuned model with the fewest
+    the fine-tuned model fits eps, select again with twice the budget (more compression; doubled
+    again while the selection does not change), fine-tune that and measure; once a round exceeds
+    eps, the next tries the budget halfway (geometrically) between the last that fitted and the
+    first that did not, and a selection seen before ends the loop. The fine-tuned model with the fewest
     MACs within eps is kept (the model without fine-tuning, which holds, if none is). Ranks fixed
     by options get the one fine-tune."""
     from .bridge.finetune import FinetuneOptions, finetune
@@ -416,7 +417,8 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
         return best
     good, bad = config.eps, None
     tried = {tuple(id(choice[p.name]) for p in problems)}
-    for _ in range(FINETUNE_ROUNDS):
+    rounds = 0
+    while rounds < FINETUNE_ROUNDS:
         budget = 2 * good if bad is None else (good * bad) ** 0.5
         if budget >= 1:
             break
@@ -425,9 +427,13 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
                        search.other_cost)
         choice_, reasons_ = _select(config, wider, prepared, train, [p.target for p in problems])
         key = tuple(id(choice_[p.name]) for p in problems)
-        if key in tried:  # the budget moved too little to change the selection: done
-            break
+        if key in tried:  # the same model as before: a larger budget still, or (between) done
+            if bad is not None:
+                break
+            good = budget
+            continue
         tried.add(key)
+        rounds += 1
         if attempt(budget, choice_, reasons_):
             good = budget
         else:

@@ -94,7 +94,9 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
     for epoch in range(options.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        model.train()
+        # the module stays in eval mode: BatchNorm keeps the statistics of the data the original
+        # was trained on, which the few thousand samples fine-tuning gets could only make worse,
+        # and Dropout stays off, so the student is trained as it will run
         total, seen = 0.0, 0
         for batch in loader:
             batch = [b.to(device) for b in batch]
@@ -109,7 +111,6 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
             total += float(loss.detach()) * len(batch[0])
             seen += len(batch[0])
         log.losses.append(_mean_over_processes(total, seen, distributed))
-    module.eval()
     exported = export(module, student, {n: data.inputs[n][:8] for n in names}, log)
     return exported, log
 
@@ -180,6 +181,8 @@ def export(module, like: onnx.ModelProto, sample: dict[str, np.ndarray], log: Fi
     with torch.no_grad():
         expected = module(*args)
     expected = [e.cpu().numpy() for e in (expected if isinstance(expected, (tuple, list)) else (expected,))]
+    if not all(np.all(np.isfinite(e)) for e in expected if np.issubdtype(e.dtype, np.floating)):
+        raise OnnxLowrankError("fine-tuning diverged: the module outputs NaN or Inf; try a smaller --lr")
     got = session(exported).run(names_out, {n: sample[n] for n in names_in})
     parity = max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected))
     if not parity <= PARITY:
