@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from .calibration.capture import activation_name, capture
-from .calibration.data import CalibrationError, CalibrationSet, load_calibration
+from .calibration.data import CalibrationError, CalibrationSet, load_calibration, model_inputs
 from .config import CompressConfig
 from .decompositions import reason_not_applicable
 from .errors import InvalidModel, OnnxLowrankError, OutputError, VerificationError
@@ -277,6 +277,9 @@ def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: s
     if Path(dst).resolve() == Path(teacher).resolve():
         raise OnnxLowrankError(f"{dst}: the output would overwrite the teacher; choose another path")
     student_model, teacher_model = load_model(student), load_model(teacher)
+    interface = [[(s.name, s.dtype) for s in model_inputs(m)] for m in (student_model, teacher_model)]
+    if interface[0] != interface[1]:
+        raise OnnxLowrankError(f"{teacher}: the teacher's inputs {interface[1]} are not the student's {interface[0]}")
     data = load_calibration(calibration, student_model, labels, seed=seed)
     train, held = data.split(holdout, seed)
     held_ref = predict(teacher_model, held)

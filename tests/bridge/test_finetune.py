@@ -124,3 +124,16 @@ def test_convert_with_finetune_epochs_compresses_further_within_eps(tmp_path):
     _, held = CalibrationSet({"image": x}, y).split(0.3, 0)
     acc = [float(np.mean(run(m, held.inputs)[0].argmax(1) == held.labels)) for m in (onnx.load(str(DIGIT)), model)]
     assert acc[0] - acc[1] == pytest.approx(report.drop, abs=1e-9)
+
+
+def test_a_teacher_with_other_inputs_is_one_line(student, data, tmp_path):
+    from helpers import conv_model
+
+    teacher = tmp_path / "teacher.onnx"
+    onnx.save(conv_model(np.ones((4, 4, 3, 3), np.float32)), teacher)
+    result = CliRunner().invoke(app, ["finetune", str(student), str(tmp_path / "out.onnx"), "--teacher", str(teacher),
+                                      "--calib", str(data)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the teacher's inputs" in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
