@@ -95,12 +95,12 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
     # points of accuracy in one epoch of Adam 1e-3, none with SGD
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=options.lr, momentum=0.9)
     k = len(names)
+    # the module stays in eval mode (to_torch's): BatchNorm keeps the statistics of the data the
+    # original was trained on, which the few thousand samples fine-tuning gets could only make
+    # worse, and Dropout stays off, so the student is trained as it will run
     for epoch in range(options.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        # the module stays in eval mode: BatchNorm keeps the statistics of the data the original
-        # was trained on, which the few thousand samples fine-tuning gets could only make worse,
-        # and Dropout stays off, so the student is trained as it will run
         total, seen = 0.0, 0
         for batch in loader:
             batch = [b.to(device) for b in batch]
@@ -114,7 +114,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
             optimizer.step()
             total += float(loss.detach()) * len(batch[0])
             seen += len(batch[0])
-        log.losses.append(_mean_over_processes(total, seen, distributed))
+        log.losses.append(_mean_over_processes(total, seen, distributed, device))
     exported = export(module, student, {n: data.inputs[n][:8] for n in names}, log)
     return exported, log
 
@@ -131,12 +131,13 @@ def _init_distributed(device: str) -> bool:
     return dist.get_world_size() > 1
 
 
-def _mean_over_processes(total: float, seen: int, distributed: bool) -> float:
+def _mean_over_processes(total: float, seen: int, distributed: bool, device) -> float:
     if distributed:
         import torch
         import torch.distributed as dist
 
-        both = torch.tensor([total, float(seen)], dtype=torch.float64)
+        # on the training device: nccl reduces only CUDA tensors
+        both = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
         dist.all_reduce(both)
         total, seen = float(both[0]), int(both[1])
     return total / max(seen, 1)
