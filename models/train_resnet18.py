@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_training import BasicBlock, export_onnx, load_mnist, normalise, random_shift
+from mnist_training import BasicBlock, export_onnx, load_mnist, normalise, train_step
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "resnet18_mnist.onnx"
@@ -136,16 +136,6 @@ def make_optimizer(model: nn.Module, total_steps: int):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PEAK_LR, total_steps=total_steps,
                                                 div_factor=START_DIV, pct_start=WARMUP)
     return opt, sched
-
-
-def train_step(model, opt, sched, x_train, y_train, idx, gen) -> float:
-    xb = random_shift(x_train[idx], gen).contiguous(memory_format=torch.channels_last)
-    loss = F.cross_entropy(model(xb), y_train[idx])
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return loss.item()
 
 
 def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
