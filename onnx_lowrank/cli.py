@@ -267,7 +267,7 @@ def finetune_command(
     """Fine-tune a compressed model through PyTorch: distillation from --teacher (KL on logits,
     MSE on other outputs; no labels needed), plus cross-entropy with --labels. Runs unchanged
     under torchrun --nproc_per_node N (DistributedDataParallel); only rank 0 writes."""
-    from .bridge.finetune import FinetuneOptions
+    from .bridge.finetune import FinetuneOptions, process_rank
     from .pipeline import finetune_file
 
     try:
@@ -278,7 +278,7 @@ def finetune_command(
     except KeyboardInterrupt:
         typer.echo("error: interrupted; nothing was written", err=True)
         raise typer.Exit(130) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_rank() == 0:
         losses = ", ".join(f"{loss:.4f}" for loss in result.losses)
         console.print(f"wrote {dst}: held-out {result.metric} {result.quality_before:.4f} -> {result.quality_after:.4f} "
                       f"(teacher {result.teacher_quality:.4f}); loss per epoch {losses}; {result.processes} "

@@ -217,16 +217,18 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
     return report
 
 
-def _check_paths(src, dst, calibration, labels, report_path) -> None:
+def _check_paths(src, dst, calibration, labels, report_path, teacher=None) -> None:
     """Before any work: no output may name an input (the model, its external data, the calibration
-    data, the labels), directly or through a symbolic link, nor the other output; each output's
-    folder must exist. (A hard link to an input is safe: outputs are renamed into place, which
+    data, the labels, a fine-tune's teacher), directly or through a symbolic link, nor the other
+    output; each output's folder must exist. (A hard link to an input is safe: outputs are renamed into place, which
     replaces the link, not the bytes it shares.)"""
     inputs = [("the input model", src)] + [("the input model's external data", p) for p in _external_data(src)]
     if isinstance(calibration, (str, os.PathLike)):
         inputs.append(("the calibration data", calibration))
     if isinstance(labels, (str, os.PathLike)) and Path(labels).is_file():  # else an npz key
         inputs.append(("the labels", labels))
+    if teacher is not None:
+        inputs.append(("the teacher", teacher))
     outputs = [("the output", dst)] + ([("the report", report_path)] if report_path is not None else [])
     for out_what, out in outputs:
         for in_what, path in inputs:
@@ -269,13 +271,11 @@ def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: s
     """Fine-tune the compressed model `student` towards the original `teacher` on the search part of
     `calibration` and write it to `dst` (on rank 0 of a torchrun job only); the held-out part
     measures it before and after. Neither input is modified."""
-    from .bridge.finetune import FinetuneOptions, finetune
+    from .bridge.finetune import FinetuneOptions, finetune, process_rank
 
     options = options or FinetuneOptions()
     options.validate()
-    _check_paths(student, dst, calibration, labels, None)
-    if Path(dst).resolve() == Path(teacher).resolve():
-        raise OnnxLowrankError(f"{dst}: the output would overwrite the teacher; choose another path")
+    _check_paths(student, dst, calibration, labels, None, teacher)
     student_model, teacher_model = load_model(student), load_model(teacher)
     interface = [[(s.name, s.dtype) for s in model_inputs(m)] for m in (student_model, teacher_model)]
     if interface[0] != interface[1]:
@@ -287,16 +287,11 @@ def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: s
     before = quality(metric, held_ref, predict(student_model, held), held.labels)
     tuned, log = finetune(student_model, teacher_model, train, options)
     after = quality(metric, held_ref, predict(tuned, held), held.labels)
-    if _rank() == 0:
+    if process_rank() == 0:
         with _interrupts_ignored():
             save_model(tuned, dst)
     return FinetuneResult(metric, before.value, after.value, quality(metric, held_ref, held_ref, held.labels).value,
                           log.losses, log.processes, log.parity)
-
-
-def _rank() -> int:
-    """This process's rank in a torchrun job (0 when there is none)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 @contextmanager
@@ -400,19 +395,22 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
 
     base = macs(prepared)
     best = (compressed, choice, drop_q, reasons)
+    best_macs = macs(compressed)
 
     def attempt(budget: float, choice_: Choice, reasons_: dict) -> bool:
-        nonlocal best
+        nonlocal best, best_macs
         model = _build(prepared, problems, choice_)
+        model_macs = macs(model)  # the fine-tuned model has the same layers
         tuned, log = finetune(model, original, train, options)
         outputs = predict(tuned, held, config.batch_size)
         q = quality(metric, held_ref, outputs, held.labels)
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
-        report.finetune.append({"search_eps": budget, "mac_ratio": base / max(macs(model), 1),
+        report.finetune.append({"search_eps": budget, "mac_ratio": base / max(model_macs, 1),
                                 "drop_before": untuned.drop, "drop_after": q.drop, "losses": log.losses})
         fits = q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held))
-        if fits and macs(tuned) <= macs(best[0]):
+        if fits and model_macs <= best_macs:
             best = (_export(tuned, config), choice_, q, {k: v + " (fine-tuned)" for k, v in reasons_.items()})
+            best_macs = macs(best[0])
         return fits
 
     attempt(config.eps, choice, reasons)

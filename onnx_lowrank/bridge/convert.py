@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import onnx
 from onnx import numpy_helper
 
-from ..errors import OnnxLowrankError
-from ..graph.index import GraphIndex, constant_node_value, node_attrs
+from ..errors import OnnxLowrankError, first_line
+from ..graph.index import GraphIndex, constant_node_value, node_attrs, opset_version
 from ..graph.prepare import infer_shapes
 from ..graph.targets import TARGET_OPS, node_name
 from . import deps
@@ -54,13 +54,12 @@ def prepare_for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
     constant shape has no zero (allowzero only changes what a 0 in the shape means)."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    opset = next((o.version for o in prepared.opset_import if o.domain in ONNX_DOMAINS), MAX_OPSET)
+    opset = opset_version(prepared) or MAX_OPSET
     if opset > MAX_OPSET:
         try:
             prepared = onnx.version_converter.convert_version(prepared, MAX_OPSET)
         except Exception as e:  # noqa: BLE001 - the C++ converter raises bare RuntimeErrors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OnnxLowrankError(f"cannot lower opset {opset} to {MAX_OPSET} for onnx2torch: {first}") from None
+            raise OnnxLowrankError(f"cannot lower opset {opset} to {MAX_OPSET} for onnx2torch: {first_line(e)}") from None
     _constants_to_initializers(prepared.graph)
     prepared = infer_shapes(prepared)  # auto_pad needs the input sizes
     index = GraphIndex(prepared.graph)

@@ -23,6 +23,7 @@ import onnx
 
 from ..calibration.data import CalibrationSet, model_inputs
 from ..errors import OnnxLowrankError
+from ..graph.index import opset_version
 from ..quality import is_classifier, predict, session
 from . import deps
 from .convert import to_torch
@@ -119,6 +120,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
     return exported, log
 
 
+def process_rank() -> int:
+    """This process's rank in a torchrun job (0 when there is none): only rank 0 writes."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _init_distributed(device: str) -> bool:
     """Join the process group torchrun set up (its environment variables), if there is one."""
     import torch.distributed as dist
@@ -173,7 +179,7 @@ def export(module, like: onnx.ModelProto, sample: dict[str, np.ndarray], log: Fi
                 if not d.HasField("dim_value")}
         if axes:
             dynamic[value.name] = axes
-    opset = next((o.version for o in like.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = opset_version(like) or 17
     device = next(module.parameters()).device
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[n])).to(device) for n in names_in)
     buffer = io.BytesIO()

@@ -47,6 +47,11 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def opset_version(model: onnx.ModelProto) -> int | None:
+    """The version of the default (ai.onnx) opset the model imports; None if it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def node_attrs(node: onnx.NodeProto) -> dict:
     """A node's attributes by name, as Python values."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..decompositions.base import ConvStep, DenseStep, Factors, FoldChannels, UnfoldChannels
-from .index import GraphIndex
+from .index import GraphIndex, opset_version
 from .prepare import infer_shapes
 from .targets import LayerTarget
 
@@ -127,7 +127,7 @@ def replace_layers(model: onnx.ModelProto, chosen: Iterable[tuple[LayerTarget, F
     graph = out.graph
     index = GraphIndex(graph)
     names = _Names(index.names())
-    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = opset_version(out) or 1
     by_output = {t.node.output[0]: (t, f) for t, f in chosen}
     dropped = {t.bias_add.output[0] for t, _ in chosen if t.bias_add is not None}
 
