@@ -372,73 +372,81 @@ def _select(config: CompressConfig, search: Search, prepared: onnx.ModelProto, d
     return hessian.select(search, prepared, data, config.methods, config.seed)
 
 
-FINETUNE_ROUNDS = 4  # compress-further attempts after the first fine-tune
+FINETUNE_ROUNDS = 6  # fine-tunes after the first: compressing further, then raising ranks
 
 
 def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
                      train, train_ref, held, held_ref, metric, report):
-    """004's loop: fine-tune the model selection chose and measure it on the held-out part; while
-    the fine-tuned model fits eps, select again with twice the budget (more compression; doubled
-    again while the selection does not change), fine-tune that and measure; once a round exceeds
-    eps, the next tries the budget halfway (geometrically) between the last that fitted and the
-    first that did not, and a selection seen before ends the loop. The fine-tuned model with the fewest
-    MACs within eps is kept (the model without fine-tuning, which holds, if none is). Ranks fixed
-    by options get the one fine-tune."""
+    """004's loop. The model selection chose is fine-tuned and measured on the held-out part.
+    From it (it holds without fine-tuning), and while the fine-tuned models fit eps, compress further: select again for twice the drop
+    (doubled again while the selection does not change), fine-tune and measure. When a fine-tuned
+    model misses eps, 004's similarity analysis names the layers to raise (each factored layer's
+    output against the original's, both fed the original model's input of that layer: those under
+    0.92 / 0.96, else the less similar half); they step up 5% of their cost, and that model is
+    fine-tuned and measured, until one fits or it would cost no less than the best found. The
+    fine-tuned model of least cost within eps is kept (the model without fine-tuning, which holds,
+    if none is). Ranks fixed by options get the one fine-tune."""
     from .bridge.finetune import FinetuneOptions, finetune
 
     options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
                               batch_size=config.batch_size, seed=config.seed)
     shapes = {name: (1,) + array.shape[1:] for name, array in train.inputs.items()}
-
-    def macs(model: onnx.ModelProto) -> int:
-        return sum(c.macs for c in node_costs(model, shapes))
-
-    base = macs(prepared)
+    base = sum(c.macs for c in node_costs(prepared, shapes))
     best = (compressed, choice, drop_q, reasons)
-    best_macs = macs(compressed)
 
-    def attempt(budget: float, choice_: Choice, reasons_: dict) -> bool:
-        nonlocal best, best_macs
+    def attempt(how: str, choice_: Choice, reasons_: dict) -> bool:
+        nonlocal best
         model = _build(prepared, problems, choice_)
-        model_macs = macs(model)  # the fine-tuned model has the same layers
         tuned, log = finetune(model, original, train, options)
         outputs = predict(tuned, held, config.batch_size)
         q = quality(metric, held_ref, outputs, held.labels)
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
-        report.finetune.append({"search_eps": budget, "mac_ratio": base / max(model_macs, 1),
-                                "drop_before": untuned.drop, "drop_after": q.drop, "losses": log.losses})
+        macs = sum(c.macs for c in node_costs(model, shapes))  # the fine-tuned model has the same layers
+        report.finetune.append({"round": how, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop,
+                                "drop_after": q.drop, "losses": log.losses})
         fits = q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held))
-        if fits and model_macs <= best_macs:
+        if fits and search.cost(choice_) <= search.cost(best[1]):
             best = (_export(tuned, config), choice_, q, {k: v + " (fine-tuned)" for k, v in reasons_.items()})
-            best_macs = macs(best[0])
         return fits
 
-    attempt(config.eps, choice, reasons)
+    def key(c: Choice) -> tuple:
+        return tuple(id(c[p.name]) for p in problems)
+
+    if any(c.factors is not None for c in choice.values()):
+        attempt(f"selected for eps {config.eps:g}", choice, reasons)
     if not _tuned_to_eps(config):
         return best
-    good, bad = config.eps, None
-    tried = {tuple(id(choice[p.name]) for p in problems)}
-    rounds = 0
+    fitted = True  # without fine-tuning, the selection holds: compress further from it in any case
+    similar = None
+    budget, current, current_reasons = config.eps, choice, reasons
+    tried, rounds, raising = {key(choice)}, 0, False
     while rounds < FINETUNE_ROUNDS:
-        budget = 2 * good if bad is None else (good * bad) ** 0.5
-        if budget >= 1:
-            break
-        meter = DropMeter(metric, train, train_ref, budget, config.batch_size)
-        wider = Search(problems, lambda c: meter(_build(prepared, problems, c, infer=False)), budget,
-                       search.other_cost)
-        choice_, reasons_ = _select(config, wider, prepared, train, [p.target for p in problems])
-        key = tuple(id(choice_[p.name]) for p in problems)
-        if key in tried:  # the same model as before: a larger budget still, or (between) done
-            if bad is not None:
+        if fitted and not raising:  # compress further
+            budget *= 2
+            if budget >= 1:
                 break
-            good = budget
-            continue
-        tried.add(key)
+            meter = DropMeter(metric, train, train_ref, budget, config.batch_size)
+            wider = Search(problems, lambda c: meter(_build(prepared, problems, c, infer=False)), budget,
+                           search.other_cost)
+            current, current_reasons = _select(config, wider, prepared, train, [p.target for p in problems])
+            how = f"selected for drop {budget:g}"
+            if key(current) in tried:  # the same model as before: a larger budget still
+                continue
+        else:  # raise the layers the similarity analysis names
+            raising = True
+            if similar is None:
+                similar = cosine.Similarity(prepared, problems, {p.name: activation_name(p.target) for p in problems})
+            current, named = cosine.raise_dissimilar(similar, problems, current)
+            if not named or key(current) in tried or search.cost(current) >= search.cost(best[1]):
+                break  # nothing cheaper than the best found is left to try
+            current_reasons = {k: v + (" (raised 5% by the cosine analysis)" if k in named else "")
+                               for k, v in current_reasons.items()}
+            how = f"raised {len(named)} layer(s) 5% (cosine)"
+        tried.add(key(current))
         rounds += 1
-        if attempt(budget, choice_, reasons_):
-            good = budget
-        else:
-            bad = budget
+        fitted = attempt(how, current, current_reasons)
+        if fitted and raising:
+            break
     return best
 
 

@@ -116,10 +116,10 @@ class Report:
         if not self.finetune:
             return [layers, whole]
         rounds = Table(title="fine-tuning rounds (held-out drop before and after each fine-tune)")
-        for col in ("selected for drop", "MACs", "drop before", "drop after", f"within eps {self.eps}"):
+        for col in ("round", "MACs", "drop before", "drop after", f"within eps {self.eps}"):
             rounds.add_column(col, justify="right")
         for r in self.finetune:
-            rounds.add_row(f"{r['search_eps']:.4f}", f"{r['mac_ratio']:.2f}x", f"{r['drop_before']:.4f}",
+            rounds.add_row(r["round"], f"{r['mac_ratio']:.2f}x", f"{r['drop_before']:.4f}",
                            f"{r['drop_after']:.4f}", "yes" if r["drop_after"] <= self.eps else "no")
         return [layers, rounds, whole]
 

@@ -6,6 +6,9 @@ taken after the activation that follows the layer; layers whose cosine similarit
 their ladder: 5%, 10%, ... of the layer's cost). 004 fine-tunes between rounds; we do not, so when
 every layer clears its threshold and the drop still exceeds eps, the less similar half of the
 layers that can still rise steps up. Every round raises at least one layer, so the loop ends.
+
+The fine-tuning loop (`convert --finetune-epochs`) uses the same analysis the way 004 does: when
+a fine-tuned model misses eps, the layers it names step up (`raise_dissimilar`).
 """
 
 from __future__ import annotations
@@ -92,15 +95,65 @@ def similarity(problem: LayerProblem, candidate: Candidate, act: Callable) -> fl
     return float(np.sum(a * b) / den) if den > 0 else 1.0
 
 
+class Similarity:
+    """004's per-layer analysis of a model: each layer's threshold (0.96 inside non-sequential
+    blocks, else 0.92) and the cosine similarity of a candidate's output with the original's
+    (`similarity`), cached per candidate."""
+
+    def __init__(self, model: onnx.ModelProto, problems: list[LayerProblem], input_names: dict[str, str]):
+        index = GraphIndex(model.graph)
+        self.acts = {p.name: activation(index, p.target.output) for p in problems}
+        self.threshold = {p.name: THRESHOLD_NON_SEQUENTIAL if non_sequential(index, p, input_names[p.name])
+                          else THRESHOLD for p in problems}
+        self._cache: dict[int, float] = {}
+
+    def __call__(self, problem: LayerProblem, candidate: Candidate) -> float:
+        if id(candidate) not in self._cache:
+            self._cache[id(candidate)] = similarity(problem, candidate, self.acts[problem.name])
+        return self._cache[id(candidate)]
+
+    def named(self, problems: list[LayerProblem], choice: Choice) -> list[LayerProblem]:
+        """The layers to raise: the factored ones under their threshold; when none is, the less
+        similar half (the drop still exceeds eps, so some layer must give)."""
+        factored = [p for p in problems if choice[p.name].factors is not None]
+        low = [p for p in factored if self(p, choice[p.name]) < self.threshold[p.name]]
+        if low:
+            return low
+        ranked = sorted(factored, key=lambda p: self(p, choice[p.name]))
+        return ranked[: max(1, len(ranked) // 2)] if ranked else []
+
+
+def step_up(problem: LayerProblem, candidate: Candidate) -> Candidate:
+    """004's step: 5% of the layer's cost less compression. The most accurate candidate of the same
+    method costing at most 5% of the layer more (the next more accurate one when the ladder has
+    nothing in that span); the original layer past the end of the ladder."""
+    if candidate.factors is None:
+        return candidate
+    fraction = candidate.cost / problem.base_cost + STEP
+    if fraction >= 1:
+        return problem.keep
+    better = [c for c in problem.of(candidate.method) if c.error < candidate.error]
+    if not better:
+        return problem.keep
+    within = [c for c in better if c.cost <= fraction * problem.base_cost]
+    return min(within, key=lambda c: c.error) if within else min(better, key=lambda c: c.cost)
+
+
+def raise_dissimilar(similar: Similarity, problems: list[LayerProblem], choice: Choice
+                     ) -> tuple[Choice, list[str]]:
+    """`choice` with the layers the analysis names one step up, and their names."""
+    named = similar.named(problems, choice)
+    raised = dict(choice)
+    for p in named:
+        raised[p.name] = step_up(p, choice[p.name])
+    return raised, [p.name for p in named]
+
+
 def select(search: Search, model: onnx.ModelProto, methods: tuple[str, ...] | None,
            input_names: dict[str, str]) -> tuple[Choice, dict[str, str]]:
-    index = GraphIndex(model.graph)
     problems = search.problems
     method = {p.name: p.preferred(methods) for p in problems}
-    acts = {p.name: activation(index, p.target.output) for p in problems}
-    threshold = {p.name: THRESHOLD_NON_SEQUENTIAL if non_sequential(index, p, input_names[p.name]) else THRESHOLD
-                 for p in problems}
-    steps = int(round(1 / STEP))
+    sim = Similarity(model, problems, input_names)
     level = {p.name: 0 for p in problems}
 
     def pick(p: LayerProblem) -> Candidate:
@@ -109,32 +162,20 @@ def select(search: Search, model: onnx.ModelProto, methods: tuple[str, ...] | No
             return p.keep
         return p.of(m)[0] if level[p.name] == 0 else p.at_fraction(m, level[p.name] * STEP)
 
-    cache: dict[int, float] = {}
-
-    def sim(p: LayerProblem, c: Candidate) -> float:
-        if id(c) not in cache:
-            cache[id(c)] = similarity(p, c, acts[p.name])
-        return cache[id(c)]
-
     rounds = 0
     while True:
         choice = {p.name: pick(p) for p in problems}
         rounds += 1
         if search.within(choice, f"round {rounds}"):
             break
-        sims = {p.name: sim(p, choice[p.name]) for p in problems}
-        movable = [p for p in problems if level[p.name] < steps and method[p.name] is not None]
-        if not movable:
-            break
-        low = [p for p in movable if sims[p.name] < threshold[p.name]]
+        low = sim.named(problems, choice)  # the factored layers are those below full cost
         if not low:
-            ranked = sorted(movable, key=lambda p: sims[p.name])
-            low = ranked[: max(1, len(ranked) // 2)]
+            break
         for p in low:
             level[p.name] += 1
     reasons = {}
     for p in problems:
         c = choice[p.name]
-        reasons[p.name] = (f"cosine {sim(p, c):.4f} (threshold {threshold[p.name]}) after "
+        reasons[p.name] = (f"cosine {sim(p, c):.4f} (threshold {sim.threshold[p.name]}) after "
                            f"{level[p.name]} step(s) of 5%" if c.factors is not None else "kept: raised to full cost")
     return choice, reasons
