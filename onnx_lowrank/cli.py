@@ -199,6 +199,9 @@ def convert(
                                         "for this many epochs on the search part, then compress further while the "
                                         "fine-tuned model stays within eps (needs the torch extra)."),
     finetune_lr: float = typer.Option(3e-3, help="Learning rate for --finetune-epochs (SGD, momentum 0.9)."),
+    iterative: bool = typer.Option(False, "--iterative", help="With --finetune-epochs: factor the chosen layers one "
+                                   "at a time, most sensitive (Hessian trace) first, each from the weights fine-tuned "
+                                   "so far, with --finetune-epochs epochs after each (000's iterative mode)."),
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
@@ -223,7 +226,7 @@ def convert(
             methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
             merge=merge, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
-            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, iterative=iterative,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
             image=ImageOptions(size=image_size, mean=_floats("--image-mean", image_mean),
                                std=_floats("--image-std", image_std), layout=image_layout,

@@ -41,6 +41,7 @@ class CompressConfig:
     jobs: int = 1                          # layers decomposed at once, in threads (0: one per CPU)
     finetune_epochs: int = 0               # > 0: fine-tune through PyTorch, and compress further while it fits
     finetune_lr: float = 3e-3              # ... its learning rate (SGD, momentum 0.9)
+    iterative: bool = False                # ... one layer at a time, most sensitive first (000), each step that many epochs
     seed: int = 0
     batch_size: int = 64
     image: ImageOptions = field(default_factory=ImageOptions)
@@ -86,5 +87,7 @@ class CompressConfig:
         if self.finetune_epochs < 0 or not self.finetune_lr > 0:
             raise ValueError(f"--finetune-epochs must be >= 0 and --finetune-lr positive; got "
                              f"{self.finetune_epochs}, {self.finetune_lr}")
+        if self.iterative and not self.finetune_epochs:
+            raise ValueError("--iterative is a way of fine-tuning: give --finetune-epochs too")
         if self.finetune_epochs and self.cost == "latency":
             raise ValueError("--finetune-epochs with --cost latency is not supported yet: the rounds compare MACs")

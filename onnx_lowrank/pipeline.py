@@ -9,7 +9,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from .calibration.capture import activation_name, capture
 from .calibration.data import CalibrationError, CalibrationSet, load_calibration, model_inputs
 from .config import CompressConfig
-from .decompositions import reason_not_applicable
+from .decompositions import decompose, get_method, reason_not_applicable
 from .errors import InvalidModel, OnnxLowrankError, OutputError, VerificationError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
@@ -393,11 +393,15 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
     shapes = {name: (1,) + array.shape[1:] for name, array in train.inputs.items()}
     base = sum(c.macs for c in node_costs(prepared, shapes))
     best = (compressed, choice, drop_q, reasons)
+    order = _sensitivity_order(prepared, problems, train, config.seed) if config.iterative else None
 
     def attempt(how: str, choice_: Choice, reasons_: dict) -> bool:
         nonlocal best
         model = _build(prepared, problems, choice_)
-        tuned, log = finetune(model, original, train, options)
+        if order is None:
+            tuned, log = finetune(model, original, train, options)
+        else:
+            tuned, log = _finetune_iteratively(original, prepared, problems, choice_, order, train, options)
         outputs = predict(tuned, held, config.batch_size)
         q = quality(metric, held_ref, outputs, held.labels)
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
@@ -448,6 +452,34 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
         if fitted and raising:
             break
     return best
+
+
+def _sensitivity_order(prepared, problems, data: CalibrationSet, seed: int) -> list[str]:
+    """000's order for the iterative mode: the layers by decreasing Hessian trace of the loss with
+    respect to their weights (Hutchinson's estimate through the PyTorch bridge, as --select
+    hessian measures it), the most sensitive compressed first."""
+    from .bridge import hessian_traces
+
+    subset = data.take(np.arange(min(hessian.HESSIAN_SAMPLES, len(data))))
+    traces = hessian_traces(prepared, [p.name for p in problems], subset.inputs, subset.labels, probes=8, seed=seed)
+    return sorted(traces, key=lambda name: -traces[name])
+
+
+def _finetune_iteratively(original, prepared, problems, choice: Choice, order: list[str], data, options):
+    """000's iterative mode on `choice`: its factored layers in sensitivity order, one at a time,
+    each decomposed again at its chosen method and ranks from its weight as fine-tuned so far
+    (data-aware with its captured input moment, like the candidate), a fine-tune after each."""
+    from .bridge.finetune import finetune_iteratively
+
+    by_name = {p.name: p for p in problems}
+
+    def refactor(p, c):
+        if "rank" not in get_method(c.method).options():  # tr: chosen by error, not by ranks
+            return lambda layer: c.factors
+        return lambda layer: decompose(replace(layer, input_cov=p.layer.input_cov), c.method, rank=c.ranks)
+
+    steps = [(name, refactor(by_name[name], choice[name])) for name in order if choice[name].factors is not None]
+    return finetune_iteratively(prepared, original, steps, data, options)
 
 
 def _build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True) -> onnx.ModelProto:

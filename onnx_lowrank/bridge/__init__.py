@@ -3,9 +3,9 @@
 'onnx-lowrank[torch]'): importing this package does not import them; each function does, and
 says how to install them when they are missing."""
 
-from .convert import LayerWeight, layer_weights, prepare_for_onnx2torch, to_torch
+from .convert import LayerWeight, layer_weights, prepare_for_onnx2torch, to_torch, write_back
 from .deps import require_torch
 from .hessian import hessian_traces
 
 __all__ = ["LayerWeight", "hessian_traces", "layer_weights", "prepare_for_onnx2torch", "require_torch",
-           "to_torch"]
+           "to_torch", "write_back"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -217,3 +218,65 @@ def layer_weights(module: torch.fx.GraphModule, model: onnx.ModelProto,
             raise OnnxLowrankError(f"{name}: the layer's weight is not a constant of the model")
         found[name] = LayerWeight(param, scale)
     return found
+
+
+def write_back(module: torch.fx.GraphModule, model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` holding `module`'s current parameters, where `module` = to_torch(model)
+    and `model` is already in onnx2torch's form (prepare_for_onnx2torch: every weight an
+    initializer): each Conv's weight and bias, each Gemm's B and C (nn.Linear's weight and bias
+    with alpha and beta divided out, transposed back), each MatMul/Gemm constant made a Parameter.
+    What trained in PyTorch goes back into the graph it came from, names and all, without an
+    export: the iterative mode factors the next layer from the weights trained so far."""
+    import torch
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    initializers = {t.name: t for t in out.graph.initializer}
+    by_output = {n.output[0]: n for n in out.graph.node if n.output}
+    parameters = dict(module.named_parameters())
+    written: dict[str, np.ndarray] = {}
+    done: set[int] = set()  # the parameters put back
+
+    def put(name: str, value: torch.Tensor) -> None:
+        tensor = initializers.get(name)
+        if tensor is None:
+            raise OnnxLowrankError(f"{name}: a trained weight that is not an initializer of the model")
+        old = numpy_helper.to_array(tensor)
+        new = value.detach().cpu().numpy().astype(old.dtype)
+        if new.shape != old.shape:
+            raise OnnxLowrankError(f"{name}: trained as {new.shape}, the model holds {old.shape}")
+        if name in written and not np.array_equal(written[name], new):
+            raise OnnxLowrankError(f"{name}: a weight several layers read was trained apart in each")
+        written[name] = new
+        tensor.CopyFrom(numpy_helper.from_array(new, name))
+
+    for fx_node in module.graph.nodes:
+        if fx_node.op != "call_module":
+            continue
+        sub = module.get_submodule(fx_node.target)
+        mapping = getattr(sub, "onnx_mapping", None)
+        if mapping is None or not mapping.outputs or mapping.outputs[0] not in by_output:
+            continue
+        node = by_output[mapping.outputs[0]]
+        if isinstance(sub, torch.nn.Sequential):  # Conv with asymmetric pads: (Pad, ConvNd)
+            sub = sub[-1]
+        if isinstance(sub, (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm)):
+            put(node.input[1], sub.weight)  # BatchNormalization's scale and bias: inputs 1 and 2 too
+            if sub.bias is not None:
+                put(node.input[2], sub.bias)
+            done.update(id(p) for p in sub.parameters())
+        elif isinstance(sub, torch.nn.Linear):  # a Gemm: weight = alpha * B^T (B if transB), bias = beta * C
+            attrs = node_attrs(node)
+            weight = sub.weight / attrs.get("alpha", 1.0)
+            put(node.input[1], weight if attrs.get("transB", 0) else weight.T)
+            if sub.bias is not None:
+                put(node.input[2], sub.bias / attrs.get("beta", 1.0))
+            done.update(id(p) for p in sub.parameters())
+        for i, arg in enumerate(fx_node.args):  # MatMul/Gemm constants made Parameters
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target in parameters:
+                put(node.input[i], parameters[arg.target])
+                done.add(id(parameters[arg.target]))
+    missed = [name for name, p in parameters.items() if p.requires_grad and id(p) not in done]
+    if missed:
+        raise OnnxLowrankError(f"cannot put the trained {', '.join(missed[:3])} back into the ONNX graph")
+    return out

@@ -17,16 +17,18 @@ import io
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from ..calibration.data import CalibrationSet, model_inputs
 from ..errors import OnnxLowrankError
+from ..graph import find_targets, replace_layers
 from ..graph.index import opset_version
 from ..quality import is_classifier, predict, session
 from . import deps
-from .convert import to_torch
+from .convert import prepare_for_onnx2torch, to_torch, write_back
 
 PARITY = 1e-4  # largest |exported - module| allowed on the check batch
 LEGACY_EXPORT_MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes
@@ -66,17 +68,27 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
     towards `teacher`'s outputs, returned as an ONNX model with the student's interface."""
     options.validate()
     deps.require_torch()
+    module = to_torch(student)
+    names = [spec.name for spec in model_inputs(student)]
+    log = train(module, names, data, predict(teacher, data, options.batch_size), options)
+    exported = export(module, student, {n: data.inputs[n][:8] for n in names}, log)
+    return exported, log
+
+
+def train(module, names: list[str], data: CalibrationSet, targets: list[np.ndarray],
+          options: FinetuneOptions) -> FinetuneLog:
+    """Train `module` (to_torch's, taking the inputs `names` positionally) in place for
+    `options.epochs` epochs towards the teacher's outputs `targets` on `data` (and its labels)."""
+    options.validate()
     import torch
     import torch.distributed as dist
 
     distributed = _init_distributed(options.device)
     log = FinetuneLog(processes=dist.get_world_size() if distributed else 1)
     torch.manual_seed(options.seed)
-    targets = predict(teacher, data, options.batch_size)
     classifier = is_classifier(targets)
-    names = [spec.name for spec in model_inputs(student)]
     device = torch.device(options.device)
-    module = to_torch(student).to(device)
+    module.to(device)
     model = module
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
@@ -116,7 +128,37 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
             total += float(loss.detach()) * len(batch[0])
             seen += len(batch[0])
         log.losses.append(_mean_over_processes(total, seen, distributed, device))
-    exported = export(module, student, {n: data.inputs[n][:8] for n in names}, log)
+    return log
+
+
+def finetune_iteratively(model: onnx.ModelProto, teacher: onnx.ModelProto, layers: list[tuple[str, Callable]],
+                         data: CalibrationSet, options: FinetuneOptions = FinetuneOptions(),
+                         after_step: Callable[[str, onnx.ModelProto], None] = lambda name, model: None
+                         ) -> tuple[onnx.ModelProto, FinetuneLog]:
+    """000's iterative compress-and-fine-tune: the layers of `model` named in `layers`, in that
+    order, replaced one at a time, each by the factors its function makes of the layer as trained
+    so far (a decompositions.Layer in, Factors out), and the whole model fine-tuned for
+    `options.epochs` epochs after each replacement. The trained weights go back into the graph
+    between steps (convert.write_back), so the next layer is factored from them; `after_step`
+    sees each step's model. Returns the last, exported like `finetune`'s, and every epoch's loss."""
+    options.validate()
+    deps.require_torch()
+    names = [spec.name for spec in model_inputs(model)]
+    targets = predict(teacher, data, options.batch_size)
+    work = prepare_for_onnx2torch(model)  # in onnx2torch's form throughout, so weights map back
+    log, module = FinetuneLog(), to_torch(work)
+    for name, factor in layers:
+        found = {t.name: t for t in find_targets(work)[0]}
+        if name not in found:
+            raise OnnxLowrankError(f"{name}: the layer is no longer a target after the steps before it")
+        work = replace_layers(work, [(found[name], factor(found[name].layer))])
+        module = to_torch(work)
+        step = train(module, names, data, targets, options)
+        log.losses += step.losses
+        log.processes = step.processes
+        work = write_back(module, work)
+        after_step(name, work)
+    exported = export(module, model, {n: data.inputs[n][:8] for n in names}, log)
     return exported, log
 
 

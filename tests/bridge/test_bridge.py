@@ -16,6 +16,7 @@ from onnx_lowrank.bridge import (
     prepare_for_onnx2torch,
     require_torch,
     to_torch,
+    write_back,
 )
 from onnx_lowrank.errors import OnnxLowrankError
 from onnx_lowrank.graph.index import GraphIndex
@@ -363,3 +364,38 @@ def test_hessian_traces_input_errors(inputs, labels, error):
     model, _, _ = two_layer_model(1.0, np.random.default_rng(4))
     with pytest.raises(OnnxLowrankError, match=error):
         hessian_traces(model, ["mm"], inputs, labels=labels)
+
+
+WRITE_BACK = dict(MODELS_TO_CONVERT, mnist_cnn=lambda: onnx.load(str(MODELS / "mnist_cnn.onnx")),
+                  gemm_alpha_beta_no_trans=lambda: make_model(
+                      [helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", alpha=0.5, beta=2.0)],
+                      [tensor("x", [3, 6])], [tensor("y", None)], [init("W", randn(6, 4)), init("b", randn(4))]))
+
+
+@pytest.mark.parametrize("name", list(WRITE_BACK))
+def test_write_back_puts_trained_weights_into_the_graph(name):
+    """Every parameter moved (as training would), written back: the ONNX graph then computes what
+    the module computes, and only initializer values changed."""
+    model = prepare_for_onnx2torch(WRITE_BACK[name]())
+    module = to_torch(model)
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.from_numpy(rng.standard_normal(p.shape).astype(np.float32)) * 0.1 * (p.abs().mean() + 0.01))
+    written = write_back(module, model)
+    feeds = random_feeds(model)
+    with torch.no_grad():
+        got = module(*(torch.from_numpy(v) for v in feeds.values()))
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    for ours, ref in zip(run(written, feeds), got):
+        np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(run(model, feeds)[0], got[0].numpy(), atol=1e-4)  # the weights did move
+    assert [n.SerializeToString() for n in written.graph.node] == [n.SerializeToString() for n in model.graph.node]
+
+
+def test_write_back_refuses_a_parameter_it_cannot_place():
+    model = prepare_for_onnx2torch(digit_cnn())
+    module = to_torch(model)
+    module.register_parameter("stray", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(OnnxLowrankError, match="cannot put the trained stray"):
+        write_back(module, model)

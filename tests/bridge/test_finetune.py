@@ -146,3 +146,65 @@ def test_a_teacher_with_other_inputs_is_one_line(student, data, tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "the teacher's inputs" in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_iterative_mode_factors_each_layer_from_the_weights_trained_so_far(data):
+    """000's iterative mode: the layers replaced in the order given, one per step, each factored
+    from its weight as the fine-tunes before it left it; the result exports like a one-shot fine-tune."""
+    from onnx_lowrank.bridge.finetune import finetune_iteratively
+    from onnx_lowrank.decompositions import decompose
+    from onnx_lowrank.graph import find_targets, prepare
+
+    model = prepare(onnx.load(str(DIGIT)))
+    originals = {t.name: t.layer.weight for t in find_targets(model)[0]}
+    order = list(originals)[::-1][:3]  # the last layers first: not the graph's order
+    seen, steps = [], []
+
+    def factor(name):
+        def make(layer):
+            seen.append((name, float(np.abs(layer.weight - originals[name]).max())))
+            return decompose(layer, "svd", rank=4)
+        return make
+
+    x = np.load(data)["image"][:600]
+    tuned, log = finetune_iteratively(model, onnx.load(str(DIGIT)), [(n, factor(n)) for n in order],
+                                      CalibrationSet({"image": x}), FinetuneOptions(epochs=1),
+                                      after_step=lambda name, m: steps.append((name, {t.name for t in find_targets(m)[0]})))
+    assert [name for name, _ in seen] == order == [name for name, _ in steps]
+    assert seen[0][1] == 0  # the first layer is factored from the original weight ...
+    assert all(moved > 0 for _, moved in seen[1:])  # ... the later ones from fine-tuned weights
+    for k, (_, targets) in enumerate(steps):  # after step k, the layers of steps <= k are chains
+        assert not set(order[:k + 1]) & targets and set(order[k + 1:]) <= targets
+    assert len(log.losses) == 3 and log.parity <= 1e-4
+    assert [i.name for i in tuned.graph.input] == [i.name for i in model.graph.input]
+
+
+def test_convert_iterative_orders_layers_by_hessian_trace(tmp_path, monkeypatch):
+    """`convert --finetune-epochs 1 --iterative`: the factored layers go in decreasing Hessian trace,
+    and the written model stays within eps."""
+    import onnx_lowrank.bridge as bridge
+    import onnx_lowrank.bridge.finetune as bridge_finetune
+
+    x, y = mnist_test_images(600, start=2000)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=x, labels=y)
+    orders, traces = [], {}
+    real_iterative, real_traces = bridge_finetune.finetune_iteratively, bridge.hessian_traces
+
+    def recording_iterative(model, teacher, layers, *args, **kwargs):
+        orders.append([name for name, _ in layers])
+        return real_iterative(model, teacher, layers, *args, **kwargs)
+
+    def recording_traces(*args, **kwargs):
+        traces.update(real_traces(*args, **kwargs))
+        return traces
+
+    monkeypatch.setattr(bridge_finetune, "finetune_iteratively", recording_iterative)
+    monkeypatch.setattr(bridge, "hessian_traces", recording_traces)
+    model, report = compress(DIGIT, CompressConfig(eps=0.01, finetune_epochs=1, iterative=True),
+                             calibration=calib, labels="labels")
+    assert orders and report.drop <= 0.01
+    assert all(len(order) >= 2 for order in orders)
+    for order in orders:
+        assert [traces[n] for n in order] == sorted((traces[n] for n in order), reverse=True)
+    onnx.checker.check_model(model, full_check=True)
