@@ -219,6 +219,7 @@ def convert(
     """Compress IN into OUT: every Conv/Gemm/MatMul factored, ranks chosen so that the quality drop
     stays within --eps."""
     try:
+        from .bridge.finetune import process_rank
         from .pipeline import compress_file
 
         config = CompressConfig(
@@ -237,6 +238,8 @@ def convert(
         with warnings.catch_warnings(record=True) as caught, _progress() as stage:
             warnings.simplefilter("always", UserWarning)
             result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage, plots)
+        if process_rank() != 0:  # under torchrun: rank 0 writes and speaks for all
+            return
         for w in caught:
             if issubclass(w.category, UserWarning):
                 typer.secho(f"warning: {w.message}", err=True, fg="yellow", bold=True)

@@ -195,9 +195,13 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
                   progress: Progress = _quiet_progress, plots: str | os.PathLike | None = None) -> Report:
     """Path to path. `src` and the calibration files are never modified: an output naming one of
     them is refused before any work. The model, the report and the plots are written all or
-    nothing, each file atomically."""
+    nothing, each file atomically, by rank 0 of a torchrun job only."""
+    from .bridge.finetune import process_rank
+
     _check_paths(src, dst, calibration, labels, report_path)
     out, report = compress(src, config, calibration, labels, progress)
+    if process_rank() != 0:  # under torchrun (--finetune-epochs): every process holds the same model
+        return report
     written: list[Path] = []
     with _interrupts_ignored():
         try:  # all or nothing: a failure writing the report or the plots takes back the model
@@ -407,7 +411,7 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
         macs = sum(c.macs for c in node_costs(model, shapes))  # the fine-tuned model has the same layers
         report.finetune.append({"round": how, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop,
-                                "drop_after": q.drop, "losses": log.losses})
+                                "drop_after": q.drop, "losses": log.losses, "processes": log.processes})
         fits = q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held))
         if fits and search.cost(choice_) <= search.cost(best[1]):
             best = (_export(tuned, config), choice_, q, {k: v + " (fine-tuned)" for k, v in reasons_.items()})

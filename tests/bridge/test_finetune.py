@@ -4,6 +4,7 @@ labels repairs an over-compressed model; two torchrun processes do as well as on
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,12 +82,7 @@ def test_two_torchrun_processes_match_one(student, data, tmp_path):
     args = ["finetune", str(student), "OUT", "--teacher", str(DIGIT), "--calib", str(data), "--epochs", "2"]
     single = CliRunner().invoke(app, [a if a != "OUT" else str(tmp_path / "one.onnx") for a in args])
     assert single.exit_code == 0, single.output
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    double = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
-                             str(Path(sys.executable).with_name("onnx-lowrank"))]
-                            + [a if a != "OUT" else str(tmp_path / "two.onnx") for a in args],
-                            capture_output=True, text=True, env=env, timeout=600)
+    double = torchrun([a if a != "OUT" else str(tmp_path / "two.onnx") for a in args])
     assert double.returncode == 0, double.stderr[-2000:]
     assert "2 process(es)" in double.stdout
 
@@ -96,6 +92,32 @@ def test_two_torchrun_processes_match_one(student, data, tmp_path):
     assert abs(after(double.stdout) - after(single.output)) <= 0.03, (single.output, double.stdout)
     assert (tmp_path / "two.onnx").exists()  # written once, by rank 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx", "two.onnx"]
+
+
+def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """`onnx-lowrank ARGS` under torchrun on this machine's CPU (gloo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node",
+                           str(processes), str(Path(sys.executable).with_name("onnx-lowrank"))] + args,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_convert_with_finetune_epochs_under_torchrun(tmp_path):
+    """The whole convert loop in 2 processes: each selects the same models, the fine-tunes run
+    with DistributedDataParallel, and rank 0 alone writes the model and prints the result."""
+    x, y = mnist_test_images(600, start=2000)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=x, labels=y)
+    out = tmp_path / "out.onnx"
+    result = torchrun(["convert", str(DIGIT), str(out), "--eps", "0.02", "--calib", str(calib), "--labels", "labels",
+                       "--finetune-epochs", "1", "--report", str(tmp_path / "report.json")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(f"wrote {out}") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "out.onnx", "report.json"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["finetune"] and report["drop"] <= 0.02
+    assert {r["processes"] for r in report["finetune"]} == {2}  # DistributedDataParallel over both
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 
 def test_finetune_without_torch_is_one_line(student, data, tmp_path, monkeypatch):
