@@ -41,7 +41,7 @@ class CompressConfig:
     jobs: int = 1                          # layers decomposed at once, in threads (0: one per CPU)
     finetune_epochs: int = 0               # > 0: fine-tune through PyTorch, and compress further while it fits
     finetune_lr: float = 3e-3              # ... its learning rate (SGD, momentum 0.9)
-    iterative: bool = False                # ... one layer at a time, most sensitive first (000), each step that many epochs
+    iterative: bool = False                # ... layer by layer, most sensitive first (000), epochs per layer
     seed: int = 0
     batch_size: int = 64
     image: ImageOptions = field(default_factory=ImageOptions)

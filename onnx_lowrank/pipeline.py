@@ -382,14 +382,15 @@ FINETUNE_ROUNDS = 6  # fine-tunes after the first: compressing further, then rai
 def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
                      train, train_ref, held, held_ref, metric, report):
     """004's loop. The model selection chose is fine-tuned and measured on the held-out part.
-    From it (it holds without fine-tuning), and while the fine-tuned models fit eps, compress further: select again for twice the drop
-    (doubled again while the selection does not change), fine-tune and measure. When a fine-tuned
-    model misses eps, 004's similarity analysis names the layers to raise (each factored layer's
-    output against the original's, both fed the original model's input of that layer: those under
-    0.92 / 0.96, else the less similar half); they step up 5% of their cost, and that model is
-    fine-tuned and measured, until one fits or it would cost no less than the best found. The
-    fine-tuned model of least cost within eps is kept (the model without fine-tuning, which holds,
-    if none is). Ranks fixed by options get the one fine-tune."""
+    From it (it holds without fine-tuning), and while the fine-tuned models fit eps, compress
+    further: select again for twice the drop (doubled again while the selection does not change),
+    fine-tune and measure. When a fine-tuned model misses eps, 004's similarity analysis names the
+    layers to raise (each factored layer's output against the original's, both fed the original
+    model's input of that layer: those under 0.92 / 0.96, else the less similar half); they step
+    up 5% of their cost, and that model is fine-tuned and measured, until one fits or it would
+    cost no less than the best found. The fine-tuned model of least cost within eps is kept (the
+    model without fine-tuning, which holds, if none is). Ranks fixed by options get the one
+    fine-tune. With --iterative, each fine-tune is 000's layer-by-layer one."""
     from .bridge.finetune import FinetuneOptions, finetune
 
     options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
