@@ -91,3 +91,7 @@ class CompressConfig:
             raise ValueError("--iterative is a way of fine-tuning: give --finetune-epochs too")
         if self.finetune_epochs and self.cost == "latency":
             raise ValueError("--finetune-epochs with --cost latency is not supported yet: the rounds compare MACs")
+        if self.finetune_epochs or self.select == "hessian":  # the torch extra: say so before any work
+            from .bridge.deps import require_torch
+
+            require_torch()

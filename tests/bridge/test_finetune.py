@@ -130,6 +130,19 @@ def test_finetune_without_torch_is_one_line(student, data, tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+def test_convert_finetune_without_torch_is_one_line_before_any_work(tmp_path, monkeypatch, calib):
+    from onnx_lowrank import pipeline
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(pipeline, "load_calibration", lambda *a, **k: pytest.fail("calibration started"))
+    result = CliRunner().invoke(app, ["convert", str(DIGIT), str(tmp_path / "out.onnx"), "--calib", str(calib),
+                                      "--finetune-epochs", "1"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install 'onnx-lowrank[torch]'" in lines[0]
+    assert not list(tmp_path.iterdir())
+
+
 def test_convert_with_finetune_epochs_compresses_further_within_eps(tmp_path):
     """004's loop in `convert`: every round is recorded; the model written is within eps on the
     held-out part and has at least the MAC reduction of the same conversion without fine-tuning."""
