@@ -143,8 +143,11 @@ def bench_command(
 @contextmanager
 def _progress() -> Iterator:
     """A rich progress bar per pipeline stage, on stderr so stdout stays the table."""
+    from .bridge.finetune import process_rank
+
     with Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed} done"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bars:
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                  disable=process_rank() != 0) as bars:  # under torchrun, rank 0's bars only
         def stage(name: str, total: int):
             task = bars.add_task(name, total=total)
             return lambda: bars.advance(task)

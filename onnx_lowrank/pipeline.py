@@ -388,10 +388,11 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
     layers to raise (each factored layer's output against the original's, both fed the original
     model's input of that layer: those under 0.92 / 0.96, else the less similar half); they step
     up 5% of their cost, and that model is fine-tuned and measured, until one fits or it would
-    cost no less than the best found. The fine-tuned model of least cost within eps is kept (the
+    cost no less than the best found. (The analysis compares the candidates' factors, before
+    fine-tuning: the fine-tuned chains live in the exported graph, not in the candidates.) The fine-tuned model of least cost within eps is kept (the
     model without fine-tuning, which holds, if none is). Ranks fixed by options get the one
     fine-tune. With --iterative, each fine-tune is 000's layer-by-layer one."""
-    from .bridge.finetune import FinetuneOptions, finetune
+    from .bridge.finetune import FinetuneOptions, finetune, same_as_rank0
 
     options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
                               batch_size=config.batch_size, seed=config.seed)
@@ -400,7 +401,7 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
     best = (compressed, choice, drop_q, reasons)
     order = _sensitivity_order(prepared, problems, train, config.seed) if config.iterative else None
 
-    def attempt(how: str, choice_: Choice, reasons_: dict) -> bool:
+    def attempt(how: str, budget_: float | None, choice_: Choice, reasons_: dict) -> bool:
         nonlocal best
         model = _build(prepared, problems, choice_)
         if order is None:
@@ -411,9 +412,12 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
         q = quality(metric, held_ref, outputs, held.labels)
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
         macs = sum(c.macs for c in node_costs(model, shapes))  # the fine-tuned model has the same layers
-        report.finetune.append({"round": how, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop,
-                                "drop_after": q.drop, "losses": log.losses, "processes": log.processes})
-        fits = q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held))
+        report.finetune.append({"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1),
+                                "drop_before": untuned.drop, "drop_after": q.drop, "losses": log.losses,
+                                "processes": log.processes})
+        # under torchrun every process measured the same model; rank 0's verdict binds them all,
+        # so that none runs a fine-tune the others do not (they would wait for it forever)
+        fits = same_as_rank0(q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held)))
         if fits and search.cost(choice_) <= search.cost(best[1]):
             best = (_export(tuned, config), choice_, q, {k: v + " (fine-tuned)" for k, v in reasons_.items()})
         return fits
@@ -422,22 +426,24 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
         return tuple(id(c[p.name]) for p in problems)
 
     if any(c.factors is not None for c in choice.values()):
-        attempt(f"selected for eps {config.eps:g}", choice, reasons)
+        attempt(f"selected for eps {config.eps:g}", config.eps, choice, reasons)
     if not _tuned_to_eps(config):
         return best
     fitted = True  # without fine-tuning, the selection holds: compress further from it in any case
     similar = None
     budget, current, current_reasons = config.eps, choice, reasons
-    tried, rounds, raising = {key(choice)}, 0, False
+    selected_reasons = reasons  # of the last selection: a raised layer's reason extends it
+    tried, rounds, raising, raised = {key(choice)}, 0, False, {}
     while rounds < FINETUNE_ROUNDS:
         if fitted and not raising:  # compress further
             budget *= 2
-            if budget >= 1:
+            if not 0 < budget < 1:  # (eps 0: no drop to double)
                 break
             meter = DropMeter(metric, train, train_ref, budget, config.batch_size)
             wider = Search(problems, lambda c: meter(_build(prepared, problems, c, infer=False)), budget,
                            search.other_cost)
             current, current_reasons = _select(config, wider, prepared, train, [p.target for p in problems])
+            selected_reasons = current_reasons
             how = f"selected for drop {budget:g}"
             if key(current) in tried:  # the same model as before: a larger budget still
                 continue
@@ -448,12 +454,18 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
             current, named = cosine.raise_dissimilar(similar, problems, current)
             if not named or key(current) in tried or search.cost(current) >= search.cost(best[1]):
                 break  # nothing cheaper than the best found is left to try
-            current_reasons = {k: v + (" (raised 5% by the cosine analysis)" if k in named else "")
-                               for k, v in current_reasons.items()}
+            for name in named:
+                raised[name] = raised.get(name, 0) + 1
+            current_reasons = {
+                k: v if k not in raised else
+                f"{v} (raised {5 * raised[k]}% of its cost by the cosine analysis)" if current[k].factors is not None
+                else "kept: raised to full cost by the cosine analysis"
+                for k, v in selected_reasons.items()}
             how = f"raised {len(named)} layer(s) 5% (cosine)"
+            budget = None
         tried.add(key(current))
         rounds += 1
-        fitted = attempt(how, current, current_reasons)
+        fitted = attempt(how, budget, current, current_reasons)
         if fitted and raising:
             break
     return best

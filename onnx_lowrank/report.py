@@ -57,7 +57,9 @@ class Report:
     timings: dict = field(default_factory=dict)
     trace: list[TracePoint] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    finetune: list[dict] = field(default_factory=list)  # --finetune-epochs: one entry per round
+    # --finetune-epochs: one entry per round: round (what it tried), search_eps (the drop selection
+    # was given; null for raised ranks), mac_ratio, drop_before, drop_after, losses, processes
+    finetune: list[dict] = field(default_factory=list)
 
     @property
     def mac_ratio(self) -> float:

@@ -223,12 +223,15 @@ def layer_weights(module: torch.fx.GraphModule, model: onnx.ModelProto,
 def write_back(module: torch.fx.GraphModule, model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` holding `module`'s current parameters, where `module` = to_torch(model)
     and `model` is already in onnx2torch's form (prepare_for_onnx2torch: every weight an
-    initializer): each Conv's weight and bias, each Gemm's B and C (nn.Linear's weight and bias
-    with alpha and beta divided out, transposed back), each MatMul/Gemm constant made a Parameter.
+    initializer): each Conv's weight and bias, each Batch/Instance/LayerNormalization's scale and
+    bias, each Gemm's B and C (nn.Linear's weight and bias with alpha and beta divided out,
+    transposed back), each MatMul/Gemm constant made a Parameter.
     What trained in PyTorch goes back into the graph it came from, names and all, without an
     export: the iterative mode factors the next layer from the weights trained so far."""
     import torch
 
+    scale_and_bias = (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm,
+                      torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LayerNorm)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     initializers = {t.name: t for t in out.graph.initializer}
@@ -237,18 +240,21 @@ def write_back(module: torch.fx.GraphModule, model: onnx.ModelProto) -> onnx.Mod
     written: dict[str, np.ndarray] = {}
     done: set[int] = set()  # the parameters put back
 
-    def put(name: str, value: torch.Tensor) -> None:
+    def put(node: onnx.NodeProto, i: int, parameter: torch.nn.Parameter, value: torch.Tensor | None = None) -> None:
+        """`parameter` (as `value`, when it is not the ONNX weight itself) into the node's input i."""
+        name = node.input[i] if i < len(node.input) else ""
         tensor = initializers.get(name)
         if tensor is None:
-            raise OnnxLowrankError(f"{name}: a trained weight that is not an initializer of the model")
+            return  # nowhere to go: reported below as not put back, unless it was not trained
         old = numpy_helper.to_array(tensor)
-        new = value.detach().cpu().numpy().astype(old.dtype)
+        new = (parameter if value is None else value).detach().cpu().numpy().astype(old.dtype)
         if new.shape != old.shape:
             raise OnnxLowrankError(f"{name}: trained as {new.shape}, the model holds {old.shape}")
         if name in written and not np.array_equal(written[name], new):
             raise OnnxLowrankError(f"{name}: a weight several layers read was trained apart in each")
         written[name] = new
         tensor.CopyFrom(numpy_helper.from_array(new, name))
+        done.add(id(parameter))
 
     for fx_node in module.graph.nodes:
         if fx_node.op != "call_module":
@@ -260,23 +266,31 @@ def write_back(module: torch.fx.GraphModule, model: onnx.ModelProto) -> onnx.Mod
         node = by_output[mapping.outputs[0]]
         if isinstance(sub, torch.nn.Sequential):  # Conv with asymmetric pads: (Pad, ConvNd)
             sub = sub[-1]
-        if isinstance(sub, (torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm)):
-            put(node.input[1], sub.weight)  # BatchNormalization's scale and bias: inputs 1 and 2 too
-            if sub.bias is not None:
-                put(node.input[2], sub.bias)
-            done.update(id(p) for p in sub.parameters())
+        if isinstance(sub, scale_and_bias):  # the weight (or scale) and bias: the node's inputs 1 and 2
+            for i, parameter in ((1, sub.weight), (2, sub.bias)):
+                if parameter is not None:
+                    put(node, i, parameter)
         elif isinstance(sub, torch.nn.Linear):  # a Gemm: weight = alpha * B^T (B if transB), bias = beta * C
             attrs = node_attrs(node)
-            weight = sub.weight / attrs.get("alpha", 1.0)
-            put(node.input[1], weight if attrs.get("transB", 0) else weight.T)
+            alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+            if not alpha:  # B did not reach the output, nn.Linear's weight (0 at first) does: B = it
+                _set_attr(node, "alpha", 1.0)
+                alpha = 1.0
+            weight = sub.weight / alpha
+            put(node, 1, sub.weight, weight if attrs.get("transB", 0) else weight.T)
             if sub.bias is not None:
-                put(node.input[2], sub.bias / attrs.get("beta", 1.0))
-            done.update(id(p) for p in sub.parameters())
+                if not beta:  # likewise C
+                    _set_attr(node, "beta", 1.0)
+                    beta = 1.0
+                put(node, 2, sub.bias, sub.bias / beta)
         for i, arg in enumerate(fx_node.args):  # MatMul/Gemm constants made Parameters
             if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target in parameters:
-                put(node.input[i], parameters[arg.target])
-                done.add(id(parameters[arg.target]))
-    missed = [name for name, p in parameters.items() if p.requires_grad and id(p) not in done]
+                put(node, i, parameters[arg.target])
+    # a parameter with no place in the graph (nn.LayerNorm's bias where the node has none) must not
+    # have moved: untouched, it is what the graph implies
+    unplaced = [(name, p) for name, p in parameters.items() if p.requires_grad and id(p) not in done]
+    initial = dict(to_torch(model).named_parameters()) if unplaced else {}
+    missed = [name for name, p in unplaced if name not in initial or not torch.equal(p.detach().cpu(), initial[name])]
     if missed:
         raise OnnxLowrankError(f"cannot put the trained {', '.join(missed[:3])} back into the ONNX graph")
     return out

@@ -167,6 +167,17 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def same_as_rank0(value: bool) -> bool:
+    """`value` as rank 0 of a torchrun job has it (this process's own when there is no job)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def _init_distributed(device: str) -> bool:
     """Join the process group torchrun set up (its environment variables), if there is one."""
     import torch.distributed as dist

@@ -130,6 +130,12 @@ def test_finetune_without_torch_is_one_line(student, data, tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+def test_finetune_loop_at_eps_zero_ends(calib):
+    """No drop to double: the loop does not try to compress further (it once spun forever)."""
+    _, report = compress(DIGIT, CompressConfig(eps=0.0, finetune_epochs=1, verify=False), calibration=calib)
+    assert all(r["search_eps"] == 0.0 for r in report.finetune)
+
+
 def test_convert_finetune_without_torch_is_one_line_before_any_work(tmp_path, monkeypatch, calib):
     from onnx_lowrank import pipeline
 
@@ -163,6 +169,7 @@ def test_convert_with_finetune_epochs_compresses_further_within_eps(tmp_path):
             assert after["mac_ratio"] < before["mac_ratio"]
     if rounds[-1]["round"].startswith("raised") and rounds[-1]["drop_after"] <= 0.005:
         assert report.mac_ratio >= rounds[-1]["mac_ratio"] - 1e-9  # that model is written (merges only cut MACs)
+        assert any("by the cosine analysis" in layer.reason for layer in report.layers)
     onnx.checker.check_model(model, full_check=True)
     # the drop reported is the written model's, measured here again on the held-out part
     _, held = CalibrationSet({"image": x}, y).split(0.3, 0)

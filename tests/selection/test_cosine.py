@@ -56,12 +56,14 @@ def test_the_analysis_names_the_least_similar_layers(setup):
         assert (raised[p.name] is cheapest[p.name]) == (p.name not in low)
         if p.name in low:
             assert similar(p, raised[p.name]) >= sims[p.name] - 1e-9
-    # every layer above its threshold: the less similar half steps up
-    mild = {p.name: min((c for c in p.candidates if c.factors is not None and similar(p, c) >= similar.threshold[p.name]),
-                        key=lambda c: c.cost) for p in problems}
-    _, named = raise_dissimilar(similar, problems, mild)
+    # every layer above its threshold: the less similar half for --select cosine, the least
+    # similar one in the fine-tuning loop
+    mild = {p.name: next(c for c in sorted(p.candidates, key=lambda c: c.cost)  # the cheapest above it
+                         if c.factors is not None and similar(p, c) >= similar.threshold[p.name]) for p in problems}
     order = sorted(problems, key=lambda p: similar(p, mild[p.name]))
-    assert named == [p.name for p in order[: len(problems) // 2]]
+    assert similar.named(problems, mild) == order[: len(problems) // 2]
+    _, named = raise_dissimilar(similar, problems, mild)
+    assert named == [order[0].name]
 
 
 def test_residual_layers_get_the_stricter_threshold(setup):
