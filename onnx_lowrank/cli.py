@@ -199,8 +199,9 @@ def convert(
                                   "level: constant folding, redundant nodes; portable)."),
     jobs: int = typer.Option(1, help="Layers decomposed at once, in threads (0: one per CPU)."),
     finetune_epochs: int = typer.Option(0, help="Fine-tune through PyTorch (distillation from IN, plus --labels) "
-                                        "for this many epochs on the search part, then compress further while the "
-                                        "fine-tuned model stays within eps (needs the torch extra)."),
+                                        "for this many epochs on the search part, compress further while the "
+                                        "fine-tuned model stays within eps, raise the ranks of the least similar "
+                                        "layers on a miss (004's loop; needs the torch extra)."),
     finetune_lr: float = typer.Option(3e-3, help="Learning rate for --finetune-epochs (SGD, momentum 0.9)."),
     iterative: bool = typer.Option(False, "--iterative", help="With --finetune-epochs: factor the chosen layers one "
                                    "at a time, most sensitive (Hessian trace) first, each from the weights fine-tuned "
