@@ -386,12 +386,13 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
     further: select again for twice the drop (doubled again while the selection does not change),
     fine-tune and measure. When a fine-tuned model misses eps, 004's similarity analysis names the
     layers to raise (each factored layer's output against the original's, both fed the original
-    model's input of that layer: those under 0.92 / 0.96, else the less similar half); they step
+    model's input of that layer: those under 0.92 / 0.96, else the least similar one); they step
     up 5% of their cost, and that model is fine-tuned and measured, until one fits or it would
     cost no less than the best found. (The analysis compares the candidates' factors, before
-    fine-tuning: the fine-tuned chains live in the exported graph, not in the candidates.) The fine-tuned model of least cost within eps is kept (the
-    model without fine-tuning, which holds, if none is). Ranks fixed by options get the one
-    fine-tune. With --iterative, each fine-tune is 000's layer-by-layer one."""
+    fine-tuning: the fine-tuned chains live in the exported graph, not in the candidates.) The
+    fine-tuned model of least cost within eps is kept (the model without fine-tuning, which
+    holds, if none is). Ranks fixed by options get the one fine-tune. With --iterative, each
+    fine-tune is 000's layer-by-layer one."""
     from .bridge.finetune import FinetuneOptions, finetune, same_as_rank0
 
     options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
@@ -491,7 +492,9 @@ def _finetune_iteratively(original, prepared, problems, choice: Choice, order: l
     by_name = {p.name: p for p in problems}
 
     def refactor(p, c):
-        if "rank" not in get_method(c.method).options():  # tr: chosen by error, not by ranks
+        if "rank" not in get_method(c.method).options():
+            # tr is chosen by error, not by ranks: its factors of the original weight, so what the
+            # steps before trained into this layer is not kept
             return lambda layer: c.factors
         return lambda layer: decompose(replace(layer, input_cov=p.layer.input_cov), c.method, rank=c.ranks)
 
