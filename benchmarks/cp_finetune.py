@@ -22,7 +22,7 @@ from rich.table import Table
 from onnx_lowrank.bridge.finetune import FinetuneOptions, finetune
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.decompositions import decompose
-from onnx_lowrank.errors import OnnxLowrankError
+from onnx_lowrank.errors import FinetuneDiverged
 from onnx_lowrank.graph import find_targets, prepare, replace_layers
 from onnx_lowrank.quality import predict
 
@@ -62,7 +62,7 @@ def main() -> None:
             try:
                 tuned, log = finetune(model, original, train, FinetuneOptions(epochs=args.epochs, lr=lr))
                 losses, after = " ".join(f"{loss:.3f}" for loss in log.losses), f"{accuracy(tuned):.4f}"
-            except OnnxLowrankError as e:  # a diverged fine-tune is a result here
+            except FinetuneDiverged as e:  # a result here
                 losses, after = str(e).split(":")[0], "-"
             table.add_row("ALS + EPC" if correct else "ALS", f"{lr:g}", f"{largest:.3g}", f"{before:.4f}",
                           losses, after, f"{seconds:.0f} s")

@@ -28,3 +28,7 @@ class OutputError(OnnxLowrankError):
 class VerificationError(OnnxLowrankError):
     """The compressed model is not what selection promised: its held-out quality drop exceeds eps,
     or it outputs NaN/Inf where the original does not. Nothing is written."""
+
+
+class FinetuneDiverged(OnnxLowrankError):
+    """Fine-tuning drove the model to NaN or Inf outputs (the learning rate is too large for it)."""

@@ -21,7 +21,7 @@ from .calibration.capture import activation_name, capture
 from .calibration.data import CalibrationError, CalibrationSet, load_calibration, model_inputs
 from .config import CompressConfig
 from .decompositions import decompose, get_method, reason_not_applicable
-from .errors import InvalidModel, OnnxLowrankError, OutputError, VerificationError
+from .errors import FinetuneDiverged, InvalidModel, OnnxLowrankError, OutputError, VerificationError
 from .graph import find_targets, load_model, node_costs, prepare, replace_layers, save_model
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.index import FLOAT_TYPES, WEIGHT_TYPES
@@ -178,6 +178,12 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
             compressed, choice, drop_q, reasons = _finetune_rounds(
                 original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
                 search_set, search_ref, held, held_ref, metric, report)
+            diverged = sum(r["drop_after"] is None for r in report.finetune)
+            if diverged:
+                message = (f"fine-tuning diverged (NaN/Inf outputs) in {diverged} of {len(report.finetune)} "
+                           f"round(s) at --finetune-lr {config.finetune_lr:g}; a smaller rate may get further")
+                warnings.warn(message, stacklevel=2)
+                report.warnings.append(message)
             report.quality_after, report.drop = drop_q.value, drop_q.drop
             onnx.checker.check_model(compressed, full_check=True)
 
@@ -405,17 +411,22 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
     def attempt(how: str, budget_: float | None, choice_: Choice, reasons_: dict) -> bool:
         nonlocal best
         model = _build(prepared, problems, choice_)
-        if order is None:
-            tuned, log = finetune(model, original, train, options)
-        else:
-            tuned, log = _finetune_iteratively(original, prepared, problems, choice_, order, train, options)
-        outputs = predict(tuned, held, config.batch_size)
-        q = quality(metric, held_ref, outputs, held.labels)
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
         macs = sum(c.macs for c in node_costs(model, shapes))  # the fine-tuned model has the same layers
-        report.finetune.append({"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1),
-                                "drop_before": untuned.drop, "drop_after": q.drop, "losses": log.losses,
-                                "processes": log.processes})
+        entry = {"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop}
+        report.finetune.append(entry)
+        try:
+            if order is None:
+                tuned, log = finetune(model, original, train, options)
+            else:
+                tuned, log = _finetune_iteratively(original, prepared, problems, choice_, order, train, options)
+        except FinetuneDiverged:  # a miss like any other: the rounds before it, or the selection, hold
+            entry.update(drop_after=None, losses=[], processes=None)
+            same_as_rank0(False)
+            return False
+        outputs = predict(tuned, held, config.batch_size)
+        q = quality(metric, held_ref, outputs, held.labels)
+        entry.update(drop_after=q.drop, losses=log.losses, processes=log.processes)
         # under torchrun every process measured the same model; rank 0's verdict binds them all,
         # so that none runs a fine-tune the others do not (they would wait for it forever)
         fits = same_as_rank0(q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held)))

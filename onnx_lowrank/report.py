@@ -58,7 +58,8 @@ class Report:
     trace: list[TracePoint] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # --finetune-epochs: one entry per round: round (what it tried), search_eps (the drop selection
-    # was given; null for raised ranks), mac_ratio, drop_before, drop_after, losses, processes
+    # was given; null for raised ranks), mac_ratio, drop_before, drop_after (null: the fine-tune
+    # diverged), losses, processes
     finetune: list[dict] = field(default_factory=list)
 
     @property
@@ -121,8 +122,10 @@ class Report:
         for col in ("round", "MACs", "drop before", "drop after", f"within eps {self.eps}"):
             rounds.add_column(col, justify="right")
         for r in self.finetune:
+            after = r["drop_after"]  # None: the fine-tune diverged
             rounds.add_row(r["round"], f"{r['mac_ratio']:.2f}x", f"{r['drop_before']:.4f}",
-                           f"{r['drop_after']:.4f}", "yes" if r["drop_after"] <= self.eps else "no")
+                           "diverged" if after is None else f"{after:.4f}",
+                           "yes" if after is not None and after <= self.eps else "no")
         return [layers, rounds, whole]
 
     def plots(self, folder: str | Path) -> list[Path]:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from ..calibration.data import CalibrationSet, model_inputs
-from ..errors import OnnxLowrankError
+from ..errors import FinetuneDiverged, OnnxLowrankError
 from ..graph import find_targets, replace_layers
 from ..graph.index import opset_version
 from ..quality import is_classifier, predict, session
@@ -246,7 +246,7 @@ def export(module, like: onnx.ModelProto, sample: dict[str, np.ndarray], log: Fi
         expected = module(*args)
     expected = [e.cpu().numpy() for e in (expected if isinstance(expected, (tuple, list)) else (expected,))]
     if not all(np.all(np.isfinite(e)) for e in expected if np.issubdtype(e.dtype, np.floating)):
-        raise OnnxLowrankError("fine-tuning diverged: the module outputs NaN or Inf; try a smaller --lr")
+        raise FinetuneDiverged("fine-tuning diverged: the module outputs NaN or Inf; try a smaller --lr")
     got = session(exported).run(names_out, {n: sample[n] for n in names_in})
     parity = max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected))
     if not parity <= PARITY:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import MODELS, mnist_test_images, run
+from rich.console import Console
 from typer.testing import CliRunner
 
 from onnx_lowrank.bridge.finetune import FinetuneOptions, finetune
@@ -128,6 +129,20 @@ def test_finetune_without_torch_is_one_line(student, data, tmp_path, monkeypatch
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'onnx-lowrank[torch]'" in lines[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_a_diverging_fine_tune_is_a_missed_round_not_a_failed_conversion(calib):
+    """At an absurd learning rate every fine-tune ends in NaN: the conversion still writes the
+    selection, which holds without fine-tuning, and says what happened."""
+    plain = compress(DIGIT, CompressConfig(eps=0.02), calibration=calib, labels="labels")[1]
+    with pytest.warns(UserWarning, match="fine-tuning diverged"):
+        model, report = compress(DIGIT, CompressConfig(eps=0.02, finetune_epochs=1, finetune_lr=10.0),
+                                 calibration=calib, labels="labels")
+    assert report.finetune and all(r["drop_after"] is None for r in report.finetune)
+    assert report.mac_ratio == pytest.approx(plain.mac_ratio) and report.drop == plain.drop
+    console = Console(record=True, width=200)
+    console.print(report.tables()[1])  # the rounds table
+    assert "diverged" in console.export_text()
 
 
 def test_finetune_loop_at_eps_zero_ends(calib):
