@@ -202,7 +202,8 @@ def convert(
                                         "for this many epochs on the search part, compress further while the "
                                         "fine-tuned model stays within eps, raise the ranks of the least similar "
                                         "layers on a miss (004's loop; needs the torch extra)."),
-    finetune_lr: float = typer.Option(3e-3, help="Learning rate for --finetune-epochs (SGD, momentum 0.9)."),
+    finetune_lr: float = typer.Option(3e-3, help="Learning rate for --finetune-epochs (SGD, momentum 0.9); an "
+                                      "epoch that raises the loss runs again at a tenth of it (3 times at most)."),
     iterative: bool = typer.Option(False, "--iterative", help="With --finetune-epochs: factor the chosen layers one "
                                    "at a time, most sensitive (Hessian trace) first, each from the weights fine-tuned "
                                    "so far, with --finetune-epochs epochs after each (000's iterative mode)."),
@@ -268,7 +269,8 @@ def finetune_command(
     calib: Path = typer.Option(..., help="Training inputs (as for convert); --holdout of them measure the result."),
     labels: Optional[str] = typer.Option(None, help="Labels (as for convert): cross-entropy is then mixed in."),
     epochs: int = typer.Option(3, help="Passes over the training part."),
-    lr: float = typer.Option(3e-3, help="Learning rate (SGD with momentum 0.9)."),
+    lr: float = typer.Option(3e-3, help="Learning rate (SGD with momentum 0.9); an epoch that raises the loss "
+                             "runs again at a tenth of it (3 times at most)."),
     batch_size: int = typer.Option(64, help="Samples per step (per process under torchrun)."),
     device: str = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, ..."),
     holdout: float = typer.Option(0.3, help="Share of --calib kept out of training to measure the result."),
@@ -289,10 +291,12 @@ def finetune_command(
         typer.echo("error: interrupted; nothing was written", err=True)
         raise typer.Exit(130) from None
     if process_rank() == 0:
-        losses = ", ".join(f"{loss:.4f}" for loss in result.losses)
+        losses = ", ".join(f"{loss:.4f}" for loss in result.losses) or "none"
+        rate = "" if result.lr == lr else f" (an epoch raised the loss: backed off to lr {result.lr:g})"
+        stop = "; stopped early: no rate lowered the loss" if result.stopped else ""
         console.print(f"wrote {dst}: held-out {result.metric} {result.quality_before:.4f} -> {result.quality_after:.4f} "
-                      f"(teacher {result.teacher_quality:.4f}); loss per epoch {losses}; {result.processes} "
-                      f"process(es); export parity {result.parity:.1e}", highlight=False)
+                      f"(teacher {result.teacher_quality:.4f}); loss per epoch {losses}{rate}{stop}; "
+                      f"{result.processes} process(es); export parity {result.parity:.1e}", highlight=False)
 
 
 def run() -> None:

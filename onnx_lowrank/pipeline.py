@@ -178,10 +178,11 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
             compressed, choice, drop_q, reasons = _finetune_rounds(
                 original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
                 search_set, search_ref, held, held_ref, metric, report)
-            diverged = sum(r["drop_after"] is None for r in report.finetune)
-            if diverged:
-                message = (f"fine-tuning diverged (NaN/Inf outputs) in {diverged} of {len(report.finetune)} "
-                           f"round(s) at --finetune-lr {config.finetune_lr:g}; a smaller rate may get further")
+            stopped = sum(r["stopped"] for r in report.finetune)
+            if stopped:
+                message = (f"fine-tuning stopped early in {stopped} of {len(report.finetune)} round(s): no learning "
+                           f"rate from --finetune-lr {config.finetune_lr:g} down to a thousandth of it lowered the "
+                           "training loss (or the model diverged)")
                 warnings.warn(message, stacklevel=2)
                 report.warnings.append(message)
             report.quality_after, report.drop = drop_q.value, drop_q.drop
@@ -273,6 +274,8 @@ class FinetuneResult:
     losses: list[float]
     processes: int
     parity: float
+    lr: float               # the rate training ended at: below --lr where an epoch raised the loss
+    stopped: bool           # before its epochs: no rate down to a thousandth of --lr lowered the loss
 
 
 def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: str | os.PathLike,
@@ -301,7 +304,7 @@ def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: s
         with _interrupts_ignored():
             save_model(tuned, dst)
     return FinetuneResult(metric, before.value, after.value, quality(metric, held_ref, held_ref, held.labels).value,
-                          log.losses, log.processes, log.parity)
+                          log.losses, log.processes, log.parity, log.lr, log.stopped)
 
 
 @contextmanager
@@ -421,12 +424,12 @@ def _finetune_rounds(original, prepared, problems, choice, reasons, compressed, 
             else:
                 tuned, log = _finetune_iteratively(original, prepared, problems, choice_, order, train, options)
         except FinetuneDiverged:  # a miss like any other: the rounds before it, or the selection, hold
-            entry.update(drop_after=None, losses=[], processes=None)
+            entry.update(drop_after=None, losses=[], lr=None, stopped=True, processes=None)
             same_as_rank0(False)
             return False
         outputs = predict(tuned, held, config.batch_size)
         q = quality(metric, held_ref, outputs, held.labels)
-        entry.update(drop_after=q.drop, losses=log.losses, processes=log.processes)
+        entry.update(drop_after=q.drop, losses=log.losses, lr=log.lr, stopped=log.stopped, processes=log.processes)
         # under torchrun every process measured the same model; rank 0's verdict binds them all,
         # so that none runs a fine-tune the others do not (they would wait for it forever)
         fits = same_as_rank0(q.drop <= config.eps and not _nonfinite_samples(held_ref, outputs, len(held)))

@@ -59,7 +59,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     # --finetune-epochs: one entry per round: round (what it tried), search_eps (the drop selection
     # was given; null for raised ranks), mac_ratio, drop_before, drop_after (null: the fine-tune
-    # diverged), losses, processes
+    # diverged), losses, lr (the rate it ended at), stopped (before its epochs), processes
     finetune: list[dict] = field(default_factory=list)
 
     @property
