@@ -143,7 +143,9 @@ def train(module, names: list[str], data: CalibrationSet, targets: list[np.ndarr
         saved = copy.deepcopy(module.state_dict()), copy.deepcopy(optimizer.state_dict())
         for attempt in range(LR_BACKOFFS + 1):
             loss = run_epoch(epoch, learn=True)
-            if loss <= previous:  # (NaN is not)
+            # a rate too large shows as a loss above the student's own, or doubled in one epoch
+            # (not as the few percent an epoch's mean wanders once training has settled)
+            if loss <= min(log.start_loss, 2 * previous):  # (NaN is not)
                 break
             # the rate is too large for this model (measured on MobileNetV2's BatchNorm-folded
             # weights: at 3e-4 the loss rose epoch after epoch, at 3e-3 it went 3.2 -> 37.6): the
