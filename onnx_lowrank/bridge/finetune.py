@@ -83,7 +83,9 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibrati
 def train(module, names: list[str], data: CalibrationSet, targets: list[np.ndarray],
           options: FinetuneOptions) -> FinetuneLog:
     """Train `module` (to_torch's, taking the inputs `names` positionally) in place for
-    `options.epochs` epochs towards the teacher's outputs `targets` on `data` (and its labels)."""
+    `options.epochs` epochs towards the teacher's outputs `targets` on `data` (and its labels).
+    An epoch that shows the rate too large runs again at a tenth of it (LR_BACKOFFS times at most,
+    then training stops with the last good weights); the log says where it ended."""
     options.validate()
     import torch
     import torch.distributed as dist
