@@ -490,10 +490,7 @@ def _sensitivity_order(prepared, problems, data: CalibrationSet, seed: int) -> l
     """000's order for the iterative mode: the layers by decreasing Hessian trace of the loss with
     respect to their weights (Hutchinson's estimate through the PyTorch bridge, as --select
     hessian measures it), the most sensitive compressed first."""
-    from .bridge import hessian_traces
-
-    subset = data.take(np.arange(min(hessian.HESSIAN_SAMPLES, len(data))))
-    traces = hessian_traces(prepared, [p.name for p in problems], subset.inputs, subset.labels, probes=8, seed=seed)
+    traces = hessian.layer_traces(prepared, [p.name for p in problems], data, seed)
     return sorted(traces, key=lambda name: -traces[name])
 
 

@@ -182,7 +182,7 @@ def finetune_iteratively(model: onnx.ModelProto, teacher: onnx.ModelProto, layer
     names = [spec.name for spec in model_inputs(model)]
     targets = predict(teacher, data, options.batch_size)
     work = prepare_for_onnx2torch(model)  # in onnx2torch's form throughout, so weights map back
-    log, module = FinetuneLog(), to_torch(work)
+    log, module = FinetuneLog(lr=options.lr), None
     for name, factor in layers:
         found = {t.name: t for t in find_targets(work)[0]}
         if name not in found:
@@ -190,10 +190,14 @@ def finetune_iteratively(model: onnx.ModelProto, teacher: onnx.ModelProto, layer
         work = replace_layers(work, [(found[name], factor(found[name].layer))])
         module = to_torch(work)
         step = train(module, names, data, targets, options)
+        # each step starts again at options.lr; the log keeps the lowest rate any step ended at
         log.losses += step.losses
+        log.lr, log.stopped = min(log.lr, step.lr), log.stopped or step.stopped
         log.processes = step.processes
         work = write_back(module, work)
         after_step(name, work)
+    if module is None:  # no layer to replace: the model as it is
+        module = to_torch(work)
     exported = export(module, model, {n: data.inputs[n][:8] for n in names}, log)
     return exported, log
 

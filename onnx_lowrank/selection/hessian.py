@@ -15,14 +15,19 @@ from .search import Choice, Search, cheapest_within
 HESSIAN_SAMPLES = 128  # Hutchinson's estimate averages over probes and samples; this many is plenty
 
 
-def select(search: Search, model: onnx.ModelProto, data: CalibrationSet, methods: tuple[str, ...] | None,
-           seed: int) -> tuple[Choice, dict[str, str]]:
+def layer_traces(model: onnx.ModelProto, names: list[str], data: CalibrationSet, seed: int) -> dict[str, float]:
+    """000's sensitivity of each named layer: its Hessian trace on the first HESSIAN_SAMPLES of `data`."""
     from ..bridge import hessian_traces, require_torch
 
     require_torch()
-    names = [p.name for p in search.problems]
     subset = data.take(np.arange(min(HESSIAN_SAMPLES, len(data))))
-    traces = hessian_traces(model, names, subset.inputs, subset.labels, probes=8, seed=seed)
+    return hessian_traces(model, names, subset.inputs, subset.labels, probes=8, seed=seed)
+
+
+def select(search: Search, model: onnx.ModelProto, data: CalibrationSet, methods: tuple[str, ...] | None,
+           seed: int) -> tuple[Choice, dict[str, str]]:
+    names = [p.name for p in search.problems]
+    traces = layer_traces(model, names, data, seed)
     s = np.array([max(float(traces[n]), 0.0) for n in names])
     share = s / s.mean() if s.mean() > 0 else np.ones_like(s)
     top = 1 / max(share[share > 0].min(), 1e-12) if np.any(share > 0) else 1.0

@@ -256,6 +256,7 @@ def test_iterative_mode_factors_each_layer_from_the_weights_trained_so_far(data)
     for k, (_, targets) in enumerate(steps):  # after step k, the layers of steps <= k are chains
         assert not set(order[:k + 1]) & targets and set(order[k + 1:]) <= targets
     assert len(log.losses) == 3 and log.parity <= 1e-4
+    assert 0 < log.lr <= FinetuneOptions().lr and not log.stopped  # the steps' rate, not an unset 0
     assert [i.name for i in tuned.graph.input] == [i.name for i in model.graph.input]
 
 
