@@ -30,8 +30,10 @@ def _run(folder: Path, model: Path, calib: Path, after: float | None) -> tuple[i
     assert proc.stderr.readline().strip() == "ready"
     start = time.perf_counter()
     if after is not None:
-        time.sleep(after)
-        proc.send_signal(signal.SIGINT)
+        try:  # a conversion that ends before `after` is not signalled: its duration is measured
+            proc.wait(timeout=after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     return proc.returncode, err, time.perf_counter() - start
 
@@ -51,19 +53,25 @@ def test_interrupted_convert_leaves_nothing(tmp_path):
     assert code == 0, err
     assert sorted(p.name for p in work.iterdir()) == ["out.onnx", "r.json"]
 
+    # The machine's speed changes from run to run (a first run pays for cold caches, other tests
+    # run alongside), so an interrupt can come after a conversion already finished. Such a run is
+    # checked too, and the point is retried against the shorter duration it showed.
     interrupted = 0
     for share in (0.35, 0.6, 0.85):
-        work = tmp_path / f"at{share}"
-        work.mkdir()
-        code, err, _ = _run(work, model, calib, share * seconds)
-        left = sorted(p.name for p in work.iterdir())
-        assert "Traceback" not in err
-        if left == ["out.onnx", "r.json"]:  # it finished first (perhaps interrupted printing or exiting)
-            assert code in (0, 130, -signal.SIGINT)
-            continue
-        interrupted += 1
-        assert code == 130
-        assert [line for line in err.splitlines() if line.strip()] == ["error: interrupted; nothing was written"]
-        assert left == []
+        for attempt in range(3):
+            work = tmp_path / f"at{share}-{attempt}"
+            work.mkdir()
+            code, err, elapsed = _run(work, model, calib, share * seconds)
+            left = sorted(p.name for p in work.iterdir())
+            assert "Traceback" not in err
+            if left == ["out.onnx", "r.json"]:  # it finished first (perhaps interrupted printing or exiting)
+                assert code in (0, 130, -signal.SIGINT)
+                seconds = min(seconds, elapsed)
+                continue
+            interrupted += 1
+            assert code == 130
+            assert [line for line in err.splitlines() if line.strip()] == ["error: interrupted; nothing was written"]
+            assert left == []
+            break
     assert interrupted >= 2
     assert hashlib.sha256(model.read_bytes()).hexdigest() == digest
