@@ -48,6 +48,12 @@ def _timed(report: Report, stage: str) -> Iterator[None]:
     report.timings[stage] = report.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+def _warn(report: Report, message: str) -> None:
+    """`message` as a UserWarning at compress's caller, and in the report."""
+    warnings.warn(message, stacklevel=3)
+    report.warnings.append(message)
+
+
 def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig | None = None,
              calibration: Any = None, labels: Any = None,
              progress: Progress = _quiet_progress) -> tuple[onnx.ModelProto, Report]:
@@ -74,16 +80,14 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     if not targets:
         message = "nothing to factor: the model has no Conv, Gemm or MatMul layer" + (
             f" that can be ({len(skipped)} skipped; the report says why)" if skipped else "")
-        warnings.warn(message, stacklevel=2)
-        report.warnings.append(message)
+        _warn(report, message)
 
     with _timed(report, "calibrate"):
         data = load_calibration(calibration, prepared, labels, config.image, config.seed)
         if data.synthetic:
             message = ("no calibration data: ranks are chosen on synthetic N(0,1) inputs, which say little "
                        "about real ones; give --calib for a result you can trust")
-            warnings.warn(message, stacklevel=2)
-            report.warnings.append(message)
+            _warn(report, message)
         search_set, held = data.split(config.holdout, config.seed)
         report.calibration = {"source": data.source, "samples": len(data), "search": len(search_set),
                               "heldout": len(held), "synthetic": data.synthetic, "labels": data.labels is not None}
@@ -161,8 +165,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
         if failures and config.verify:
             raise VerificationError(f"{failures[0]}; nothing was written (--no-verify writes it anyway)")
         for message in failures + notes:
-            warnings.warn(message, stacklevel=2)
-            report.warnings.append(message)
+            _warn(report, message)
         for p in problems:
             if choice[p.name] is not before_backoff[p.name]:
                 reasons[p.name] += " (backed off: the held-out drop exceeded eps)"
@@ -183,8 +186,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
                 message = (f"fine-tuning stopped early in {stopped} of {len(report.finetune)} round(s): no learning "
                            f"rate from --finetune-lr {config.finetune_lr:g} down to a thousandth of it lowered the "
                            "training loss (or the model diverged)")
-                warnings.warn(message, stacklevel=2)
-                report.warnings.append(message)
+                _warn(report, message)
             report.quality_after, report.drop = drop_q.value, drop_q.drop
             onnx.checker.check_model(compressed, full_check=True)
 
