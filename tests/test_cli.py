@@ -11,7 +11,7 @@ from helpers import MODELS, conv_model, mnist_test_images
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from onnx_lowrank import cli, pipeline
+from onnx_lowrank import cli, pipeline, verify
 from onnx_lowrank.cli import app
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def _poison_export(monkeypatch):
     from onnx import numpy_helper
 
 
-    real = pipeline._export
+    real = verify.export
 
     def poisoned(model, config):
         model = real(model, config)
@@ -146,7 +146,7 @@ def _poison_export(monkeypatch):
                 break
         return model
 
-    monkeypatch.setattr(pipeline, "_export", poisoned)
+    monkeypatch.setattr(verify, "export", poisoned)
 
 
 def test_nan_outputs_fail_verification_and_write_nothing(tmp_path, monkeypatch, calib):
@@ -167,7 +167,7 @@ def test_a_drop_over_eps_after_stepping_back_fails_verification(tmp_path, monkey
     so the held-out check fails even with every layer kept."""
 
     _poison_export(monkeypatch)
-    monkeypatch.setattr(pipeline, "_nonfinite_samples", lambda ref, out, samples: 0)  # the drop alone must fail it
+    monkeypatch.setattr(verify, "nonfinite_samples", lambda ref, out, samples: 0)  # the drop alone must fail it
     out = tmp_path / "out.onnx"
     result = _convert(MODELS / "digit_cnn.onnx", out, "--calib", calib, "--labels", "labels", "--eps", "0.01")
     _one_line_error(result, "exceeds eps 0.01")

@@ -107,7 +107,7 @@ def test_held_out_back_off_stops_at_the_first_step_that_holds(calib):
     from onnx_lowrank.calibration.capture import capture
     from onnx_lowrank.calibration.data import load_calibration
     from onnx_lowrank.graph import find_targets, load_model, prepare
-    from onnx_lowrank.pipeline import _build, _step_back, _verify_heldout
+    from onnx_lowrank.verify import build, step_back, verify_heldout
     from onnx_lowrank.quality import predict, quality
     from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
 
@@ -119,14 +119,14 @@ def test_held_out_back_off_stops_at_the_first_step_that_holds(calib):
     cheapest = {p.name: p.candidates[0] for p in problems}
     held_ref = predict(prepared, held)
     config = CompressConfig(eps=0.01)
-    _, choice, q, steps, nonfinite = _verify_heldout(prepared, problems, cheapest, "accuracy", held, held_ref,
+    _, choice, q, steps, nonfinite = verify_heldout(prepared, problems, cheapest, "accuracy", held, held_ref,
                                                      config, True)
     assert steps > 1 and q.drop <= config.eps and nonfinite == 0
     walk = [cheapest]
     for _ in range(steps):
-        walk.append(_step_back(problems, walk[-1]))
+        walk.append(step_back(problems, walk[-1]))
     assert all(walk[-1][p.name] is choice[p.name] for p in problems)
-    before = predict(_build(prepared, problems, walk[-2]), held)
+    before = predict(build(prepared, problems, walk[-2]), held)
     assert quality("accuracy", held_ref, before, held.labels).drop > config.eps
 
 

@@ -1,0 +1,118 @@
+"""The result as written, and the check that it holds: a choice of candidates built into a model
+(with the touches a deployment wants), its drop measured on the held-out part, and the step back
+along the path towards keeping every layer when that drop exceeds eps."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .config import CompressConfig
+from .errors import InvalidModel
+from .graph import replace_layers
+from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
+from .graph.index import FLOAT_TYPES
+from .quality import DropMeter, predict, quality
+from .selection import Choice
+
+
+def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True) -> onnx.ModelProto:
+    chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factors is not None]
+    return replace_layers(prepared, chosen, infer)
+
+
+def export(model: onnx.ModelProto, config: CompressConfig) -> onnx.ModelProto:
+    """The touches a deployment wants on the file written (graph/export.py)."""
+    if config.merge:
+        model, _ = merge_linear_pairs(model)
+    if config.optimize:
+        model = ort_optimized(model)
+    if config.fp16:  # after optimizing, whose constant folding would turn the weights back to float32
+        model = fp16_weights(model)
+    return model
+
+
+def tuned_to_eps(config: CompressConfig) -> bool:
+    """Whether the strategy chose the ranks to fit eps (else the user or VBMF fixed them)."""
+    fixed = (config.select == "vbmf" or config.rank is not None or config.ratio is not None
+             or config.energy is not None)
+    return not fixed
+
+
+def verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, back_off: bool,
+                   confirm: Callable[[Choice], Choice] | None = None):
+    """The chosen model's drop on the held-out part. If it exceeds eps and the ranks were chosen to
+    fit eps, step back: a step moves the factored layer with the largest error to its next more
+    accurate candidate, and the steps from the choice to keeping every layer form a path that is
+    bisected for the first model that holds (the models a step-by-step walk tries, in about log2
+    of their number of runs; the last, keeping every layer, is taken to hold). `confirm` checks each
+    choice measured (--cost latency). Returns the model as written, its choice, its quality, how
+    many steps back it is, and on how many samples it outputs NaN/Inf where the original does not."""
+    meter = DropMeter(metric, held, held_ref, config.eps, config.batch_size)
+
+    def holds(c: Choice) -> bool:  # no shape inference while searching: once, on the model kept
+        return meter(export(build(prepared, problems, c, infer=False), config)) <= config.eps
+
+    path = [dict(choice)]
+    if confirm is not None:
+        path[0] = confirm(path[0])
+    steps = 0
+    if back_off and not holds(path[0]):
+        while any(c.factors is not None for c in path[-1].values()):
+            path.append(step_back(problems, path[-1]))
+        failing, holding = 0, len(path) - 1
+        while holding - failing > 1:
+            mid = (failing + holding) // 2
+            if confirm is not None:
+                path[mid] = confirm(path[mid])
+            if holds(path[mid]):
+                holding = mid
+            else:
+                failing = mid
+        steps = holding
+    choice = path[steps]
+    compressed = export(build(prepared, problems, choice), config)
+    outputs = predict(compressed, held, config.batch_size)
+    q = quality(metric, held_ref, outputs, held.labels)
+    return compressed, choice, q, steps, nonfinite_samples(held_ref, outputs, len(held))
+
+
+def nonfinite(outputs: list[np.ndarray], samples: int) -> np.ndarray:
+    """Per sample: whether some floating-point output holds a NaN or Inf (outputs that are not one
+    row per sample, like a Shape, say nothing about a sample)."""
+    bad = np.zeros(samples, dtype=bool)
+    for a in outputs:
+        if a.ndim and len(a) == samples and np.issubdtype(a.dtype, np.floating):
+            bad |= ~np.isfinite(a.reshape(samples, -1)).all(axis=1)
+    return bad
+
+
+def nonfinite_samples(reference: list[np.ndarray], outputs: list[np.ndarray], samples: int) -> int:
+    """Samples with a NaN or Inf in some output where the reference has none."""
+    return int(np.sum(nonfinite(outputs, samples) & ~nonfinite(reference, samples)))
+
+
+def require_finite(model: onnx.ModelProto, search_ref: list[np.ndarray], held_ref: list[np.ndarray],
+                   search: int, held: int) -> None:
+    """The original's outputs must be finite: no quality drop can be measured against NaN."""
+    bad = int(nonfinite(search_ref, search).sum() + nonfinite(held_ref, held).sum())
+    if bad:
+        broken = [t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES
+                  and not np.all(np.isfinite(numpy_helper.to_array(t)))]
+        cause = f" (weights with NaN/Inf: {', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''})" if broken else ""
+        raise InvalidModel(f"the model itself outputs NaN or Inf on {bad} of {search + held} calibration "
+                           f"samples{cause}; there is no quality to keep")
+
+
+def step_back(problems, choice: Choice) -> Choice:
+    """The factored layer with the largest error to its next more accurate candidate."""
+    choice = dict(choice)
+    worst = max((p for p in problems if choice[p.name].factors is not None), key=lambda p: choice[p.name].error)
+    current = choice[worst.name]
+    better = [c for c in worst.candidates if c.error < current.error and c.method in (current.method, None)]
+    choice[worst.name] = min(better, key=lambda c: c.cost) if better else worst.keep
+    return choice
+
