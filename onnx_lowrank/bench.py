@@ -58,8 +58,8 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, batches: t
 
     models = [load_model(original), load_model(compressed)]
     data = load_calibration(calibration, models[0], labels) if calibration is not None else None
-    shapes = ({k: (1,) + v.shape[1:] for k, v in data.inputs.items()} if data is not None else None)
-    macs = tuple(sum(c.macs for c in node_costs(m, shapes)) for m in models)
+    feed = data.sample_feed() if data is not None else None
+    macs = tuple(sum(c.macs for c in node_costs(m, feed=feed)) for m in models)
     result = BenchResult((str(original), str(compressed)), provider, threads,
                          tuple(model_params(m) for m in models), macs,
                          tuple(Path(p).stat().st_size for p in (original, compressed)))
@@ -67,7 +67,7 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, batches: t
     for batch in batches:
         if data is not None:
             take = np.arange(batch) % len(data)  # the first samples, repeated if there are fewer
-            feed = {k: v[take] for k, v in data.inputs.items()}
+            feed, _ = next(data.take(take).batches(batch))  # in the batch the model takes, if it fixes one
         else:
             feed = random_feed(sessions[0], batch)
         times = interleaved(sessions, feed, min_seconds=min_seconds)

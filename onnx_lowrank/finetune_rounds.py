@@ -38,8 +38,8 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
 
     options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
                               batch_size=config.batch_size, seed=config.seed)
-    shapes = {name: (1,) + array.shape[1:] for name, array in train.inputs.items()}
-    base = sum(c.macs for c in node_costs(prepared, shapes))
+    feed = train.sample_feed()
+    base = sum(c.macs for c in node_costs(prepared, feed=feed))
     best = (compressed, choice, drop_q, reasons)
     order = sensitivity_order(prepared, problems, train, config.seed) if config.iterative else None
 
@@ -47,7 +47,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
         nonlocal best
         model = build(prepared, problems, choice_)
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
-        macs = sum(c.macs for c in node_costs(model, shapes))  # the fine-tuned model has the same layers
+        macs = sum(c.macs for c in node_costs(model, feed=feed))  # the fine-tuned model has the same layers
         entry = {"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop}
         report.finetune.append(entry)
         try:

@@ -31,7 +31,7 @@ from .report import LayerReport, Report
 from .selection import Choice, Search
 from .selection.candidates import build_problems, price_latency
 from .selection.strategy import select
-from .verify import build, require_finite, tuned_to_eps, verify_heldout
+from .verify import build, check_model, require_finite, tuned_to_eps, verify_heldout
 
 Progress = Callable[[str, int | None], Callable[[], None]]  # stage name, steps (None: open-ended) -> advance()
 
@@ -98,7 +98,14 @@ class _Calibrated:
     search_ref: list[np.ndarray]  # the original's outputs on each part
     held_ref: list[np.ndarray]
     metric: str
-    shapes: dict[str, tuple[int, ...]]  # one sample's inputs, as node_costs counts them
+    feed: dict[str, np.ndarray]  # one run of one sample (or of the model's fixed batch): costs are counted at it
+
+    def macs(self, model: onnx.ModelProto, kind: str = "macs") -> float:
+        """The model's MACs (or parameters) per sample."""
+        costs = node_costs(model, feed=self.feed)
+        if kind == "params":
+            return sum(c.params for c in costs)
+        return sum(c.macs for c in costs) // self.data.batch_for(1)
 
 
 def _load(model, config: CompressConfig, report: Report) -> tuple[onnx.ModelProto, onnx.ModelProto, list[LayerTarget]]:
@@ -146,8 +153,7 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
     metric = resolve_metric(config.metric, search_ref, data.labels)
     report.metric = metric
-    shapes = {name: (1,) + array.shape[1:] for name, array in data.inputs.items()}
-    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, shapes)
+    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, data.sample_feed())
 
 
 def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTimer | None,
@@ -179,13 +185,13 @@ def _search(prepared, problems, cal: _Calibrated, config: CompressConfig, timer:
     if timer is not None:
         total = time_session(runtime_session(prepared, config.provider, config.threads), _latency_feed(cal, config)).median
     else:
-        total = sum(c.macs if config.cost == "macs" else c.params for c in node_costs(prepared, cal.shapes))
+        total = cal.macs(prepared, config.cost)
     # latencies measured apart do not add up exactly, so never below zero
     return Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0))
 
 
 def _latency_feed(cal: _Calibrated, config: CompressConfig) -> dict[str, np.ndarray]:
-    return {k: np.repeat(v[:1], config.latency_batch, axis=0) for k, v in cal.data.inputs.items()}
+    return next(cal.data.take(np.zeros(config.latency_batch, dtype=int)).batches(config.latency_batch))[0]
 
 
 def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _Calibrated, config: CompressConfig,
@@ -220,7 +226,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
             reasons[p.name] += " (backed off: the held-out drop exceeded eps)"
     before_q = quality(cal.metric, cal.held_ref, cal.held_ref, cal.held.labels)
     report.quality_before, report.quality_after, report.drop = before_q.value, drop_q.value, drop_q.drop
-    onnx.checker.check_model(compressed, full_check=True)
+    check_model(compressed, prepared)
     if timer is not None:
         sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
         report.latency_before, report.latency_after = (
@@ -242,7 +248,7 @@ def _finetune(original, prepared, problems, choice: Choice, reasons, compressed,
                    "training loss (or the model diverged)")
         _warn(report, message, stacklevel=4)
     report.quality_after, report.drop = drop_q.value, drop_q.drop
-    onnx.checker.check_model(compressed, full_check=True)
+    check_model(compressed, prepared)
     return compressed, choice, reasons
 
 
@@ -251,8 +257,7 @@ def _summarize(report: Report, prepared, compressed, problems, choice: Choice, r
     """Per-layer and whole-model numbers of the result into the report."""
     report.trace = search.trace
     report.layers = [_layer_report(p, choice[p.name], reasons[p.name], timed) for p in problems]
-    before, after = node_costs(prepared, cal.shapes), node_costs(compressed, cal.shapes)
-    report.macs_before, report.macs_after = sum(c.macs for c in before), sum(c.macs for c in after)
+    report.macs_before, report.macs_after = cal.macs(prepared), cal.macs(compressed)
     report.params_before, report.params_after = model_params(prepared), model_params(compressed)
     report.file_size_after = compressed.ByteSize()
 

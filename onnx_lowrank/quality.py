@@ -46,14 +46,14 @@ def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSe
 
 def predict(model: onnx.ModelProto | ort.InferenceSession, data: CalibrationSet, batch_size: int = 64,
             outputs: list[str] | None = None) -> list[np.ndarray]:
-    """The named outputs (default: the graph's) over the whole set, batch by batch."""
+    """The named outputs (default: the graph's) over the whole set, in the batches the model takes."""
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = outputs or [o.name for o in sess.get_outputs()]
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in data.batches(batch_size):
-        for store, value in zip(parts, sess.run(names, feed)):
-            store.append(value)
-    return [np.concatenate(p) for p in parts]
+    runs: list[list[tuple[np.ndarray, int]]] = [[] for _ in names]
+    for feed, count in data.batches(batch_size):
+        for store, value in zip(runs, sess.run(names, feed)):
+            store.append((value, count))
+    return [data.join(r) for r in runs]
 
 
 def is_classifier(outputs: list[np.ndarray]) -> bool:

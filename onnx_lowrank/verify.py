@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from .config import CompressConfig
-from .errors import InvalidModel
+from .errors import InvalidModel, first_line
 from .graph import replace_layers
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.index import FLOAT_TYPES
@@ -116,3 +116,17 @@ def step_back(problems, choice: Choice) -> Choice:
     choice[worst.name] = min(better, key=lambda c: c.cost) if better else worst.keep
     return choice
 
+
+def check_model(compressed: onnx.ModelProto, prepared: onnx.ModelProto) -> None:
+    """onnx's full check of the model to be written. Where it fails, and fails on the prepared
+    original too, the fault is the model's own (an output declared with the wrong shape, which
+    onnxruntime runs regardless): one line that says so."""
+    try:
+        onnx.checker.check_model(compressed, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        try:
+            onnx.checker.check_model(prepared, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+            raise InvalidModel(f"the model fails onnx's full check, so its compressed form would too: "
+                               f"{first_line(e)}") from None
+        raise

@@ -103,7 +103,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
     about max(MIN_ROWS, ROWS_PER_DIM * d) input rows over the whole set, spread over the batches,
     so the cost does not grow with the images' size."""
     rng = np.random.default_rng(seed)
-    batches = -(-len(data) // batch_size)
+    batches = -(-len(data) // data.batch_for(batch_size))
     outputs = [o.name for o in model.graph.output]
     graph_inputs = {i.name for i in model.graph.input}
     wanted = []
@@ -115,14 +115,16 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
     names = outputs + wanted
 
     stats: dict[str, LayerStats] = {}
-    results: list[list[np.ndarray]] = [[] for _ in outputs]
-    for feed in data.batches(batch_size):
+    results: list[list[tuple[np.ndarray, int]]] = [[] for _ in outputs]
+    for feed, count in data.batches(batch_size):
         values = dict(zip(names, sess.run(names, feed)))
         values.update(feed)
         for store, name in zip(results, outputs):
-            store.append(values[name])
+            store.append((values[name], count))
         for t in targets:
             x = values[activation_name(t)]
+            if data.run_batch and count < data.run_batch and not data.whole and not t.inputs_in_columns:
+                x = x[:count]  # a fixed batch filled up with repeats: those are not seen twice
             dim = t.layer.in_per_group * int(np.prod(t.layer.kernel))
             rows = patches(x, t.layer, rng, -(-max(MIN_ROWS, ROWS_PER_DIM * dim) // batches),
                            t.inputs_in_columns)
@@ -142,7 +144,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
                 merged, merged_keys = np.concatenate([s.sample, rows]), np.concatenate([s.sample_keys, keys])
                 order = np.argsort(merged_keys)[:keep]
                 s.sample, s.sample_keys = merged[order], merged_keys[order]
-    return stats, [np.concatenate(r) for r in results]
+    return stats, [data.join(r) for r in results]
 
 
 def _in_spatial(target: LayerTarget, x: np.ndarray) -> tuple[int, ...]:

@@ -59,11 +59,19 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 @dataclass
 class CalibrationSet:
+    """Samples along the first axis of every array. An array of the model input's own rank has
+    them along the input's batch axis; an array of one more dimension holds one whole model
+    input per sample (a state `[2, 1, 128]`, a scalar sample rate, a whole sequence): such a
+    model takes one sample per run. `run_batch` is the most samples one run takes (1 then, or a
+    batch the model fixes; None: any)."""
+
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = ""
     synthetic: bool = False
     indices: np.ndarray = field(default=None)  # positions in the set it was taken from
+    whole: frozenset[str] = frozenset()        # inputs given one whole model input per sample
+    run_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.indices is None:
@@ -76,7 +84,7 @@ class CalibrationSet:
     def take(self, idx: np.ndarray) -> "CalibrationSet":
         labels = None if self.labels is None else self.labels[idx]
         return CalibrationSet({k: v[idx] for k, v in self.inputs.items()}, labels, self.source,
-                              self.synthetic, self.indices[idx])
+                              self.synthetic, self.indices[idx], self.whole, self.run_batch)
 
     def split(self, holdout: float, seed: int) -> tuple["CalibrationSet", "CalibrationSet"]:
         """Search and held-out parts, disjoint, drawn with `seed`."""
@@ -88,9 +96,32 @@ class CalibrationSet:
         n_held = min(max(1, round(n * holdout)), n - 1)
         return self.take(np.sort(order[n_held:])), self.take(np.sort(order[:n_held]))
 
-    def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(self), size):
-            yield {k: v[start:start + size] for k, v in self.inputs.items()}
+    def batch_for(self, size: int) -> int:
+        """The samples one run takes when `size` are asked for."""
+        return size if self.run_batch is None else self.run_batch
+
+    def batches(self, size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Feeds in the batches the model accepts (about `size` samples, or its fixed batch), with
+        how many samples each holds: a fixed batch's last run is filled up by repeating its last
+        sample, whose outputs `join` drops."""
+        step = self.batch_for(size)
+        n = len(self)
+        for start in range(0, n, step):
+            count = min(step, n - start)
+            take = np.arange(start, start + step).clip(max=n - 1) if self.run_batch else np.arange(start, start + count)
+            yield {k: np.asarray(v[take[0]]) if k in self.whole else v[take] for k, v in self.inputs.items()}, count
+
+    def join(self, runs: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """One output over the set from its values per run (with each run's sample count):
+        stacked when each run is one whole sample, else joined along the batch axis."""
+        if self.whole:
+            return np.stack([value for value, _ in runs])
+        return np.concatenate([value[:count] if value.ndim else value for value, count in runs])
+
+    def sample_feed(self) -> dict[str, np.ndarray]:
+        """One run's feed of the first sample (filled up to the model's fixed batch), at which
+        the model's costs are counted."""
+        return next(self.take(np.zeros(1, dtype=int)).batches(1))[0]
 
 
 def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
@@ -261,13 +292,23 @@ def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
     n = next(iter(counts.values()))
     if n == 0:
         raise CalibrationError("calibration data holds no samples")
+    whole, fixed = set(), {}
     for spec in specs:
         array = data.inputs[spec.name]
-        if array.ndim != len(spec.shape):
-            raise CalibrationError(f"input {spec.name!r}: calibration array has shape {array.shape}, "
-                                   f"the model wants {len(spec.shape)} dims {spec.shape}")
-        for i, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
-            if isinstance(want, int) and want > 0 and got != want:
+        if array.ndim == len(spec.shape) + 1:  # one whole model input per sample
+            whole.add(spec.name)
+            want = spec.shape
+            got = array.shape[1:]
+        elif array.ndim == len(spec.shape):     # samples along the input's batch axis
+            want, got = spec.shape[1:], array.shape[1:]
+            if isinstance(spec.shape[0], int) and spec.shape[0] > 0:
+                fixed[spec.name] = spec.shape[0]
+        else:
+            raise CalibrationError(f"input {spec.name!r}: calibration array has shape {array.shape}, the model "
+                                   f"wants {len(spec.shape)} dims {spec.shape} (samples along its first axis), "
+                                   f"or {len(spec.shape) + 1} for one whole input per sample")
+        for i, (g, w) in enumerate(zip(got, want), start=array.ndim - len(want)):
+            if isinstance(w, int) and w > 0 and g != w:
                 raise CalibrationError(f"input {spec.name!r}: calibration array has shape {array.shape}, "
                                        f"the model wants {spec.shape} (dim {i} differs)")
         if array.dtype != spec.dtype:
@@ -277,6 +318,7 @@ def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
             data.inputs[spec.name] = array.astype(spec.dtype)
         if np.issubdtype(spec.dtype, np.floating) and not np.all(np.isfinite(data.inputs[spec.name])):
             raise CalibrationError(f"input {spec.name!r}: calibration array contains NaN or Inf")
+    data.whole, data.run_batch = frozenset(whole), _run_batch(whole, fixed)
     if data.labels is not None:
         if data.labels.ndim != 1:
             raise CalibrationError(f"labels must be one class index per sample (1-D); got shape {data.labels.shape}")
@@ -285,3 +327,12 @@ def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
         if not np.issubdtype(data.labels.dtype, np.integer):
             raise CalibrationError(f"labels must be integers (class indices); got {data.labels.dtype}")
 
+
+def _run_batch(whole: set[str], fixed: dict[str, int]) -> int | None:
+    """The samples one run takes: 1 when an input is one whole sample, a batch the model's
+    inputs fix, or None (any)."""
+    batches = set(fixed.values()) | ({1} if whole else set())
+    if len(batches) > 1:
+        raise CalibrationError(f"the inputs want different batches: {fixed}"
+                               + (f" and one sample per run for {', '.join(sorted(whole))}" if whole else ""))
+    return batches.pop() if batches else None

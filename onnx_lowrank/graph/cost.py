@@ -41,9 +41,19 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
     return infer_shapes(fixed)
 
 
-def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> list[NodeCost]:
+def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+               feed: dict[str, np.ndarray] | None = None) -> list[NodeCost]:
+    """Each node's cost at the inputs' `shapes` (or `feed`'s). Where onnx's shape inference gives
+    up (paddle2onnx graphs: a Reshape whose shape is computed), the shapes onnxruntime computes
+    running `feed`, when given, are taken instead of refusing a model that runs."""
+    if feed is not None and shapes is None:
+        shapes = {k: v.shape for k, v in feed.items()}
     fixed = with_input_shapes(model, shapes)
     index = GraphIndex(fixed.graph)
+    wanted = [n for node in fixed.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")
+              for n in (node.input[0], node.input[1], node.output[0])]
+    unknown = [n for n in dict.fromkeys(wanted) if index.static_shape(n) is None]
+    measured = runtime_shapes(model, unknown, feed) if unknown and feed is not None else {}
 
     def size(name: str) -> int:
         if name in index.initializers and name not in index.graph_inputs:
@@ -53,7 +63,7 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
         return value.size if value is not None and np.issubdtype(value.dtype, np.floating) else 0
 
     def dims(name: str) -> tuple[int, ...]:
-        shape = index.static_shape(name)
+        shape = index.static_shape(name) or measured.get(name)
         if shape is None:
             raise InvalidModel(f"the shape of {name!r} cannot be inferred at the calibration inputs' shapes: "
                                "do the shapes the model declares contradict its graph?")
@@ -78,3 +88,19 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
             macs = math.prod(dims(node.output[0])) * a[-1]
         costs.append(NodeCost(node.name, node.op_type, params, macs))
     return costs
+
+
+def runtime_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors `names` as onnxruntime computes them running `feed`."""
+    from ..quality import RUNTIME_ERRORS, session
+    from .downstream import with_outputs
+
+    graph_inputs = {i.name for i in model.graph.input}
+    inner = [n for n in names if n not in graph_inputs]
+    try:
+        values = session(with_outputs(model, inner)).run(inner, feed)
+    except RUNTIME_ERRORS:  # the caller's error says which shape is missing
+        return {}
+    shapes = {n: tuple(v.shape) for n, v in zip(inner, values)}
+    shapes.update((n, tuple(feed[n].shape)) for n in names if n in graph_inputs and n in feed)
+    return shapes

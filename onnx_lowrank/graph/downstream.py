@@ -10,44 +10,105 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .index import subgraph_inputs
+from .index import constant_node_value, subgraph_inputs
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs `names` (typed as inferred; float when inference did
-    not reach them), the trick of onnxruntime's MinMaxCalibrater.augment_graph."""
+    """A copy of `model` that also outputs `names`, the trick of onnxruntime's
+    MinMaxCalibrater.augment_graph. Typed as inferred; where inference did not reach a tensor
+    (paddle2onnx graphs), untyped: onnxruntime takes the type it computes, where a guess (float)
+    would fail the session on a shape tensor."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     infos = {vi.name: vi for vi in model.graph.value_info}
     present = {o.name for o in model.graph.output}
     for n in names:
         if n not in present:
-            out.graph.output.append(infos[n] if n in infos else
-                                    helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            out.graph.output.append(infos[n] if n in infos else onnx.ValueInfoProto(name=n))
     return out
 
 
 @dataclass
 class Downstream:
-    nodes: list[int]     # indices of the nodes that depend on the start node, itself included
+    nodes: list[int]     # indices of the nodes to run: those that depend on the start node, itself
+    #                      included, and the input-independent ones they read (Constant nodes, ...)
     frontier: list[str]  # what they read that the rest of the graph or its inputs give
     outputs: list[str]   # the graph outputs they compute (the others cannot change)
 
 
+# ops whose output is not a function of their inputs alone
+_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"}
+_INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+                  onnx.TensorProto.UINT64, onnx.TensorProto.UINT32, onnx.TensorProto.UINT16,
+                  onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
+# ops that carry shapes and indices through when their inputs are integers
+_SHAPE_OPS = {"Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Add", "Sub", "Mul", "Div", "Floor", "Ceil",
+              "Max", "Min", "Reshape", "Expand", "Tile", "Range", "ReduceProd", "Identity", "Equal", "Where",
+              "Not", "Less", "Greater", "Abs", "Neg", "Mod", "ConstantOfShape", "Transpose"}
+
+
+def _integer_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that hold shapes, indices or masks rather than data: typed so by shape inference,
+    or produced by Shape/Size, or by index arithmetic on such tensors (where inference gave up)."""
+    integer = {vi.name for vi in list(graph.value_info) + list(graph.input) + list(graph.output)
+               if vi.type.tensor_type.elem_type in _INTEGER_TYPES}
+    integer |= {t.name for t in graph.initializer if t.data_type in _INTEGER_TYPES}
+    for node in graph.node:
+        inputs = [n for n in node.input if n]
+        if node.op_type in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin"):
+            integer.update(node.output)
+        elif node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to in _INTEGER_TYPES:
+                integer.update(node.output)
+        elif node.op_type == "Constant":
+            value = constant_node_value(node)
+            if value is not None and not np.issubdtype(value.dtype, np.floating):
+                integer.update(node.output)
+        elif node.op_type in _SHAPE_OPS and inputs and all(n in integer for n in inputs[:1]):
+            integer.update(node.output)
+    return integer
+
+
 def downstream(graph: onnx.GraphProto, start: onnx.NodeProto) -> Downstream:
-    """What depends on `start`, by one pass in graph (topological) order."""
-    constants = {t.name for t in graph.initializer}
+    """What depends on `start`, by one pass in graph (topological) order, and what those nodes
+    need to run alone. Shapes and indices they read are computed inside the part from what they
+    are computed of, not fed at its frontier: fed as inputs, their values are unknown when
+    onnxruntime builds the session, and its shape inference of a Resize whose sizes are
+    Concat(Slice(Shape(x), starts, ends), Cast(...)) fails ("Number of elements of input 'sizes'
+    (0) must be same as rank of input 'X'"). Tensors that depend on no input at all (a Constant
+    node's) are computed inside the part for the same reason."""
+    initializers = {t.name for t in graph.initializer}
+    constant_tensors = set(initializers)
+    integer = _integer_tensors(graph)
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
     tainted: set[str] = set()
-    nodes: list[int] = []
-    frontier: dict[str, None] = {}
+    nodes: set[int] = set()
+
+    def reads(node: onnx.NodeProto) -> list[str]:
+        return [n for n in node.input if n] + sorted(subgraph_inputs(node))
+
     for i, node in enumerate(graph.node):
-        reads = [n for n in node.input if n] + sorted(subgraph_inputs(node))
-        if (node.output and node.output[0] == start.output[0]) or any(n in tainted for n in reads):
-            nodes.append(i)
+        if all(n in constant_tensors for n in reads(node)) and node.op_type not in _NONDETERMINISTIC:
+            constant_tensors.update(node.output)
+        elif (node.output and node.output[0] == start.output[0]) or any(n in tainted for n in reads(node)):
+            nodes.add(i)
             tainted.update(node.output)
-            frontier.update((n, None) for n in reads if n not in tainted and n not in constants)
+    # pull in the producers of what the part reads that is constant or a shape, back to data tensors
+    needed = [n for i in nodes for n in reads(graph.node[i])]
+    while needed:
+        name = needed.pop()
+        i = producer.get(name)
+        if i is None or i in nodes or not (name in constant_tensors or name in integer):
+            continue
+        nodes.add(i)
+        needed.extend(reads(graph.node[i]))
+    made = {o for i in nodes for o in graph.node[i].output}
+    frontier = dict.fromkeys(n for i in sorted(nodes) for n in reads(graph.node[i])
+                             if n not in made and n not in initializers)
     outputs = [o.name for o in graph.output if o.name in tainted]
-    return Downstream(nodes, list(frontier), outputs)
+    return Downstream(sorted(nodes), list(frontier), outputs)
 
 
 def downstream_model(model: onnx.ModelProto, part: Downstream, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:

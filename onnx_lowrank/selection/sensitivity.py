@@ -21,25 +21,34 @@ SUBSET = 16  # enough to rank layers by how far their error travels (measured: t
 # on three models as with 32); it costs one pass each
 
 
-def output_distortion(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+def _squared(reference: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[float, float]:
+    """The squared change of the outputs, and their squared size."""
     num = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for r, o in zip(reference, outputs))
     den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    return num, den
+
+
+def output_distortion(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    num, den = _squared(reference, outputs)
     return num / max(den, 1e-300)
 
 
 def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: CalibrationSet) -> dict[str, float]:
     """Each layer's probe runs only the part of the model downstream of it, fed with the tensors
-    at that part's frontier from one run of the whole model (about half the work, on average,
-    of running everything again)."""
+    at that part's frontier from a run of the whole model on the same batch (about half the work,
+    on average, of running everything again). Run by run, in the batches the model takes: a
+    frontier tensor need not be batch-major (a shape computed upstream), so values of several
+    runs could not be joined."""
     subset = data.take(np.arange(min(SUBSET, len(data))))
     outputs = [o.name for o in model.graph.output]
     parts = {p.name: downstream(model.graph, p.target.node) for p in problems}
     inner = list(dict.fromkeys(n for part in parts.values() for n in part.frontier if n not in subset.inputs))
-    # one run over the whole subset, not batches: a frontier tensor need not be batch-major (a
-    # shape computed upstream), so values of several batches could not be joined
-    values = dict(zip(outputs + inner, session(with_outputs(model, inner)).run(outputs + inner, subset.inputs)))
-    values.update(subset.inputs)
-    reference = [values[n] for n in outputs]
+    full = session(with_outputs(model, inner))
+    runs = []
+    for feed, _ in subset.batches(SUBSET):
+        values = dict(zip(outputs + inner, full.run(outputs + inner, feed)))
+        values.update(feed)
+        runs.append(values)
     out = {}
     for p in problems:
         probes = [c for c in p.candidates if c.factors is not None and c.error > 0]
@@ -48,8 +57,15 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
             continue
         c = min(probes, key=lambda c: abs(np.log(c.error / PROBE_ERROR)))
         part = parts[p.name]
-        feeds = {n: values[n] for n in part.frontier}
-        sub = replace_layers(downstream_model(model, part, feeds), [(p.target, c.factors)], infer=False)
-        changed = dict(zip(part.outputs, session(sub).run(part.outputs, feeds)))
-        out[p.name] = max(output_distortion(reference, [changed.get(n, values[n]) for n in outputs]), 1e-12) / c.error ** 2
+        sub = None
+        num = den = 0.0
+        for values in runs:
+            feeds = {n: values[n] for n in part.frontier}
+            if sub is None:  # typed from the first run's feeds: their dtypes and ranks do not change
+                sub = session(replace_layers(downstream_model(model, part, feeds), [(p.target, c.factors)],
+                                             infer=False))
+            changed = dict(zip(part.outputs, sub.run(part.outputs, feeds)))
+            n, d = _squared([values[n] for n in outputs], [changed.get(n, values[n]) for n in outputs])
+            num, den = num + n, den + d
+        out[p.name] = max(num / max(den, 1e-300), 1e-12) / c.error ** 2
     return out
