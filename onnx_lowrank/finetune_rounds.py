@@ -72,7 +72,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
     def key(c: Choice) -> tuple:
         return tuple(id(c[p.name]) for p in problems)
 
-    if any(c.factors is not None for c in choice.values()):
+    if any(c.factored for c in choice.values()):
         attempt(f"selected for eps {config.eps:g}", config.eps, choice, reasons)
     if not tuned_to_eps(config):
         return best
@@ -105,7 +105,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
                 raised[name] = raised.get(name, 0) + 1
             current_reasons = {
                 k: v if k not in raised else
-                f"{v} (raised {5 * raised[k]}% of its cost by the cosine analysis)" if current[k].factors is not None
+                f"{v} (raised {5 * raised[k]}% of its cost by the cosine analysis)" if current[k].factored
                 else "kept: raised to full cost by the cosine analysis"
                 for k, v in selected_reasons.items()}
             how = f"raised {len(named)} layer(s) 5% (cosine)"
@@ -141,6 +141,6 @@ def finetune_iteratively(original, prepared, problems, choice: Choice, order: li
             return lambda layer: c.factors
         return lambda layer: decompose(replace(layer, input_cov=p.layer.input_cov), c.method, rank=c.ranks)
 
-    steps = [(name, refactor(by_name[name], choice[name])) for name in order if choice[name].factors is not None]
+    steps = [(name, refactor(by_name[name], choice[name])) for name in order if choice[name].factored]
     return finetune_iteratively(prepared, original, steps, data, options)
 

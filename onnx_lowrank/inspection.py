@@ -54,7 +54,7 @@ def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, b
         def cheapest(err: float) -> str:
             fits = [c for c in problem.candidates if c.error <= err]
             best = min(fits, key=lambda c: c.cost)
-            return "1.00 (keep)" if best.factors is None else f"{best.cost / problem.base_cost:.2f} {best.method}"
+            return "1.00 (keep)" if not best.factored else f"{best.cost / problem.base_cost:.2f} {best.method}"
 
         rows.append(Compressibility(methods, None, int(problem.base_cost), cheapest(0.1), cheapest(0.3)))
     return rows

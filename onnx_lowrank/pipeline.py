@@ -440,7 +440,7 @@ def _confirm_latency(timer: LayerTimer, problems, choice: Choice, reasons: dict[
     choice = dict(choice)
     for p in problems:
         c = choice[p.name]
-        if c.factors is None:
+        if not c.factored:
             continue
         c.cost = timer.seconds(p.target, p.stats.in_shape, c.factors)
         if c.cost >= p.base_cost:

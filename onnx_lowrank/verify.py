@@ -20,7 +20,7 @@ from .selection import Choice
 
 
 def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True) -> onnx.ModelProto:
-    chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factors is not None]
+    chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factored]
     return replace_layers(prepared, chosen, infer)
 
 
@@ -61,7 +61,7 @@ def verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, c
         path[0] = confirm(path[0])
     steps = 0
     if back_off and not holds(path[0]):
-        while any(c.factors is not None for c in path[-1].values()):
+        while any(c.factored for c in path[-1].values()):
             path.append(step_back(problems, path[-1]))
         failing, holding = 0, len(path) - 1
         while holding - failing > 1:
@@ -110,7 +110,7 @@ def require_finite(model: onnx.ModelProto, search_ref: list[np.ndarray], held_re
 def step_back(problems, choice: Choice) -> Choice:
     """The factored layer with the largest error to its next more accurate candidate."""
     choice = dict(choice)
-    worst = max((p for p in problems if choice[p.name].factors is not None), key=lambda p: choice[p.name].error)
+    worst = max((p for p in problems if choice[p.name].factored), key=lambda p: choice[p.name].error)
     current = choice[worst.name]
     better = [c for c in worst.candidates if c.error < current.error and c.method in (current.method, None)]
     choice[worst.name] = min(better, key=lambda c: c.cost) if better else worst.keep

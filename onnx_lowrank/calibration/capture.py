@@ -64,26 +64,46 @@ def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int
 
 @dataclass
 class LayerStats:
-    """Running statistics of one layer's inputs."""
+    """Running statistics of one layer's inputs. Their memory is bounded by what they can hold:
+    a K-wide input seen in n < K vectors (a classifier after a flatten or a global pool sees one
+    per sample) has a second moment of rank <= n, which the shrinkage below takes entirely to its
+    diagonal; such a layer keeps only the diagonal (K numbers, not K^2: VGG-16's first FC layer
+    25088 wide, 4.7 GiB in float64 as a full matrix). Layers that see more vectors than their
+    width keep the full matrix, which is then smaller than the vectors."""
 
-    moment_sum: np.ndarray       # (groups, d, d): sum of x x^T over the rows seen
+    moment_sum: np.ndarray       # (groups, d, d): sum of x x^T over the rows seen; (groups, d) if diagonal
     rows: int
     in_spatial: tuple[int, ...]  # what Layer.macs takes, from the real input
     in_shape: tuple[int, ...]    # the real input of one sample, batch dim 1
-    sample: np.ndarray           # (<= keep, groups, d): a uniform random sample of rows
+    sample: np.ndarray           # (<= keep, groups, d) float32: a uniform random sample of rows
     sample_keys: np.ndarray
+    is_conv: bool = True
 
     @property
     def dim(self) -> int:
         return self.moment_sum.shape[-1]
 
+    @property
+    def diagonal(self) -> bool:
+        return self.moment_sum.ndim == 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.moment_sum.nbytes + self.sample.nbytes + self.sample_keys.nbytes
+
     def second_moment(self, shrink: bool = True) -> np.ndarray:
         """E[x x^T], shrunk toward its diagonal by d / rows: with few vectors for its width (a
         classifier after global pooling sees one per sample) the full matrix fits the
         calibration set and not the data (DESIGN: MobileNetV2's 1280-wide classifier whitened
-        from 191 vectors lost 40% agreement on held-out photos)."""
+        from 191 vectors lost 40% agreement on held-out photos). A diagonal moment of a dense
+        layer stays a (d,) vector, which the whitening and the error meter take as the diagonal
+        matrix it is; a conv's is made a matrix (its decompositions slice blocks of it)."""
         m = self.moment_sum / max(self.rows, 1)
-        if shrink:
+        if self.diagonal:
+            if not self.is_conv and m.shape[0] == 1:
+                return m[0]
+            m = np.stack([np.diag(g) for g in m])
+        elif shrink:
             alpha = min(1.0, self.dim / max(self.rows, 1))
             diag = np.zeros_like(m)
             idx = np.arange(self.dim)
@@ -126,22 +146,30 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             if data.run_batch and count < data.run_batch and not data.whole and not t.inputs_in_columns:
                 x = x[:count]  # a fixed batch filled up with repeats: those are not seen twice
             dim = t.layer.in_per_group * int(np.prod(t.layer.kernel))
-            rows = patches(x, t.layer, rng, -(-max(MIN_ROWS, ROWS_PER_DIM * dim) // batches),
-                           t.inputs_in_columns)
+            budget = max(MIN_ROWS, ROWS_PER_DIM * dim)
+            rows = patches(x, t.layer, rng, -(-budget // batches), t.inputs_in_columns)
             keys = rng.random(len(rows))
             s = stats.get(t.name)
             if s is None:
-                d = rows.shape[-1]
+                g, d = rows.shape[1], rows.shape[-1]
                 # one sample's input: Gemm's transposed A has its samples along axis 1
                 one = x.shape[:1] + (1,) if t.op_type == "Gemm" and t.inputs_in_columns else (1,) + x.shape[1:]
-                s = stats[t.name] = LayerStats(np.zeros((rows.shape[1], d, d)), 0, _in_spatial(t, x),
-                                               one, rows[:0], keys[:0])
+                # the rows the whole set will give, at this batch's rate, against the width: fewer,
+                # and the shrinkage keeps only the diagonal (LayerStats)
+                expected = min(budget, len(rows) * batches)
+                moment = np.zeros((g, d) if expected <= d else (g, d, d))
+                s = stats[t.name] = LayerStats(moment, 0, _in_spatial(t, x), one,
+                                               rows[:0].astype(np.float32), keys[:0], t.layer.is_conv)
             flat = rows.astype(np.float32).transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
-            s.moment_sum += np.matmul(flat.transpose(0, 2, 1), flat).astype(np.float64)
+            if s.diagonal:
+                s.moment_sum += np.sum(np.square(flat, dtype=np.float64), axis=1)
+            else:
+                s.moment_sum += np.matmul(flat.transpose(0, 2, 1), flat).astype(np.float64)
             s.rows += len(rows)
             if keep:
                 # a uniform sample of everything seen: keep the rows with the smallest random keys
-                merged, merged_keys = np.concatenate([s.sample, rows]), np.concatenate([s.sample_keys, keys])
+                merged = np.concatenate([s.sample, rows.astype(np.float32)])
+                merged_keys = np.concatenate([s.sample_keys, keys])
                 order = np.argsort(merged_keys)[:keep]
                 s.sample, s.sample_keys = merged[order], merged_keys[order]
     return stats, [data.join(r) for r in results]

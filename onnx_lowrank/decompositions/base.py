@@ -216,11 +216,14 @@ class Factors(ABC):
         cov = layer.input_cov if cov is None else cov
         if cov is None:
             return self.error()
-        cov = cov.reshape((layer.groups,) + cov.shape[-2:])
         w = layer.weight.reshape(layer.groups, layer.out_channels // layer.groups, -1)
         dw = w - self.reconstruct().reshape(w.shape)
-        num = float(np.sum((dw @ cov) * dw))  # tr(dW S dW^T), through BLAS
-        den = float(np.sum((w @ cov) * w))
+        if cov.ndim == 1:  # a diagonal moment (a wide dense layer)
+            num, den = float(np.sum(dw * dw * cov)), float(np.sum(w * w * cov))
+        else:
+            cov = cov.reshape((layer.groups,) + cov.shape[-2:])
+            num = float(np.sum((dw @ cov) * dw))  # tr(dW S dW^T), through BLAS
+            den = float(np.sum((w @ cov) * w))
         return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
     def __repr__(self) -> str:
@@ -272,18 +275,28 @@ class Whitener:
     factor acting on that axis back: L^-T f."""
 
     def __init__(self, cov: np.ndarray):
+        """`cov`: a (d, d) moment, or a (d,) vector for a diagonal one (a wide dense layer seen in
+        fewer vectors than its width keeps only that: capture.LayerStats), whose root is its
+        square root, element by element."""
         d = cov.shape[0]
         # a little damping: unused inputs (dead channels, zero padding) make S singular
-        damp = 1e-6 * max(np.trace(cov) / d, 1e-30)
-        self.l = np.linalg.cholesky(cov + damp * np.eye(d))
+        damp = 1e-6 * max((np.sum(cov) if cov.ndim == 1 else np.trace(cov)) / d, 1e-30)
+        self.diagonal = cov.ndim == 1
+        self.l = np.sqrt(cov + damp) if self.diagonal else np.linalg.cholesky(cov + damp * np.eye(d))
+
+    def apply(self, m: np.ndarray) -> np.ndarray:
+        """m L: L applied on m's last axis."""
+        return m * self.l if self.diagonal else m @ self.l
 
     def into(self, w: np.ndarray, axis: int) -> np.ndarray:
-        return np.moveaxis(np.tensordot(w, self.l, axes=([axis], [0])), -1, axis)
+        return np.moveaxis(self.apply(np.moveaxis(w, axis, -1)), -1, axis)
 
     def back(self, f: np.ndarray, axis: int) -> np.ndarray:
         from scipy.linalg import solve_triangular
 
         moved = np.moveaxis(f, axis, 0)
+        if self.diagonal:
+            return np.moveaxis(moved / self.l.reshape((-1,) + (1,) * (moved.ndim - 1)), 0, axis)
         solved = solve_triangular(self.l.T, moved.reshape(moved.shape[0], -1), lower=False)
         return np.moveaxis(solved.reshape(moved.shape), 0, axis)
 

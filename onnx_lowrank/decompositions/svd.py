@@ -82,12 +82,13 @@ class Truncations:
 
     def output_errors(self, ranks: Sequence[int], root: np.ndarray, product: np.ndarray) -> list[float]:
         """Relative output errors ||(W - W_r) R|| / ||W R|| at each rank, R a root of the input
-        second moment and `product` W R (float32). Whitened by that moment, the tail of the
+        second moment ((d,): a diagonal one) and `product` W R (float32). Whitened by that moment, the tail of the
         singular values is the error itself; else W - W_r = U_>r S_>r V_>r^T and U's columns are
         orthonormal, so the error is the tail of the row norms of S V^T R: one product in all."""
         if self.white is not None:
             return [self.tail_error(r) for r in ranks]
-        rows = np.sum(np.square((self.s[:, None] * self.vt).astype(np.float32) @ root), axis=1, dtype=np.float64)
+        scaled = (self.s[:, None] * self.vt).astype(np.float32)
+        rows = np.sum(np.square(scaled * root if root.ndim == 1 else scaled @ root), axis=1, dtype=np.float64)
         tail = np.append(np.cumsum(rows[::-1])[::-1], 0.0)
         return relative_errors(dict(enumerate(tail)), product, ranks)
 

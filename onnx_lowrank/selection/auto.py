@@ -67,6 +67,6 @@ def select(search: Search, weights: dict[str, float]) -> tuple[Choice, dict[str,
     reasons = {}
     for p in search.problems:
         s = weights[p.name]
-        reasons[p.name] = (f"least cost + {lam} * s * error^2, s={s:.3g}" if choice[p.name].factors is not None
+        reasons[p.name] = (f"least cost + {lam} * s * error^2, s={s:.3g}" if choice[p.name].factored
                            else f"kept: no factorization pays for its error, s={s:.3g}")
     return choice, reasons

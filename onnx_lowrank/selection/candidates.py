@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import warnings
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -26,16 +28,72 @@ RANK_STEPS = 40                      # ladder length for rank-indexed methods
 EPS_STEPS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7)  # for eps-indexed ones
 
 
+class _FactorCache:
+    """The factors of candidates made on demand, the most recently used kept up to a number of
+    bytes. A ladder's factors held all at once are many times the layer: VGG-16's first FC layer
+    (4096 x 25088) has 30 SVD rungs below its cost, 4 GB of factors in float64; its truncations,
+    from which any rung is a slice, are two matrices of the layer's size."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.entries: OrderedDict[int, tuple[Factors, int]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, candidate: "Candidate") -> Factors:
+        key = id(candidate)
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key][0]
+        factors = candidate.make()
+        size = 8 * factors.params
+        with self.lock:
+            self.entries[key] = (factors, size)
+            self.used += size
+            while self.used > self.limit and len(self.entries) > 1:
+                _, (_, freed) = self.entries.popitem(last=False)
+                self.used -= freed
+        return factors
+
+    def forget(self, candidate: "Candidate") -> None:
+        with self.lock:
+            entry = self.entries.pop(id(candidate), None)
+            if entry is not None:
+                self.used -= entry[1]
+
+
+FACTORS = _FactorCache(512 * 2**20)
+
+
 @dataclass(eq=False)
 class Candidate:
     method: str | None            # None: keep the original layer
-    factors: Factors | None
+    stored: Factors | None        # its factors, or None when they are made on demand by `make`
     cost: float
     error: float                  # relative output error on the captured inputs
+    make: Callable[[], Factors] | None = field(default=None, repr=False)
+    made_ranks: tuple[int, ...] = ()
+
+    @property
+    def factored(self) -> bool:
+        """Whether this candidate replaces the layer (else it keeps it)."""
+        return self.method is not None
+
+    @property
+    def factors(self) -> Factors | None:
+        if self.stored is not None or self.make is None:
+            return self.stored
+        return FACTORS.get(self)
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        return () if self.factors is None else self.factors.ranks
+        if not self.factored:
+            return ()
+        return self.made_ranks if self.stored is None else self.stored.ranks
+
+    def __del__(self) -> None:  # ids are reused: a dead candidate's entry must not answer for a new one
+        if self.make is not None:
+            FACTORS.forget(self)
 
 
 @dataclass(eq=False)
@@ -97,6 +155,16 @@ def pair_ladder(full: tuple[int, int], multiple: int = 1) -> list[tuple[int, int
     """Tucker-2's (output, input) rank pairs, both at one fraction of their full ranks."""
     pairs = (normalize_ranks(f, full) for f in np.geomspace(1 / 64, 1, RANK_STEPS))
     return sorted({tuple(round_rank(r, n, multiple) for r, n in zip(p, full)) for p in pairs})
+
+
+class _Rung:
+    """A rung of a nested ladder, remade from the truncations when its factors are needed."""
+
+    def __init__(self, truncations, factors: Factors):
+        self.truncations, self.ranks = truncations, factors.ranks
+
+    def make(self) -> Factors:
+        return self.truncations.at(*self.ranks)
 
 
 @dataclass
@@ -175,13 +243,16 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
             costs = [cost_of(target.layer, f, stats.in_spatial, cost) for f in ladder.factors]
             cheaper = [(f, c) for f, c in zip(ladder.factors, costs) if c < base]  # never larger than the layer
             errors = meter.errors([f for f, _ in cheaper], ladder.truncations)
+            if ladder.truncations is not None:  # any rung is made again from the truncations on demand
+                cheaper = [(_Rung(ladder.truncations, f), c) for f, c in cheaper]
         except UnsupportedLayer as e:
             problem.declined[name] = str(e)
             continue
         except np.linalg.LinAlgError as e:
             problem.declined[name] = f"numerical failure: {e}"
             continue
-        cands.extend(Candidate(name, f, c, e) for (f, c), e in zip(cheaper, errors))
+        cands.extend(Candidate(name, None, c, e, f.make, f.ranks) if isinstance(f, _Rung) else Candidate(name, f, c, e)
+                     for (f, c), e in zip(cheaper, errors))
     cands.sort(key=lambda c: (c.cost, c.error))
     problem.candidates = cands + [Candidate(None, None, base, 0.0)]
     return problem
@@ -236,19 +307,27 @@ class ErrorMeter:
     dozens of candidates.) A nested ladder's errors all come from one pass (`errors`)."""
 
     def __init__(self, layer: Layer, moment: np.ndarray, white: Whitener | None = None):
-        """`white`: the moment's Whitener when the caller has it (groups == 1): its L is R."""
+        """`white`: the moment's Whitener when the caller has it (groups == 1): its L is R. A
+        (d,) moment is a diagonal one, R its square root."""
         g = layer.groups
-        cov = moment.reshape((g,) + moment.shape[-2:])
-        d = cov.shape[-1]
-        roots = [white.l] if white is not None else [Whitener(c).l for c in cov]
-        self.root = np.stack(roots).astype(np.float32)
+        d = moment.shape[-1]
+        self.diagonal = moment.ndim == 1
+        if self.diagonal:
+            self.root = (white or Whitener(moment)).l.astype(np.float32)[None]     # (1, d)
+        else:
+            cov = moment.reshape((g,) + moment.shape[-2:])
+            roots = [white.l] if white is not None else [Whitener(c).l for c in cov]
+            self.root = np.stack(roots).astype(np.float32)
         self.weight = layer.weight.reshape(g, layer.out_channels // g, d).astype(np.float64)
-        self.product = self.weight.astype(np.float32) @ self.root  # W R
+        self.product = self._times_root(self.weight.astype(np.float32))  # W R
         self.den = float(np.sum(np.square(self.product), dtype=np.float64))
+
+    def _times_root(self, m: np.ndarray) -> np.ndarray:
+        return m * self.root[:, None, :] if self.diagonal else m @ self.root
 
     def __call__(self, factors: Factors) -> float:
         dw = (self.weight - factors.reconstruct().reshape(self.weight.shape)).astype(np.float32)
-        num = float(np.sum(np.square(dw @ self.root), dtype=np.float64))
+        num = float(np.sum(np.square(self._times_root(dw)), dtype=np.float64))
         return float(np.sqrt(num / self.den)) if self.den > 0 else 0.0
 
     def errors(self, ladder: list[Factors], truncations: object | None = None) -> list[float]:

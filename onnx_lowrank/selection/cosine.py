@@ -81,7 +81,7 @@ def non_sequential(index: GraphIndex, problem: LayerProblem, input_name: str) ->
 def similarity(problem: LayerProblem, candidate: Candidate, act: Callable) -> float:
     """Cosine of the layer's outputs after its activation, original vs factored, on the sampled
     original inputs (all sampled positions together)."""
-    if candidate.factors is None:
+    if not candidate.factored:
         return 1.0
     rows = problem.stats.sample  # (m, groups, d)
     layer = problem.target.layer
@@ -117,7 +117,7 @@ class Similarity:
         """The layers to raise: the factored ones under their threshold; when none is (the drop
         still exceeds eps, so some layer must give), the `fallback` share of them that is least
         similar, at least one."""
-        factored = [p for p in problems if choice[p.name].factors is not None]
+        factored = [p for p in problems if choice[p.name].factored]
         low = [p for p in factored if self(p, choice[p.name]) < self.threshold[p.name]]
         if low:
             return low
@@ -129,7 +129,7 @@ def step_up(problem: LayerProblem, candidate: Candidate) -> Candidate:
     """004's step: 5% of the layer's cost less compression. The most accurate candidate of the same
     method costing at most 5% of the layer more (the next more accurate one when the ladder has
     nothing in that span); the original layer past the end of the ladder."""
-    if candidate.factors is None:
+    if not candidate.factored:
         return candidate
     fraction = candidate.cost / problem.base_cost + STEP
     if fraction >= 1:
@@ -182,5 +182,5 @@ def select(search: Search, model: onnx.ModelProto, methods: tuple[str, ...] | No
     for p in problems:
         c = choice[p.name]
         reasons[p.name] = (f"cosine {sim(p, c):.4f} (threshold {sim.threshold[p.name]}) after "
-                           f"{level[p.name]} step(s) of 5%" if c.factors is not None else "kept: raised to full cost")
+                           f"{level[p.name]} step(s) of 5%" if c.factored else "kept: raised to full cost")
     return choice, reasons

@@ -46,7 +46,7 @@ class Search:
     def drop(self, choice: Choice, knob: str = "") -> float:
         key = tuple(id(choice[p.name]) for p in self.problems)
         if key not in self._cache:
-            value = 0.0 if all(c.factors is None for c in choice.values()) else self.measure(choice)
+            value = 0.0 if all(not c.factored for c in choice.values()) else self.measure(choice)
             self._cache[key] = value
             self.trace.append(TracePoint(knob, self.cost_ratio(choice), value, value <= self.eps))
         return self._cache[key]

@@ -51,7 +51,7 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
         runs.append(values)
     out = {}
     for p in problems:
-        probes = [c for c in p.candidates if c.factors is not None and c.error > 0]
+        probes = [c for c in p.candidates if c.factored and c.error > 0]
         if not probes:
             out[p.name] = 1.0
             continue

@@ -30,11 +30,11 @@ def test_step_up_costs_at_most_five_percent_more_and_is_more_accurate(setup):
     for p in problems:
         for c in p.candidates:
             up = step_up(p, c)
-            if c.factors is None:
+            if not c.factored:
                 assert up is c
                 continue
             assert up.error < c.error or up is p.keep
-            if up.factors is not None:
+            if up.factored:
                 assert up.method == c.method
                 within = [d for d in p.of(c.method) if c.error > d.error and d.cost <= c.cost + STEP * p.base_cost]
                 if within:  # the best of the span, else the next more accurate rung
@@ -59,7 +59,7 @@ def test_the_analysis_names_the_least_similar_layers(setup):
     # every layer above its threshold: the less similar half for --select cosine, the least
     # similar one in the fine-tuning loop
     mild = {p.name: next(c for c in sorted(p.candidates, key=lambda c: c.cost)  # the cheapest above it
-                         if c.factors is not None and similar(p, c) >= similar.threshold[p.name]) for p in problems}
+                         if c.factored and similar(p, c) >= similar.threshold[p.name]) for p in problems}
     order = sorted(problems, key=lambda p: similar(p, mild[p.name]))
     assert similar.named(problems, mild) == order[: len(problems) // 2]
     _, named = raise_dissimilar(similar, problems, mild)

@@ -44,7 +44,7 @@ def test_sensitivities_equal_whole_model_runs(setup):
     subset = data.take(np.arange(SUBSET))
     reference = predict(model, subset)
     for p in problems:
-        probes = [c for c in p.candidates if c.factors is not None and c.error > 0]
+        probes = [c for c in p.candidates if c.factored and c.error > 0]
         c = min(probes, key=lambda c: abs(np.log(c.error / PROBE_ERROR)))
         changed = predict(replace_layers(model, [(p.target, c.factors)], infer=False), subset)
         slow = max(output_distortion(reference, changed), 1e-12) / c.error ** 2
