@@ -161,6 +161,17 @@ def _floats(option: str, text: str) -> tuple[float, ...]:
         raise ValueError(f"{option} takes comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}") from None
 
 
+def _bytes(option: str, text: str) -> int:
+    """'12G', '512M', '6000000000' -> bytes (K, M, G, T: powers of 1024)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        return int(float(t[:len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise ValueError(f"{option} takes a size such as 12G or 512M; got {text!r}") from None
+
+
 def _split(values: Optional[list[str]]) -> tuple[str, ...]:
     return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
 
@@ -214,7 +225,11 @@ def convert(
     verify: bool = typer.Option(True, help="Check the result on the held-out part: step back where the drop "
                                 "exceeds eps, fail (nothing written) if it still does or if outputs are NaN/Inf. "
                                 "--no-verify reports it and writes the model anyway."),
-    batch_size: int = typer.Option(64, help="Batch size of the onnxruntime runs."),
+    batch_size: int = typer.Option(64, help="Batch size of the onnxruntime runs (at most; --max-memory may run "
+                                   "fewer, a model with a fixed batch runs in its own)."),
+    max_memory: str = typer.Option("12G", help="Memory the conversion plans for (K, M, G): onnxruntime batches, "
+                                   "the layers' input statistics and factors are sized to it, and what does "
+                                   "not fit is one error line, not a kill. The default fits a 16 GB machine."),
     image_size: Optional[int] = typer.Option(None, help="Images: side of the centre crop (default: the model's)."),
     image_mean: str = typer.Option("0.485,0.456,0.406", help="Images: per-channel mean after scaling."),
     image_std: str = typer.Option("0.229,0.224,0.225", help="Images: per-channel std after scaling."),
@@ -234,6 +249,7 @@ def convert(
             merge=merge, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, iterative=iterative,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
+            max_memory=_bytes("--max-memory", max_memory),
             image=ImageOptions(size=image_size, mean=_floats("--image-mean", image_mean),
                                std=_floats("--image-std", image_std), layout=image_layout,
                                scale=image_scale))

@@ -43,7 +43,8 @@ class CompressConfig:
     finetune_lr: float = 3e-3              # ... its learning rate (SGD, momentum 0.9)
     iterative: bool = False                # ... layer by layer, most sensitive first (000), epochs per layer
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 64                   # samples per onnxruntime run, at most (--max-memory may run fewer)
+    max_memory: int = 12 * 2**30           # bytes the conversion plans for: run batches, statistics, factors
     image: ImageOptions = field(default_factory=ImageOptions)
 
     def validate(self) -> None:
@@ -82,6 +83,8 @@ class CompressConfig:
             raise ValueError("--energy goes with --select energy")
         if not 0 < self.holdout < 1:
             raise ValueError(f"--holdout is a share in (0, 1); got {self.holdout}")
+        if self.max_memory < 2**28:
+            raise ValueError(f"--max-memory must be at least 256M; got {self.max_memory} bytes")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1; got {self.batch_size}")
         if self.finetune_epochs < 0 or not self.finetune_lr > 0:

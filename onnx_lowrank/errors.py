@@ -32,3 +32,7 @@ class VerificationError(OnnxLowrankError):
 
 class FinetuneDiverged(OnnxLowrankError):
     """Fine-tuning drove the model to NaN or Inf outputs (the learning rate is too large for it)."""
+
+
+class OutOfMemory(OnnxLowrankError):
+    """The conversion would need more memory than --max-memory allows, or than the machine gave."""

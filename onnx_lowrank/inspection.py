@@ -26,12 +26,12 @@ class Compressibility:
 
 
 def _identity_stats(t: LayerTarget) -> LayerStats:
-    """Inputs with an identity second moment: output errors are then weight errors."""
+    """Inputs with an identity second moment, kept as its diagonal: output errors are then weight
+    errors."""
     d = t.layer.in_per_group * int(np.prod(t.layer.kernel))
-    eye = np.broadcast_to(np.eye(d), (t.layer.groups, d, d)).copy()
     shape = (1,) + tuple(t.input_shape[1:]) if t.input_shape else ()
-    return LayerStats(eye, 1, t.in_spatial or (1,) * max(len(t.layer.kernel), 1), shape,
-                      np.zeros((0, t.layer.groups, d)), np.zeros(0))
+    return LayerStats(np.ones((t.layer.groups, d)), 1, t.in_spatial or (1,) * max(len(t.layer.kernel), 1), shape,
+                      np.zeros((0, t.layer.groups, d), np.float32), np.zeros(0), t.layer.is_conv)
 
 
 def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, batch_size: int) -> list[Compressibility]:

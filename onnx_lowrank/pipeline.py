@@ -9,18 +9,18 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
 
-from .calibration.capture import capture
-from .calibration.data import CalibrationError, CalibrationSet, load_calibration, model_inputs
+from .calibration.capture import capture, memory_batch, statistics_bytes
+from .calibration.data import CalibrationError, CalibrationSet, input_layout, load_calibration, model_inputs
 from .config import CompressConfig
 from .decompositions import reason_not_applicable
-from .errors import InvalidModel, OnnxLowrankError, OutputError, VerificationError
+from .errors import InvalidModel, OnnxLowrankError, OutOfMemory, OutputError, VerificationError
 from .finetune_rounds import finetune_rounds
 from .graph import find_targets, load_model, node_costs, prepare, save_model
 from .graph.index import WEIGHT_TYPES
@@ -29,7 +29,7 @@ from .latency import LayerTimer, interleaved, runtime_session, time_session
 from .quality import RUNTIME_ERRORS, DropMeter, Quality, predict, quality, resolve_metric, runtime_message, session
 from .report import LayerReport, Report
 from .selection import Choice, Search
-from .selection.candidates import build_problems, price_latency
+from .selection.candidates import FACTORS, build_problems, price_latency
 from .selection.strategy import select
 from .verify import build, check_model, require_finite, tuned_to_eps, verify_heldout
 
@@ -63,10 +63,22 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     config = config or CompressConfig()
     config.validate()
     report = Report(config.eps, config.metric, config.select, config.cost, config.data_aware, {})
+    FACTORS.limit = config.max_memory // 16
+    try:
+        return _compress(model, config, calibration, labels, progress, report)
+    except MemoryError:
+        stage = next(reversed(report.timings), "load")
+        raise OutOfMemory(f"out of memory in the {stage} stage (--max-memory {config.max_memory / 2**30:.1f} GiB): "
+                          "give --max-memory what the machine can spare, or fewer calibration samples") from None
+
+
+def _compress(model, config: CompressConfig, calibration, labels, progress: Progress,
+              report: Report) -> tuple[onnx.ModelProto, Report]:
     with _timed(report, "load"):
         original, prepared, targets = _load(model, config, report)
     with _timed(report, "calibrate"):
         cal = _calibrate(original, prepared, targets, calibration, labels, config, report, progress)
+    config = replace(config, batch_size=cal.batch)
     timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch) \
         if config.cost == "latency" else None
     with _timed(report, "decompose"):
@@ -99,6 +111,7 @@ class _Calibrated:
     held_ref: list[np.ndarray]
     metric: str
     feed: dict[str, np.ndarray]  # one run of one sample (or of the model's fixed batch): costs are counted at it
+    batch: int                   # samples per run asked for: --batch-size, or fewer to fit --max-memory
 
     def macs(self, model: onnx.ModelProto, kind: str = "macs") -> float:
         """The model's MACs (or parameters) per sample."""
@@ -140,20 +153,24 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
                    "about real ones; give --calib for a result you can trust")
         _warn(report, message, stacklevel=4)
     search_set, held = data.split(config.holdout, config.seed)
-    report.calibration = {"source": data.source, "samples": len(data), "search": len(search_set),
-                          "heldout": len(held), "synthetic": data.synthetic, "labels": data.labels is not None}
     advance = progress("capture", 1)
     try:
-        stats, search_ref = capture(prepared, targets, search_set, config.batch_size, seed=config.seed)
-        held_ref = predict(original, held, config.batch_size)
+        # a run's tensors are sized to a quarter of --max-memory, the statistics to a third
+        batch = memory_batch(prepared, targets, search_set, config.batch_size, config.max_memory // 4)
+        stats, search_ref = capture(prepared, targets, search_set, batch, seed=config.seed,
+                                    stats_budget=config.max_memory // 3)
+        held_ref = predict(original, held, batch)
     except RUNTIME_ERRORS as e:
-        raise CalibrationError("onnxruntime failed running the model on the calibration data: "
-                               f"{runtime_message(e)}") from None
+        raise _runtime_failure("onnxruntime failed running the model on the calibration data", e) from None
     advance()
+    report.calibration = {"source": data.source, "samples": len(data), "search": len(search_set),
+                          "heldout": len(held), "synthetic": data.synthetic, "labels": data.labels is not None,
+                          "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch)}
+    report.memory = {"max_memory": config.max_memory, "statistics_bytes": statistics_bytes(stats)}
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
     metric = resolve_metric(config.metric, search_ref, data.labels)
     report.metric = metric
-    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, data.sample_feed())
+    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, data.sample_feed(), batch)
 
 
 def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTimer | None,
@@ -260,6 +277,23 @@ def _summarize(report: Report, prepared, compressed, problems, choice: Choice, r
     report.macs_before, report.macs_after = cal.macs(prepared), cal.macs(compressed)
     report.params_before, report.params_after = model_params(prepared), model_params(compressed)
     report.file_size_after = compressed.ByteSize()
+    report.memory["peak_rss_bytes"] = peak_rss()
+
+
+def peak_rss() -> int:
+    """This process's largest resident set so far, in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _runtime_failure(what: str, error: Exception) -> OnnxLowrankError:
+    """onnxruntime's error as ours: out of memory where it could not allocate, else `what`."""
+    message = runtime_message(error)
+    if "alloc" in message.lower():
+        return OutOfMemory(f"onnxruntime could not allocate memory ({message}); give --max-memory what the "
+                           "machine can spare, or a smaller --batch-size")
+    return CalibrationError(f"{what}: {message}")
 
 
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: CompressConfig | None = None,

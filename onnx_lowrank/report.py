@@ -9,6 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import OutputError
@@ -61,6 +62,7 @@ class Report:
     # was given; null for raised ranks), mac_ratio, drop_before, drop_after (null: the fine-tune
     # diverged), losses, lr (the rate it ended at), stopped (before its epochs), processes
     finetune: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # max_memory, statistics_bytes, peak_rss_bytes
 
     @property
     def mac_ratio(self) -> float:
@@ -69,6 +71,19 @@ class Report:
     @property
     def param_ratio(self) -> float:
         return self.params_before / self.params_after if self.params_after else 1.0
+
+    def how_run(self) -> str:
+        """One line: the inputs (declared shape, which dims are static), the batch the model ran
+        in, and the memory the statistics took."""
+        inputs = "; ".join(f"{name} {describe_input(spec)}" for name, spec in self.calibration["inputs"].items())
+        line = f"inputs: {inputs}; runs of {self.calibration['run_batch']} sample(s)"
+        m = self.memory
+        if "statistics_bytes" in m:
+            line += (f"; layer statistics {m['statistics_bytes'] / 2**20:,.0f} MiB of --max-memory "
+                     f"{m['max_memory'] / 2**30:.1f} GiB")
+        if "peak_rss_bytes" in m:
+            line += f"; peak RSS {m['peak_rss_bytes'] / 2**20:,.0f} MiB"
+        return line
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -116,6 +131,8 @@ class Report:
                       f"drop {self.drop:.4f} (eps {self.eps})")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         whole.caption = f"search-set drop {self.search_drop:.4f}; time: {timing}"
+        if self.calibration.get("inputs"):
+            whole.caption += "\n" + escape(self.how_run())  # [..] of the shapes is not markup
         if not self.finetune:
             return [layers, whole]
         rounds = Table(title="fine-tuning rounds (held-out drop before and after each fine-tune)")
@@ -191,3 +208,12 @@ class Report:
         written.append(folder / "layers.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
+
+
+def describe_input(spec: dict) -> str:
+    """'[?, 3, 224, 224] (dims 1-3 static), samples along axis 0' from calibration.input_layout's entry."""
+    dims = ", ".join(str(d) for d in spec["declared"])
+    static = [i for i, s in enumerate(spec["static"]) if s]
+    which = ("all static" if len(static) == len(spec["static"]) else "none static" if not static
+             else "static: dim " + ",".join(map(str, static)))
+    return f"[{dims}] ({which}), {spec['given']}"

@@ -13,6 +13,7 @@ import onnx
 
 from ..decompositions.base import Layer
 from ..graph.downstream import with_outputs
+from ..errors import OutOfMemory
 from ..graph.targets import LayerTarget, same_pads
 from ..quality import session
 from .data import CalibrationSet
@@ -34,7 +35,7 @@ def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int
             rows = x.reshape(-1, x.shape[-1])
         if len(rows) > max_rows:
             rows = rows[rng.choice(len(rows), max_rows, replace=False)]
-        return rows[:, None, :].astype(np.float64)
+        return rows[:, None, :].astype(np.float32)
     g = layer.geometry
     n = g.ndim
     pads = g.pads
@@ -59,7 +60,7 @@ def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int
     images = idx[0].reshape([len(pick)] + [1] * n)
     rows = x[(images, slice(None)) + tuple(coords)]         # (rows, *kernel, C): advanced axes first
     rows = np.moveaxis(rows * valid[..., None], -1, 1)      # (rows, C, *kernel)
-    return rows.reshape(len(pick), layer.groups, -1).astype(np.float64)
+    return rows.reshape(len(pick), layer.groups, -1).astype(np.float32)
 
 
 @dataclass
@@ -113,24 +114,51 @@ class LayerStats:
 
 
 ROWS_PER_DIM = 32      # rows sampled per layer over the whole set, per input dimension ...
-MIN_ROWS = 8192        # ... and at least this many: enough for a second moment, a bounded cost
+MIN_ROWS = 8192        # ... and at least this many: enough for a second moment, a bounded cost ...
+MAX_ROWS = 65536       # ... and at most this many: a 4608-wide conv (512 channels, 3x3) at 224^2 would
+#                        take 147k rows, 3e12 multiply-adds for its moment alone; 65536 rows estimate it
+#                        with a shrinkage of 7% toward the diagonal (d / rows)
+
+
+def row_budget(target: LayerTarget) -> int:
+    """Rows sampled from a layer's inputs over the whole calibration set."""
+    dim = target.layer.in_per_group * int(np.prod(target.layer.kernel))
+    return max(MIN_ROWS, min(ROWS_PER_DIM * dim, MAX_ROWS))
+
+
+def memory_batch(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet, batch_size: int,
+                 budget: int) -> int:
+    """The most samples (up to `batch_size`) a run of the capture may take for what it hands out
+    (every layer's input) and onnxruntime's own buffers, counted as as large again twice, to fit
+    `budget` bytes: measured on one sample. VGG-16 at 224^2 hands out 55 MB of layer inputs per
+    sample: 3.5 GB at a batch of 64."""
+    feed, _ = next(data.take(np.zeros(1, dtype=int)).batches(1))
+    values = session(with_outputs(model, _wanted(model, targets))).run(None, feed)
+    per_sample = sum(v.nbytes for v in values) + sum(v.nbytes for v in feed.values())
+    return max(1, min(batch_size, int(budget // max(3 * per_sample, 1))))
+
+
+def _wanted(model: onnx.ModelProto, targets: list[LayerTarget]) -> list[str]:
+    """The targets' inputs that are not graph inputs or outputs already."""
+    present = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    return list(dict.fromkeys(n for n in map(activation_name, targets) if n not in present))
+
+
+def statistics_bytes(stats: dict[str, LayerStats]) -> int:
+    return sum(s.nbytes for s in stats.values())
 
 
 def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet,
-            batch_size: int = 64, keep: int = 1024,
-            seed: int = 0) -> tuple[dict[str, LayerStats], list[np.ndarray]]:
+            batch_size: int = 64, keep: int = 1024, seed: int = 0,
+            stats_budget: int | None = None) -> tuple[dict[str, LayerStats], list[np.ndarray]]:
     """Statistics per target name, and the model's own outputs over `data`. Each layer samples
-    about max(MIN_ROWS, ROWS_PER_DIM * d) input rows over the whole set, spread over the batches,
-    so the cost does not grow with the images' size."""
+    `row_budget` input rows over the whole set, spread over the batches, so the cost does not
+    grow with the images' size. Statistics that would take more than `stats_budget` bytes are
+    refused before they are allocated (OutOfMemory, naming the widest layers)."""
     rng = np.random.default_rng(seed)
     batches = -(-len(data) // data.batch_for(batch_size))
     outputs = [o.name for o in model.graph.output]
-    graph_inputs = {i.name for i in model.graph.input}
-    wanted = []
-    for t in targets:
-        name = activation_name(t)
-        if name not in graph_inputs and name not in outputs and name not in wanted:
-            wanted.append(name)
+    wanted = _wanted(model, targets)
     sess = session(with_outputs(model, wanted))
     names = outputs + wanted
 
@@ -141,12 +169,13 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
         values.update(feed)
         for store, name in zip(results, outputs):
             store.append((values[name], count))
+        if not stats and stats_budget is not None:
+            _check_budget(targets, values, count, len(data), keep, stats_budget)
         for t in targets:
             x = values[activation_name(t)]
             if data.run_batch and count < data.run_batch and not data.whole and not t.inputs_in_columns:
                 x = x[:count]  # a fixed batch filled up with repeats: those are not seen twice
-            dim = t.layer.in_per_group * int(np.prod(t.layer.kernel))
-            budget = max(MIN_ROWS, ROWS_PER_DIM * dim)
+            budget = row_budget(t)
             rows = patches(x, t.layer, rng, -(-budget // batches), t.inputs_in_columns)
             keys = rng.random(len(rows))
             s = stats.get(t.name)
@@ -173,6 +202,28 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
                 order = np.argsort(merged_keys)[:keep]
                 s.sample, s.sample_keys = merged[order], merged_keys[order]
     return stats, [data.join(r) for r in results]
+
+
+def _check_budget(targets: list[LayerTarget], values: dict[str, np.ndarray], count: int, samples: int,
+                  keep: int, budget: int) -> None:
+    """What every layer's statistics will take (LayerStats: the full moment only where more rows
+    than its width will be seen), from the first batch, against `budget`."""
+    need = {}
+    for t in targets:
+        x = values[activation_name(t)]
+        d = t.layer.in_per_group * int(np.prod(t.layer.kernel))
+        g = t.layer.groups
+        per_sample = (x.size / max(d * g, 1) if not t.layer.is_conv else
+                      len(x) * int(np.prod(t.layer.geometry.out_size(x.shape[2:])))) / max(count, 1)
+        rows = min(row_budget(t), per_sample * samples)
+        need[t.name] = 8 * g * d * (d if rows > d else 1) + 4 * min(keep, rows) * g * d
+    total = sum(need.values())
+    if total > budget:
+        widest = sorted(need, key=lambda n: -need[n])[:3]
+        raise OutOfMemory(f"the layers' input statistics need {total / 2**30:.1f} GiB, more than the "
+                          f"{budget / 2**30:.1f} GiB --max-memory leaves them (widest: "
+                          + ", ".join(f"{n} {need[n] / 2**30:.2f} GiB" for n in widest)
+                          + "); give a larger --max-memory or --exclude the widest layers")
 
 
 def _in_spatial(target: LayerTarget, x: np.ndarray) -> tuple[int, ...]:

@@ -124,6 +124,15 @@ class CalibrationSet:
         return next(self.take(np.zeros(1, dtype=int)).batches(1))[0]
 
 
+def input_layout(model: onnx.ModelProto, data: CalibrationSet) -> dict[str, dict]:
+    """Per input: the shape the model declares, which of its dims are static, and how the
+    calibration arrays give it (for the report and `inspect`)."""
+    return {s.name: {"declared": [d if isinstance(d, int) else (d or "?") for d in s.shape],
+                     "static": [isinstance(d, int) and d > 0 for d in s.shape],
+                     "given": "one whole input per sample" if s.name in data.whole else "samples along axis 0"}
+            for s in model_inputs(model) if s.name in data.inputs}
+
+
 def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
                      image: ImageOptions = ImageOptions(), seed: int = 0) -> CalibrationSet:
     """Calibration inputs for `model` from `source` (None: synthetic), checked against the model's

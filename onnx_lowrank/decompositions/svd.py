@@ -66,9 +66,13 @@ class Truncations:
             self.white = None
         else:
             self.white = white or Whitener(layer.input_cov)
-        self.u, self.s, self.vt = thin_svd(matrix if self.white is None else self.white.into(matrix, 1))
-        # mapped back once: truncation and L^-1 act on different sides, so they commute
-        self.first_rows = self.vt if self.white is None else self.white.back(self.vt, 1)
+        self.u, self.s, vt = thin_svd(matrix if self.white is None else self.white.into(matrix, 1))
+        # mapped back once: truncation and L^-1 act on different sides, so they commute; in the
+        # weight's precision, which the factors are written in (a float32 4096 x 25088 layer's
+        # is 400 MB so, not 800)
+        self.first_rows = (vt if self.white is None else self.white.back(vt, 1)).astype(
+            np.promote_types(layer.weight.dtype, np.float32))
+        self.vt = vt if self.white is None else None  # only the unwhitened errors read it
 
     @property
     def full(self) -> int:

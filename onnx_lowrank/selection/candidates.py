@@ -10,6 +10,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -318,9 +319,19 @@ class ErrorMeter:
             cov = moment.reshape((g,) + moment.shape[-2:])
             roots = [white.l] if white is not None else [Whitener(c).l for c in cov]
             self.root = np.stack(roots).astype(np.float32)
-        self.weight = layer.weight.reshape(g, layer.out_channels // g, d).astype(np.float64)
-        self.product = self._times_root(self.weight.astype(np.float32))  # W R
-        self.den = float(np.sum(np.square(self.product), dtype=np.float64))
+        self.layer_weight, self.shape = layer.weight, (g, layer.out_channels // g, d)
+
+    @cached_property
+    def weight(self) -> np.ndarray:  # made when needed: a nested ladder's whitened errors do without
+        return self.layer_weight.reshape(self.shape).astype(np.float64)
+
+    @cached_property
+    def product(self) -> np.ndarray:  # W R
+        return self._times_root(self.layer_weight.reshape(self.shape).astype(np.float32))
+
+    @cached_property
+    def den(self) -> float:
+        return float(np.sum(np.square(self.product), dtype=np.float64))
 
     def _times_root(self, m: np.ndarray) -> np.ndarray:
         return m * self.root[:, None, :] if self.diagonal else m @ self.root
@@ -336,6 +347,8 @@ class ErrorMeter:
         if truncations is None:
             return [self(f) for f in ladder]
         ranks = [f.ranks if len(f.ranks) > 1 else f.ranks[0] for f in ladder]
+        if isinstance(truncations, svd.Truncations) and truncations.white is not None:  # the spectrum's tail is the error
+            return truncations.output_errors(ranks, self.root[0], None)
         return truncations.output_errors(ranks, self.root[0], self.product[0])
 
 
