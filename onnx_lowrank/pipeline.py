@@ -43,8 +43,9 @@ def _quiet_progress(stage: str, total: int) -> Callable[[], None]:
 @contextmanager
 def _timed(report: Report, stage: str) -> Iterator[None]:
     start = time.perf_counter()
+    report.timings.setdefault(stage, 0.0)  # listed from its start: an error names the stage it stopped in
     yield
-    report.timings[stage] = report.timings.get(stage, 0.0) + time.perf_counter() - start
+    report.timings[stage] += time.perf_counter() - start
 
 
 def _warn(report: Report, message: str, stacklevel: int = 3) -> None:
@@ -63,7 +64,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     config = config or CompressConfig()
     config.validate()
     report = Report(config.eps, config.metric, config.select, config.cost, config.data_aware, {})
-    FACTORS.limit = config.max_memory // 16
+    FACTORS.limit = config.max_memory // 32
     try:
         return _compress(model, config, calibration, labels, progress, report)
     except MemoryError:
@@ -137,10 +138,25 @@ def _load(model, config: CompressConfig, report: Report) -> tuple[onnx.ModelProt
     targets, skipped = _factorable(targets, skipped, config.methods or auto_methods())
     report.skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in skipped]
     if not targets:
-        message = "nothing to factor: the model has no Conv, Gemm or MatMul layer" + (
-            f" that can be ({len(skipped)} skipped; the report says why)" if skipped else "")
+        inside = _layers_in_subgraphs(prepared.graph)
+        if inside and not skipped:
+            message = (f"nothing to factor: the model's {inside} Conv/Gemm/MatMul layers are all inside If/Loop/Scan "
+                       "subgraphs, which the converter does not rewrite (an export without control flow would do)")
+        else:
+            message = "nothing to factor: the model has no Conv, Gemm or MatMul layer" + (
+                f" that can be ({len(skipped)} skipped; the report says why)" if skipped else "")
         _warn(report, message, stacklevel=4)
     return original, prepared, targets
+
+
+def _layers_in_subgraphs(graph: onnx.GraphProto) -> int:
+    """Conv, Gemm and MatMul nodes inside the subgraphs of `graph`'s nodes, at any depth."""
+    count = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                count += sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in g.node) + _layers_in_subgraphs(g)
+    return count
 
 
 def _calibrate(original, prepared, targets, calibration, labels, config: CompressConfig, report: Report,
@@ -155,8 +171,8 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
     search_set, held = data.split(config.holdout, config.seed)
     advance = progress("capture", 1)
     try:
-        # a run's tensors are sized to a quarter of --max-memory, the statistics to a third
-        batch = memory_batch(prepared, targets, search_set, config.batch_size, config.max_memory // 4)
+        # a run's tensors are sized to an eighth of --max-memory, the statistics to a third
+        batch = memory_batch(prepared, targets, search_set, config.batch_size, config.max_memory // 8)
         stats, search_ref = capture(prepared, targets, search_set, batch, seed=config.seed,
                                     stats_budget=config.max_memory // 3)
         held_ref = predict(original, held, batch)

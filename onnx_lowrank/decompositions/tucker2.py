@@ -146,11 +146,11 @@ class Truncations:
         self.layer = layer
         self.white = channel_whitener(layer)
         w = layer.weight.astype(np.float64)
-        self.w = w if self.white is None else self.white.into(w, 1)
-        self.u_all = _leading(_in_gram(self.w), self.w.shape[1])
-        self.v_all = _leading(_out_gram(self.w), self.w.shape[0])
+        w = w if self.white is None else self.white.into(w, 1)  # not kept: the core holds what rungs need
+        self.u_all = _leading(_in_gram(w), w.shape[1])
+        self.v_all = _leading(_out_gram(w), w.shape[0])
         self.u_back = self.u_all if self.white is None else self.white.back(self.u_all, 0)  # once
-        self.core = project(self.w, self.u_all, self.v_all)
+        self.core = project(w, self.u_all, self.v_all)
 
     def output_errors(self, pairs: Sequence[tuple[int, int]], root: np.ndarray, product: np.ndarray) -> list[float]:
         """Relative output errors ||(W - W_r) R|| / ||W R|| at each (R1, R2), R (C*k, m) a root of
