@@ -21,6 +21,7 @@ from .config import EPS_HELP, CompressConfig
 from .decompositions import METHODS
 from .errors import OnnxLowrankError, first_line
 from .graph import find_targets, load_model, prepare
+from .report import Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Low-rank compression of ONNX models.")
@@ -71,7 +72,7 @@ def inspect(model: Path = typer.Argument(..., help="The ONNX model to look at.")
     try:
         prepared = prepare(load_model(model))
         targets, skipped = find_targets(prepared)
-        rows = compressibility(prepared, targets, str(calib) if calib else None, batch_size)
+        rows, how = compressibility(prepared, targets, str(calib) if calib else None, batch_size)
     except (OnnxLowrankError, ValueError) as e:
         fail(e)
     measured = "output error on --calib" if calib else "weight error (no --calib)"
@@ -86,6 +87,8 @@ def inspect(model: Path = typer.Argument(..., help="The ONNX model to look at.")
     for s in skipped:
         table.add_row(s.name, s.op_type, "", "", "", "", "", f"skipped: {s.reason}")
     console.print(table)
+    console.print(Report(0, "", "", "", False, how, memory=how.get("memory", {})).how_run(), highlight=False,
+                  markup=False)
 
 
 @app.command("bench")

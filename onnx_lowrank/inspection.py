@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration.capture import LayerStats, capture
-from .calibration.data import load_calibration
+from .calibration.capture import LayerStats, capture, memory_batch, statistics_bytes
+from .calibration.data import input_layout, load_calibration, model_inputs
 from .decompositions import METHODS, reason_not_applicable
 from .graph.targets import LayerTarget
 from .selection.candidates import AUTO_METHODS, build_problems
@@ -34,11 +34,30 @@ def _identity_stats(t: LayerTarget) -> LayerStats:
                       np.zeros((0, t.layer.groups, d), np.float32), np.zeros(0), t.layer.is_conv)
 
 
-def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, batch_size: int) -> list[Compressibility]:
+def how_run(model: onnx.ModelProto, calib) -> tuple[dict, object]:
+    """The report's calibration and memory entries for `model` on `calib` (None: the declared
+    inputs only), and the calibration set (or None)."""
+    if calib is None:
+        inputs = {s.name: {"declared": [d if isinstance(d, int) else (d or "?") for d in s.shape],
+                           "static": [isinstance(d, int) and d > 0 for d in s.shape], "given": "not given"}
+                  for s in model_inputs(model)}
+        return {"inputs": inputs}, None
+    data = load_calibration(calib, model)
+    return {"inputs": input_layout(model, data)}, data
+
+
+def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, batch_size: int,
+                    max_memory: int = 12 * 2**30) -> tuple[list[Compressibility], dict]:
+    """Per target, its compressibility; and how the model ran (the report's calibration and
+    memory entries: its inputs, the run batch, the statistics' bytes)."""
     factorable = [t for t in targets if any(reason_not_applicable(t.layer, m) is None for m in AUTO_METHODS)]
-    if calib is not None:
-        data = load_calibration(calib, model)
-        stats, _ = capture(model, factorable, data.take(np.arange(min(INSPECT_SAMPLES, len(data)))), batch_size)
+    how, data = how_run(model, calib)
+    if data is not None:
+        data = data.take(np.arange(min(INSPECT_SAMPLES, len(data))))
+        batch = memory_batch(model, factorable, data, batch_size, max_memory // 8)
+        stats, _ = capture(model, factorable, data, batch, stats_budget=max_memory // 3)
+        how.update(run_batch=data.batch_for(batch), memory={"max_memory": max_memory,
+                                                              "statistics_bytes": statistics_bytes(stats)})
     else:
         stats = {t.name: _identity_stats(t) for t in factorable}
     problems = dict(zip(stats, build_problems([t for t in factorable if t.name in stats], stats, AUTO_METHODS,
@@ -57,4 +76,4 @@ def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, b
             return "1.00 (keep)" if not best.factored else f"{best.cost / problem.base_cost:.2f} {best.method}"
 
         rows.append(Compressibility(methods, None, int(problem.base_cost), cheapest(0.1), cheapest(0.3)))
-    return rows
+    return rows, how

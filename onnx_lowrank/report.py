@@ -76,7 +76,9 @@ class Report:
         """One line: the inputs (declared shape, which dims are static), the batch the model ran
         in, and the memory the statistics took."""
         inputs = "; ".join(f"{name} {describe_input(spec)}" for name, spec in self.calibration["inputs"].items())
-        line = f"inputs: {inputs}; runs of {self.calibration['run_batch']} sample(s)"
+        line = f"inputs: {inputs}"
+        if "run_batch" in self.calibration:
+            line += f"; runs of {self.calibration['run_batch']} sample(s)"
         m = self.memory
         if "statistics_bytes" in m:
             line += (f"; layer statistics {m['statistics_bytes'] / 2**20:,.0f} MiB of --max-memory "

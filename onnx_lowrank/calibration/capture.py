@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from scipy.linalg.blas import ssyrk
 
 from ..decompositions.base import Layer
 from ..graph.downstream import with_outputs
@@ -72,7 +73,8 @@ class LayerStats:
     25088 wide, 4.7 GiB in float64 as a full matrix). Layers that see more vectors than their
     width keep the full matrix, which is then smaller than the vectors."""
 
-    moment_sum: np.ndarray       # (groups, d, d): sum of x x^T over the rows seen; (groups, d) if diagonal
+    moment_sum: np.ndarray       # (groups, d, d): upper triangle of the sum of x x^T over the rows seen
+    #                              ((groups, d) if diagonal; the whole symmetric moment once `final`)
     rows: int
     in_spatial: tuple[int, ...]  # what Layer.macs takes, from the real input
     in_shape: tuple[int, ...]    # the real input of one sample, batch dim 1
@@ -103,6 +105,7 @@ class LayerStats:
         if shrink and not self.diagonal:  # made once, in place: a second copy of a wide layer's would double it
             if not self.final:
                 m = self.moment_sum
+                _mirror(m)
                 m /= max(self.rows, 1)
                 alpha = min(1.0, self.dim / max(self.rows, 1))
                 idx = np.arange(self.dim)
@@ -115,11 +118,20 @@ class LayerStats:
         if self.final:
             raise ValueError("the moment was shrunk in place; its unshrunk form is gone")
         m = self.moment_sum / max(self.rows, 1)
+        if not self.diagonal:
+            _mirror(m)
         if self.diagonal:
             if not self.is_conv and m.shape[0] == 1:
                 return m[0]
             m = np.stack([np.diag(g) for g in m])
         return m[0] if m.shape[0] == 1 else m
+
+
+def _mirror(m: np.ndarray) -> None:
+    """(groups, d, d) upper triangles made whole symmetric matrices, in place."""
+    upper = np.triu_indices(m.shape[-1], 1)
+    for g in m:
+        g[upper[1], upper[0]] = g[upper]
 
 
 ROWS_PER_DIM = 32      # rows sampled per layer over the whole set, per input dimension ...
@@ -201,8 +213,11 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             flat = rows.astype(np.float32).transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
             if s.diagonal:
                 s.moment_sum += np.sum(np.square(flat, dtype=np.float64), axis=1)
+            elif len(flat) == 1:  # the upper triangle only (BLAS syrk): half the work of the product
+                s.moment_sum[0] += ssyrk(1.0, flat[0], trans=1)
             else:
                 s.moment_sum += np.matmul(flat.transpose(0, 2, 1), flat).astype(np.float64)
+                s.moment_sum[:] = np.triu(s.moment_sum)
             s.rows += len(rows)
             if keep:
                 # a uniform sample of everything seen: keep the rows with the smallest random keys
