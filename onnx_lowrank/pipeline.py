@@ -80,6 +80,8 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
     with _timed(report, "calibrate"):
         cal = _calibrate(original, prepared, targets, calibration, labels, config, report, progress)
     config = replace(config, batch_size=cal.batch)
+    if not config.finetune_epochs:  # only a fine-tune's teacher needs it after the reference outputs
+        original = None
     timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch) \
         if config.cost == "latency" else None
     with _timed(report, "decompose"):

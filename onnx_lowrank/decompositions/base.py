@@ -316,7 +316,9 @@ def thin_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s = np.linalg.norm(b, axis=1)
     order = np.argsort(-s, kind="stable")
     u, b, s = np.ascontiguousarray(u[:, order]), b[order], s[order]
-    vt = np.divide(b, s[:, None], out=np.zeros_like(b), where=s[:, None] > 0)
+    vt = b  # divided in place: one matrix of the layer's size less at a time
+    np.divide(vt, s[:, None], out=vt, where=s[:, None] > 0)
+    vt[s == 0] = 0
     return (vt.T, s, u.T) if tall else (u, s, vt)
 
 

@@ -66,8 +66,10 @@ class Truncations:
         t, c, d1, d2 = w.shape
         matrix = w.transpose(1, 2, 0, 3).reshape(c * d1, t * d2)
         self.white = None if layer.input_cov is None else Whitener(vertical_cov(layer.input_cov, c, d1, d2))
-        self.u, self.s, self.vt = thin_svd(matrix if self.white is None else self.white.into(matrix, 0))
-        self.left = self.u if self.white is None else self.white.back(self.u, 0)  # once, for every rank
+        u, self.s, vt = thin_svd(matrix if self.white is None else self.white.into(matrix, 0))
+        precision = np.promote_types(layer.weight.dtype, np.float32)  # the rungs are written in it
+        self.left = (u if self.white is None else self.white.back(u, 0)).astype(precision)  # once, for every rank
+        self.vt = vt.astype(precision)
 
     @property
     def full(self) -> int:

@@ -60,18 +60,20 @@ class Truncations:
     def __init__(self, layer: Layer, white: Whitener | None = None):
         """`white`: the Whitener of `layer.input_cov` when the caller has made it already."""
         self.layer = layer
-        w = layer.weight.astype(np.float64)
-        matrix = w.reshape(w.shape[0], -1)
+        matrix = layer.weight.reshape(layer.weight.shape[0], -1).astype(np.float64)
         if layer.input_cov is None:
             self.white = None
         else:
             self.white = white or Whitener(layer.input_cov)
-        self.u, self.s, vt = thin_svd(matrix if self.white is None else self.white.into(matrix, 1))
-        # mapped back once: truncation and L^-1 act on different sides, so they commute; in the
-        # weight's precision, which the factors are written in (a float32 4096 x 25088 layer's
-        # is 400 MB so, not 800)
-        self.first_rows = (vt if self.white is None else self.white.back(vt, 1)).astype(
-            np.promote_types(layer.weight.dtype, np.float32))
+            matrix = self.white.into(matrix, 1)
+        u, self.s, vt = thin_svd(matrix)
+        del matrix
+        # kept in the weight's precision, which the factors are written in (a float32 4096 x 25088
+        # layer's are 400 MB so, not 800); mapped back once: truncation and L^-1 act on different
+        # sides, so they commute
+        precision = np.promote_types(layer.weight.dtype, np.float32)
+        self.u = u.astype(precision)
+        self.first_rows = (vt if self.white is None else self.white.back(vt, 1)).astype(precision)
         self.vt = vt if self.white is None else None  # only the unwhitened errors read it
 
     @property

@@ -147,10 +147,13 @@ class Truncations:
         self.white = channel_whitener(layer)
         w = layer.weight.astype(np.float64)
         w = w if self.white is None else self.white.into(w, 1)  # not kept: the core holds what rungs need
-        self.u_all = _leading(_in_gram(w), w.shape[1])
+        u_all = _leading(_in_gram(w), w.shape[1])
         self.v_all = _leading(_out_gram(w), w.shape[0])
-        self.u_back = self.u_all if self.white is None else self.white.back(self.u_all, 0)  # once
-        self.core = project(w, self.u_all, self.v_all)
+        self.u_back = u_all if self.white is None else self.white.back(u_all, 0)  # once
+        self.core = project(w, u_all, self.v_all)
+        # kept in the weight's precision, which the rungs are written in
+        precision = np.promote_types(layer.weight.dtype, np.float32)
+        self.u_back, self.core, self.v_all = (a.astype(precision) for a in (self.u_back, self.core, self.v_all))
 
     def output_errors(self, pairs: Sequence[tuple[int, int]], root: np.ndarray, product: np.ndarray) -> list[float]:
         """Relative output errors ||(W - W_r) R|| / ||W R|| at each (R1, R2), R (C*k, m) a root of
