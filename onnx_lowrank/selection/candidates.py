@@ -11,7 +11,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -170,11 +170,24 @@ class _Rung:
 
 @dataclass
 class Ladder:
-    """One method's factorizations of a layer along its ranks. `truncations`: the nested family
-    they were cut from (one decomposition truncated at each rank), which measures all their
-    output errors in one pass; None when each was decomposed on its own."""
-    factors: list[Factors]
+    """One method's factorizations of a layer along its ranks: decomposed one by one (`made`), or
+    cut from one nested family (`truncations`, at each of `ranks`), which measures all their
+    output errors in one pass and makes each rung when asked (`each`): made all at once, VGG-16's
+    first FC layer's 30 SVD rungs would be 4 GB."""
+    made: list[Factors] | None = None
     truncations: object | None = None
+    ranks: list = field(default_factory=list)
+
+    def each(self) -> Iterator[Factors]:
+        if self.truncations is None:
+            yield from self.made
+            return
+        for r in self.ranks:
+            yield self.truncations.at(*(r if isinstance(r, tuple) else (r,)))
+
+    @property
+    def factors(self) -> list[Factors]:
+        return list(self.each())
 
 
 def method_ladder(name: str, layer: Layer, multiple: int = 1, white: Whitener | None = None) -> Ladder:
@@ -194,10 +207,10 @@ def method_ladder(name: str, layer: Layer, multiple: int = 1, white: Whitener | 
         return Ladder([decompose(layer, name, rank=r) for r in ranks])
     if name in ("svd", "spatial-svd"):
         t = svd.Truncations(layer, white) if name == "svd" else spatial_svd.Truncations(layer)
-        return Ladder([t.at(r) for r in rank_ladder(t.full, multiple=multiple)], t)
+        return Ladder(None, t, rank_ladder(t.full, multiple=multiple))
     if name == "tucker2":
         t = tucker2.Truncations(layer)
-        return Ladder([t.at(*p) for p in pair_ladder(tucker2.full_ranks(layer), multiple)], t)
+        return Ladder(None, t, pair_ladder(tucker2.full_ranks(layer), multiple))
     if name in ("tt", "tr"):
         return Ladder([decompose(layer, name, eps=e) for e in EPS_STEPS])
     if name == "cp":
@@ -241,11 +254,12 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
             continue
         try:
             ladder = method_ladder(name, layer, multiple, white if data_aware else None)
-            costs = [cost_of(target.layer, f, stats.in_spatial, cost) for f in ladder.factors]
-            cheaper = [(f, c) for f, c in zip(ladder.factors, costs) if c < base]  # never larger than the layer
+            cheaper = []  # never larger than the layer; a nested ladder's rungs made again on demand
+            for f in ladder.each():
+                c = cost_of(target.layer, f, stats.in_spatial, cost)
+                if c < base:
+                    cheaper.append((f if ladder.truncations is None else _Rung(ladder.truncations, f), c))
             errors = meter.errors([f for f, _ in cheaper], ladder.truncations)
-            if ladder.truncations is not None:  # any rung is made again from the truncations on demand
-                cheaper = [(_Rung(ladder.truncations, f), c) for f, c in cheaper]
         except UnsupportedLayer as e:
             problem.declined[name] = str(e)
             continue

@@ -49,6 +49,7 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
         values = dict(zip(outputs + inner, full.run(outputs + inner, feed)))
         values.update(feed)
         runs.append(values)
+    del full  # its weights: the probes below build sessions of their own
     out = {}
     for p in problems:
         probes = [c for c in p.candidates if c.factored and c.error > 0]
