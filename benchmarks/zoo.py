@@ -1,0 +1,252 @@
+"""The corpus of real third-party ONNX models (models/corpus.py: paddle2onnx, tf2onnx, PyTorch,
+spox exports) converted by the real CLI at one eps with the default options, and judged on inputs
+the converter never saw.
+
+    .venv/bin/python benchmarks/zoo.py [--models ocr_rec,magika,...] [--eps 0.01] [--keep DIR] [--skip-slow]
+
+Protocol, per model:
+- data: models/corpus_data.py's calibration and unseen parts (split by source: different photos,
+  files, sentences), written as calib.npz / unseen.npz keyed by input name;
+- convert: `onnx-lowrank convert IN OUT --eps EPS --calib calib.npz --report r.json` in its own
+  process (nothing else), its wall time and its own peak RSS (under /usr/bin/time -f %M);
+- judge: the original and the written file in onnxruntime over the unseen part, the drop under
+  the metric the report names (the converter chose it: agreement for classifiers, else cosine).
+A conversion that fails is a row with the CLI's one-line error; the exit status is 0 all the same.
+"""
+
+from __future__ import annotations
+
+import os
+
+# one BLAS thread: OpenBLAS's spinning threads slow everything down several times on shared cores
+# (as the other benchmarks; the converter's own subprocesses inherit it)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # (after the environment is set)
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models"))
+import corpus
+import corpus_data
+
+from onnx_lowrank.calibration.data import load_calibration
+from onnx_lowrank.errors import first_line
+from onnx_lowrank.quality import predict, quality
+
+CLI = Path(sys.executable).with_name("onnx-lowrank")
+SLOW = ("ocr_det",)
+TIMEOUT = 3600  # seconds per conversion; past it the child is killed and the row says so
+
+
+@dataclass
+class Row:
+    key: str
+    converted: str = ""              # "yes", or the CLI's error line
+    report: dict | None = None
+    unseen: str = ""                 # the measured drop, or why there is none
+    unseen_drop: float | None = None
+    seconds: float = 0.0
+    rss_mb: float | None = None
+    status: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def short_exporter(text: str) -> str:
+    """'paddle2onnx (no producer name; p2o.* dims), opset 12' -> 'paddle2onnx, opset 12'; short
+    parentheticals such as '(dynamo)' stay."""
+    return re.sub(r"\s*\([^)]{12,}\)", "", text)
+
+
+def run_cli(args: list[str], log: Path, timeout: float) -> tuple[int, float, float | None]:
+    """(exit status, wall seconds, peak RSS in MB) of the CLI run as its own process, under
+    /usr/bin/time -f %M: that is the converter's own maximum. (os.wait4 on a child of this script
+    would not do: Linux carries the peak RSS of the forking process over exec into the child's, so
+    every row would read at least this script's own peak, which grows as it runs the models.)"""
+    rss_file = log.with_suffix(".rss")
+    rss_file.unlink(missing_ok=True)
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        # own session: a timeout kills the converter and whatever it started, nothing else
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), str(CLI), *args],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            status = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            status = proc.wait()
+        seconds = time.perf_counter() - start
+    # time writes "Command exited with non-zero status N" (or "...terminated by signal N") first
+    text = rss_file.read_text() if rss_file.exists() else ""
+    words = text.split()
+    rss = int(words[-1]) / 1024 if words and words[-1].isdigit() else None
+    if status > 128 and "signal" in text:
+        status = 128 - status  # killed by signal N: report it as Popen would, -N
+    return status, seconds, rss
+
+
+def error_line(log: Path, status: int) -> str:
+    """The CLI's one-line error (the last 'error: ...' line), else the last line it printed."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        return errors[-1]
+    if status < 0:
+        return f"killed by signal {-status}" + (f" (last line: {lines[-1]})" if lines else "")
+    return f"exit {status}" + (f": {lines[-1]}" if lines else " (no output)")
+
+
+def unseen_drop(src: Path, dst: Path, unseen: Path, metric: str) -> tuple[float, str]:
+    """The drop of the written file against the original on the unseen part, in onnxruntime, and
+    a note when the written file outputs exactly zero where the original does not (a cosine of a
+    zero vector is undefined: worth seeing next to a cosine drop)."""
+    original = onnx.load(str(src))
+    data = load_calibration(str(unseen), original)
+    reference = predict(original, data)
+    outputs = predict(onnx.load(str(dst)), data)
+    notes = []
+    for name, ref, out in zip((o.name for o in original.graph.output), reference, outputs):
+        ref_zero = ~np.any(ref.reshape(len(ref), -1) != 0, axis=1)
+        out_zero = ~np.any(out.reshape(len(out), -1) != 0, axis=1)
+        if np.any(out_zero & ~ref_zero):
+            notes.append(f"output {name!r} of the written file is all zeros on {int(np.sum(out_zero & ~ref_zero))} "
+                         f"of {len(out)} unseen samples where the original's is not")
+        if np.any(ref_zero):
+            notes.append(f"output {name!r} of the original is all zeros on {int(np.sum(ref_zero))} of {len(ref)} "
+                         "unseen samples")
+    return quality(metric, reference, outputs, None).drop, "; ".join(notes)
+
+
+def convert(key: str, src: Path, folder: Path, eps: float) -> Row:
+    row = Row(key)
+    calib, unseen_part, _ = corpus_data.data(key)
+    work = folder / key
+    work.mkdir(parents=True, exist_ok=True)
+    calib_file, unseen_file = work / "calib.npz", work / "unseen.npz"
+    np.savez(calib_file, **calib)
+    np.savez(unseen_file, **unseen_part)
+    dst, report_file, log = work / "out.onnx", work / "r.json", work / "convert.log"
+    for stale in (dst, report_file):
+        stale.unlink(missing_ok=True)
+    row.status, row.seconds, row.rss_mb = run_cli(
+        ["convert", str(src), str(dst), "--eps", str(eps), "--calib", str(calib_file),
+         "--report", str(report_file)], log, TIMEOUT)
+    if row.status != 0:
+        row.converted = error_line(log, row.status)
+        if row.seconds > TIMEOUT:
+            row.converted = f"timed out after {TIMEOUT}s ({row.converted})"
+        return row
+    if not dst.exists() or not report_file.exists():
+        row.converted = f"exit 0 but {'no model' if not dst.exists() else 'no report'} written"
+        return row
+    row.converted = "yes"
+    row.report = json.loads(report_file.read_text())
+    row.notes += [f"converter warning: {w}" for w in row.report.get("warnings", [])]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row.unseen_drop, note = unseen_drop(src, dst, unseen_file, row.report["metric"])
+        row.unseen = f"{row.unseen_drop:.4f}"
+        if note:
+            row.notes.append(note)
+    except Exception as e:  # noqa: BLE001  (a benchmark reports: the written file failing here IS a result)
+        row.unseen = f"failed: {type(e).__name__}: {first_line(e)}"
+    return row
+
+
+def _mb(value: float | None) -> str:
+    return "?" if value is None else f"{value:,.0f} MB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(corpus.MODELS), help="comma-separated corpus keys")
+    parser.add_argument("--eps", type=float, default=0.01)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the outputs (models, reports, logs) here")
+    parser.add_argument("--skip-slow", action="store_true", help=f"skip {', '.join(SLOW)}")
+    args = parser.parse_args()
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in corpus.MODELS]
+    if unknown:
+        raise SystemExit(f"unknown corpus model(s) {', '.join(unknown)}; known: {', '.join(corpus.MODELS)}")
+    console = Console(width=220)
+    paths = corpus.fetch(keys)
+
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="onnx-lowrank-zoo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    descriptions: dict[str, str] = {}
+    try:
+        for key in keys:
+            descriptions[key] = corpus_data.data(key)[2]
+            if args.skip_slow and key in SLOW:
+                rows.append(Row(key, converted="skipped (--skip-slow)"))
+                continue
+            try:
+                row = convert(key, paths[key], folder, args.eps)
+            except Exception as e:  # noqa: BLE001  (data building or writing, not the converter)
+                row = Row(key, converted=f"benchmark failed: {type(e).__name__}: {first_line(e)}")
+            rows.append(row)
+            r = row.report
+            console.print(f"{key}: {row.converted if r is None else 'converted'}"
+                          + (f", {r['mac_ratio']:.2f}x MACs, held-out {r['metric']} drop {r['drop']:.4f}, "
+                             f"unseen {row.unseen}" if r else "")
+                          + f", {row.seconds:.0f}s, {_mb(row.rss_mb)}", highlight=False)
+            sys.stdout.flush()
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    table = Table(title=f"corpus models converted by `onnx-lowrank convert --eps {args.eps}` (default options), "
+                        "judged on unseen inputs")
+    for col in ("model", "exporter", "converted", "MAC ratio", "param ratio", "factored", "metric", "held-out drop",
+                "unseen drop", "within eps", "convert time", "peak RSS"):
+        table.add_column(col, overflow="fold", justify="left" if col in ("model", "exporter", "converted",
+                                                                           "metric") else "right")
+    for row in rows:
+        r = row.report
+        exporter = short_exporter(corpus.MODELS[row.key].exporter)
+        ran = row.status is not None
+        timing = (f"{row.seconds:.0f}s", _mb(row.rss_mb)) if ran else ("", "")
+        if r is None:
+            table.add_row(row.key, exporter, row.converted, "", "", "", "", "", "", "", *timing)
+            continue
+        within = "" if row.unseen_drop is None else ("yes" if row.unseen_drop <= args.eps else "NO")
+        if any("of the written file" in note for note in row.notes):
+            within += " (see note)"
+        if r["drop"] > args.eps:
+            within = f"{within} (held-out NO)".strip()
+        factored = (f"{sum(layer['method'] is not None for layer in r['layers'])} of "
+                    f"{len(r['layers']) + len(r['skipped'])}")
+        table.add_row(row.key, exporter, row.converted, f"{r['mac_ratio']:.2f}x", f"{r['param_ratio']:.2f}x",
+                      factored, r["metric"], f"{r['drop']:.4f}", row.unseen, within, *timing)
+    console.print(table)
+    for row in rows:
+        for note in row.notes:
+            console.print(f"[bold red]{row.key}[/bold red]: {escape(note)}", highlight=False, soft_wrap=True)
+    for key, text in descriptions.items():
+        text = text.removeprefix(f"{key}:").strip()  # the builders start with the key themselves
+        console.print(f"[bold]{key}[/bold]: {escape(text)}", highlight=False, soft_wrap=True)
+    if args.keep is not None:
+        console.print(f"outputs kept in {folder}/<model>/ (out.onnx, r.json, convert.log, calib.npz, unseen.npz)",
+                      highlight=False)
+
+
+if __name__ == "__main__":
+    main()
