@@ -161,11 +161,14 @@ class DropMeter:
 
 
 def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Per sample. Two zero vectors agree (1); a zero against a non-zero one does not (0): a
-    model whose output went to zero everywhere (the PP-OCR detector with every layer at rank 1)
-    is not a perfect match."""
+    """Per sample. Two (numerically) zero vectors agree (1); a zero against a non-zero one does
+    not (0): a model whose output went to zero everywhere (the PP-OCR detector with every layer at
+    rank 1) is not a perfect match. Zero is a norm below 1e-6 of the largest one in the call: the
+    original's sigmoid of -40 is 0.0 where its BatchNorm-folded form gives 4e-18."""
     a = ref.reshape(len(ref), -1).astype(np.float64)
     b = out.reshape(len(out), -1).astype(np.float64)
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    tol = 1e-6 * max(float(na.max(initial=0.0)), float(nb.max(initial=0.0)))
+    za, zb = na <= tol, nb <= tol
     cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-300)
-    return np.where((na > 0) & (nb > 0), cos, np.where((na > 0) | (nb > 0), 0.0, 1.0))
+    return np.where(~za & ~zb, cos, np.where(za & zb, 1.0, 0.0))
