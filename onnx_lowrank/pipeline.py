@@ -170,6 +170,10 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
         message = ("no calibration data: ranks are chosen on synthetic N(0,1) inputs, which say little "
                    "about real ones; give --calib for a result you can trust")
         _warn(report, message, stacklevel=4)
+    if (config.finetune_epochs or config.select == "hessian") and (data.whole or data.run_batch):
+        # the PyTorch bridge batches the samples itself, along axis 0 of every array
+        raise CalibrationError("--finetune-epochs and --select hessian need every input batched along axis 0 "
+                               "with a free batch size; this model takes one sample or a fixed batch per run")
     search_set, held = data.split(config.holdout, config.seed)
     advance = progress("capture", 1)
     try:

@@ -123,6 +123,14 @@ def test_fixed_batch_state_and_scalar_inputs_run_one_sample_at_a_time():
     assert predict(out, data)[0].shape == (n, 1, 8)  # one whole output per sample
 
 
+def test_fine_tuning_a_model_that_runs_one_sample_at_a_time_is_one_error():
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((20, 4, 9, 9)).astype(np.float32),
+             "h": rng.standard_normal((20, 1, 1, 8)).astype(np.float32), "gain": np.ones(20, np.float32)}
+    with pytest.raises(Exception, match="batched along axis 0"):
+        compress(state_model(rng, 1), CompressConfig(eps=0.05, select="hessian"), calibration=_reader(calib))
+
+
 def test_inputs_that_want_different_batches_are_one_error():
     rng = np.random.default_rng(1)
     calib = {"x": rng.standard_normal((10, 4, 9, 9)).astype(np.float32),
