@@ -5,8 +5,8 @@ captured inputs. Only candidates cheaper than the layer itself are kept."""
 from __future__ import annotations
 
 import os
-import warnings
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
