@@ -64,7 +64,7 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
             feeds = {n: values[n] for n in part.frontier}
             if sub is None:  # typed from the first run's feeds: their dtypes and ranks do not change
                 sub = session(replace_layers(downstream_model(model, part, feeds), [(p.target, c.factors)],
-                                             infer=False))
+                                             infer=False, copy=False))
             changed = dict(zip(part.outputs, sub.run(part.outputs, feeds)))
             n, d = _squared([values[n] for n in outputs], [changed.get(n, values[n]) for n in outputs])
             num, den = num + n, den + d
