@@ -48,10 +48,10 @@ def _timed(report: Report, stage: str) -> Iterator[None]:
     report.timings[stage] += time.perf_counter() - start
 
 
-def _warn(report: Report, message: str, stacklevel: int = 3) -> None:
-    """`message` as a UserWarning at compress's caller (`stacklevel` counts the frames from here
-    to it), and in the report."""
-    warnings.warn(message, stacklevel=stacklevel)
+def _warn(report: Report, message: str) -> None:
+    """`message` as a UserWarning at compress's caller (from a stage: _warn, the stage, _compress,
+    compress, the caller), and in the report."""
+    warnings.warn(message, stacklevel=5)
     report.warnings.append(message)
 
 
@@ -147,7 +147,7 @@ def _load(model, config: CompressConfig, report: Report) -> tuple[onnx.ModelProt
         else:
             message = "nothing to factor: the model has no Conv, Gemm or MatMul layer" + (
                 f" that can be ({len(skipped)} skipped; the report says why)" if skipped else "")
-        _warn(report, message, stacklevel=4)
+        _warn(report, message)
     return original, prepared, targets
 
 
@@ -169,7 +169,7 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
     if data.synthetic:
         message = ("no calibration data: ranks are chosen on synthetic N(0,1) inputs, which say little "
                    "about real ones; give --calib for a result you can trust")
-        _warn(report, message, stacklevel=4)
+        _warn(report, message)
     if (config.finetune_epochs or config.select == "hessian") and (data.whole or data.run_batch):
         # the PyTorch bridge batches the samples itself, along axis 0 of every array
         raise CalibrationError("--finetune-epochs and --select hessian need every input batched along axis 0 "
@@ -259,7 +259,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     if failures and config.verify:
         raise VerificationError(f"{failures[0]}; nothing was written (--no-verify writes it anyway)")
     for message in failures + notes:
-        _warn(report, message, stacklevel=4)
+        _warn(report, message)
     for p in problems:
         if choice[p.name] is not before_backoff[p.name]:
             reasons[p.name] += " (backed off: the held-out drop exceeded eps)"
@@ -285,7 +285,7 @@ def _finetune(original, prepared, problems, choice: Choice, reasons, compressed,
         message = (f"fine-tuning stopped early in {stopped} of {len(report.finetune)} round(s): no learning "
                    f"rate from --finetune-lr {config.finetune_lr:g} down to a thousandth of it lowered the "
                    "training loss (or the model diverged)")
-        _warn(report, message, stacklevel=4)
+        _warn(report, message)
     report.quality_after, report.drop = drop_q.value, drop_q.drop
     check_model(compressed, prepared)
     return compressed, choice, reasons
