@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from .calibration.capture import LayerStats, capture, memory_batch, statistics_bytes
-from .calibration.data import input_layout, load_calibration, model_inputs
+from .calibration.data import input_layout, load_calibration
 from .decompositions import METHODS, reason_not_applicable
 from .graph.targets import LayerTarget
 from .selection.candidates import AUTO_METHODS, build_problems
@@ -38,10 +38,7 @@ def how_run(model: onnx.ModelProto, calib) -> tuple[dict, object]:
     """The report's calibration and memory entries for `model` on `calib` (None: the declared
     inputs only), and the calibration set (or None)."""
     if calib is None:
-        inputs = {s.name: {"declared": [d if isinstance(d, int) else (d or "?") for d in s.shape],
-                           "static": [isinstance(d, int) and d > 0 for d in s.shape], "given": "not given"}
-                  for s in model_inputs(model)}
-        return {"inputs": inputs}, None
+        return {"inputs": input_layout(model)}, None
     data = load_calibration(calib, model)
     return {"inputs": input_layout(model, data)}, data
 

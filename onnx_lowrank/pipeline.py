@@ -222,15 +222,12 @@ def _search(prepared, problems, cal: _Calibrated, config: CompressConfig, timer:
         return meter(model_)
 
     if timer is not None:
-        total = time_session(runtime_session(prepared, config.provider, config.threads), _latency_feed(cal, config)).median
+        sess = runtime_session(prepared, config.provider, config.threads)
+        total = time_session(sess, cal.data.sample_feed(config.latency_batch)).median
     else:
         total = cal.macs(prepared, config.cost)
     # latencies measured apart do not add up exactly, so never below zero
     return Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0))
-
-
-def _latency_feed(cal: _Calibrated, config: CompressConfig) -> dict[str, np.ndarray]:
-    return next(cal.data.take(np.zeros(config.latency_batch, dtype=int)).batches(config.latency_batch))[0]
 
 
 def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _Calibrated, config: CompressConfig,
@@ -269,7 +266,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     if timer is not None:
         sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
         report.latency_before, report.latency_after = (
-            float(np.median(t)) for t in interleaved(sessions, _latency_feed(cal, config)))
+            float(np.median(t)) for t in interleaved(sessions, cal.data.sample_feed(config.latency_batch)))
     return compressed, choice
 
 

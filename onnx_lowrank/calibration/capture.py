@@ -120,9 +120,9 @@ class LayerStats:
         m = self.moment_sum / max(self.rows, 1)
         if not self.diagonal:
             _mirror(m)
-        if self.diagonal:
-            if not self.is_conv and m.shape[0] == 1:
-                return m[0]
+        elif not self.is_conv and m.shape[0] == 1:
+            return m[0]
+        else:
             m = np.stack([np.diag(g) for g in m])
         return m[0] if m.shape[0] == 1 else m
 
@@ -141,10 +141,14 @@ MAX_ROWS = 65536       # ... and at most this many: a 4608-wide conv (512 channe
 #                        with a shrinkage of 7% toward the diagonal (d / rows)
 
 
+def input_width(target: LayerTarget) -> int:
+    """The length of the rows a layer's weight multiplies (a conv's patch, per group)."""
+    return target.layer.in_per_group * int(np.prod(target.layer.kernel))
+
+
 def row_budget(target: LayerTarget) -> int:
     """Rows sampled from a layer's inputs over the whole calibration set."""
-    dim = target.layer.in_per_group * int(np.prod(target.layer.kernel))
-    return max(MIN_ROWS, min(ROWS_PER_DIM * dim, MAX_ROWS))
+    return max(MIN_ROWS, min(ROWS_PER_DIM * input_width(target), MAX_ROWS))
 
 
 def memory_batch(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet, batch_size: int,
@@ -208,21 +212,18 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
                 # and the shrinkage keeps only the diagonal (LayerStats)
                 expected = min(budget, len(rows) * batches)
                 moment = np.zeros((g, d) if expected <= d else (g, d, d))
-                s = stats[t.name] = LayerStats(moment, 0, _in_spatial(t, x), one,
-                                               rows[:0].astype(np.float32), keys[:0], t.layer.is_conv)
-            flat = rows.astype(np.float32).transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
+                s = stats[t.name] = LayerStats(moment, 0, _in_spatial(t, x), one, rows[:0], keys[:0], t.layer.is_conv)
+            flat = rows.transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
             if s.diagonal:
                 s.moment_sum += np.sum(np.square(flat, dtype=np.float64), axis=1)
             elif len(flat) == 1:  # the upper triangle only (BLAS syrk): half the work of the product
                 s.moment_sum[0] += ssyrk(1.0, flat[0], trans=1)
             else:
-                s.moment_sum += np.matmul(flat.transpose(0, 2, 1), flat).astype(np.float64)
-                s.moment_sum[:] = np.triu(s.moment_sum)
+                s.moment_sum += np.triu(np.matmul(flat.transpose(0, 2, 1), flat))
             s.rows += len(rows)
             if keep:
                 # a uniform sample of everything seen: keep the rows with the smallest random keys
-                merged = np.concatenate([s.sample, rows.astype(np.float32)])
-                merged_keys = np.concatenate([s.sample_keys, keys])
+                merged, merged_keys = np.concatenate([s.sample, rows]), np.concatenate([s.sample_keys, keys])
                 order = np.argsort(merged_keys)[:keep]
                 s.sample, s.sample_keys = merged[order], merged_keys[order]
     return stats, [data.join(r) for r in results]
@@ -235,8 +236,7 @@ def _check_budget(targets: list[LayerTarget], values: dict[str, np.ndarray], cou
     need = {}
     for t in targets:
         x = values[activation_name(t)]
-        d = t.layer.in_per_group * int(np.prod(t.layer.kernel))
-        g = t.layer.groups
+        d, g = input_width(t), t.layer.groups
         per_sample = (x.size / max(d * g, 1) if not t.layer.is_conv else
                       len(x) * int(np.prod(t.layer.geometry.out_size(x.shape[2:])))) / max(count, 1)
         rows = min(row_budget(t), per_sample * samples)

@@ -118,19 +118,23 @@ class CalibrationSet:
             return np.stack([value for value, _ in runs])
         return np.concatenate([value[:count] if value.ndim else value for value, count in runs])
 
-    def sample_feed(self) -> dict[str, np.ndarray]:
-        """One run's feed of the first sample (filled up to the model's fixed batch), at which
-        the model's costs are counted."""
-        return next(self.take(np.zeros(1, dtype=int)).batches(1))[0]
+    def sample_feed(self, count: int = 1) -> dict[str, np.ndarray]:
+        """One run's feed of the first sample `count` times (or as often as the model's fixed batch
+        takes): the costs are counted at one, layers are timed at --latency-batch."""
+        return next(self.take(np.zeros(count, dtype=int)).batches(count))[0]
 
 
-def input_layout(model: onnx.ModelProto, data: CalibrationSet) -> dict[str, dict]:
+def input_layout(model: onnx.ModelProto, data: CalibrationSet | None = None) -> dict[str, dict]:
     """Per input: the shape the model declares, which of its dims are static, and how the
-    calibration arrays give it (for the report and `inspect`)."""
+    calibration arrays give it (for the report and `inspect`; None: not given)."""
+    def given(name: str) -> str:
+        if data is None:
+            return "not given"
+        return "one whole input per sample" if name in data.whole else "samples along axis 0"
+
     return {s.name: {"declared": [d if isinstance(d, int) else (d or "?") for d in s.shape],
-                     "static": [isinstance(d, int) and d > 0 for d in s.shape],
-                     "given": "one whole input per sample" if s.name in data.whole else "samples along axis 0"}
-            for s in model_inputs(model) if s.name in data.inputs}
+                     "static": [isinstance(d, int) and d > 0 for d in s.shape], "given": given(s.name)}
+            for s in model_inputs(model)}
 
 
 def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,

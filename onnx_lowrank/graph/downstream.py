@@ -86,27 +86,25 @@ def downstream(graph: onnx.GraphProto, start: onnx.NodeProto) -> Downstream:
     tainted: set[str] = set()
     nodes: set[int] = set()
 
-    def reads(node: onnx.NodeProto) -> list[str]:
-        return [n for n in node.input if n] + sorted(subgraph_inputs(node))
-
+    # what each node reads, subgraphs included, once
+    reads = [[n for n in node.input if n] + sorted(subgraph_inputs(node)) for node in graph.node]
     for i, node in enumerate(graph.node):
-        if all(n in constant_tensors for n in reads(node)) and node.op_type not in _NONDETERMINISTIC:
+        if all(n in constant_tensors for n in reads[i]) and node.op_type not in _NONDETERMINISTIC:
             constant_tensors.update(node.output)
-        elif (node.output and node.output[0] == start.output[0]) or any(n in tainted for n in reads(node)):
+        elif (node.output and node.output[0] == start.output[0]) or any(n in tainted for n in reads[i]):
             nodes.add(i)
             tainted.update(node.output)
     # pull in the producers of what the part reads that is constant or a shape, back to data tensors
-    needed = [n for i in nodes for n in reads(graph.node[i])]
+    needed = [n for i in nodes for n in reads[i]]
     while needed:
         name = needed.pop()
         i = producer.get(name)
         if i is None or i in nodes or not (name in constant_tensors or name in integer):
             continue
         nodes.add(i)
-        needed.extend(reads(graph.node[i]))
+        needed.extend(reads[i])
     made = {o for i in nodes for o in graph.node[i].output}
-    frontier = dict.fromkeys(n for i in sorted(nodes) for n in reads(graph.node[i])
-                             if n not in made and n not in initializers)
+    frontier = dict.fromkeys(n for i in sorted(nodes) for n in reads[i] if n not in made and n not in initializers)
     outputs = [o.name for o in graph.output if o.name in tainted]
     return Downstream(sorted(nodes), list(frontier), outputs)
 
