@@ -224,8 +224,9 @@ def convert(
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
-    holdout: float = typer.Option(0.3, help="Share of the calibration set kept back to verify the result."),
-    verify: bool = typer.Option(True, help="Check the result on the held-out part: step back where the drop "
+    holdout: float = typer.Option(0.3, help="Share of the calibration set the rank choice does not see (the "
+                                  "result is checked on every sample; the held-out part alone is reported)."),
+    verify: bool = typer.Option(True, help="Check the result on every calibration sample: step back where the drop "
                                 "exceeds eps, fail (nothing written) if it still does or if outputs are NaN/Inf. "
                                 "--no-verify reports it and writes the model anyway."),
     batch_size: int = typer.Option(64, help="Batch size of the onnxruntime runs (at most; --max-memory may run "
@@ -277,7 +278,8 @@ def convert(
     if plots is not None:
         console.print(f"plots: {plots}/trade_off.png, {plots}/layers.png", highlight=False)
     console.print(f"wrote {dst}: {result.mac_ratio:.2f}x fewer MACs, {result.param_ratio:.2f}x fewer parameters, "
-                  f"held-out {result.metric} drop {result.drop:.4f} (eps {result.eps})", highlight=False)
+                  f"{result.metric} drop {result.drop:.4f} on {result.check_samples} samples, held-out part "
+                  f"{result.heldout_drop:.4f} (eps {result.eps})", highlight=False)
 
 
 @app.command("finetune")

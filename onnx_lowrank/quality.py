@@ -2,7 +2,13 @@
 
 - accuracy  (labels given): the drop in top-1 accuracy, 0.005 = half a point (001's EPS);
 - agreement (no labels, classifier-shaped output): the fraction of samples whose top-1 changes;
-- cosine    (other outputs): 1 - mean cosine similarity per sample, the worst output counting.
+- r2        (other outputs, the default): 1 - R^2 per output channel, averaged over the channels,
+  the worst output counting. Each channel (axis 1; each element of a (samples, features) output)
+  counts on its own scale, its error against how much the original's channel varies across the
+  samples about its per-position mean: a part of the output that does not depend on the input (an
+  anchor grid, an offset, padding) adds nothing to the scale that errors elsewhere are hidden in;
+- cosine    (an option): 1 - mean cosine similarity per sample, the worst output counting. It can
+  be fooled: a detector's class scores zeroed beside pixel boxes on a constant grid kept 0.99.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _state
 from .calibration.data import CalibrationSet
 from .errors import first_line
 
-METRICS = ("auto", "accuracy", "agreement", "cosine")
+METRICS = ("auto", "accuracy", "agreement", "r2", "cosine")
 
 
 # what onnxruntime raises on a model it cannot load or run (plain Exceptions, not RuntimeError)
@@ -79,7 +85,27 @@ def resolve_metric(metric: str, reference: list[np.ndarray], labels: np.ndarray 
         return metric
     if labels is not None and is_classifier(reference):
         return "accuracy"
-    return "agreement" if is_classifier(reference) else "cosine"
+    return "agreement" if is_classifier(reference) else "r2"
+
+
+COUNTS = ("accuracy", "agreement")  # metrics that count samples: they resolve 1 / samples at best
+RESOLVED = 3  # samples eps must allow for a count to tell eps from 0 (or from 2 eps) at all
+
+
+def resolution(metric: str, samples: int, eps: float) -> tuple[str, str | None]:
+    """What a check of `samples` can resolve under `metric`, as a line; and a warning when eps
+    allows fewer than RESOLVED of them to change, naming how many samples would resolve it."""
+    if metric not in COUNTS:
+        return f"{samples} samples", None
+    allowed = int(np.floor(eps * samples + 1e-9))
+    line = (f"{samples} samples: one changed sample is {1 / samples:.4f}; eps {eps:g} allows "
+            f"{allowed} of them")
+    if allowed >= RESOLVED:
+        return line, None
+    need = int(np.ceil(RESOLVED / eps))
+    return line, (f"eps {eps:g} is below what {samples} samples resolve under {metric} (it allows {allowed} "
+                  f"changed sample{'s' if allowed != 1 else ''}): about {need} calibration samples would "
+                  f"resolve it ({RESOLVED} changes)")
 
 
 @dataclass(frozen=True)
@@ -103,8 +129,47 @@ def quality(metric: str, reference: list[np.ndarray], outputs: list[np.ndarray],
     if metric == "agreement":
         agree = int(np.sum(reference[0].argmax(1) == outputs[0].argmax(1)))
         return Quality(metric, agree / n, (n - agree) / n)
-    worst = min(float(np.mean(_cosines(ref, out))) for ref, out in zip(reference, outputs))
-    return Quality(metric, worst, 1.0 - worst)
+    scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
+    drop = max(float(np.mean(_per_sample(metric, r, o, v))) for r, o, v in zip(reference, outputs, scales))
+    return Quality(metric, 1.0 - drop, drop)
+
+
+FLOOR = 0.01  # a channel varying less than this share of the output's mean channel variance is
+#               measured against that share: it is (nearly) input-independent, and its error
+#               counts on the scale of the output's varying channels, not on its own ~0
+
+
+def _channels(a: np.ndarray) -> np.ndarray:
+    """(samples, channels, positions) float64: axis 1 is the channel; a (samples, features)
+    output's every feature is one."""
+    a = a.astype(np.float64)
+    if a.ndim <= 2:
+        return a.reshape(len(a), -1, 1)
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def channel_scales(reference: list[np.ndarray]) -> list[np.ndarray]:
+    """Per output, per channel: the variance of the original's outputs across the samples about
+    their per-position mean, pooled over the channel's positions, floored (FLOOR). From one sample
+    there is no variation to measure: the mean square stands in for it."""
+    scales = []
+    for ref in reference:
+        a = _channels(ref)
+        centred = a - a.mean(axis=0) if len(a) > 1 else a
+        v = np.mean(np.square(centred), axis=(0, 2))
+        floor = max(FLOOR * float(v.mean(initial=0.0)), 1e-30)
+        scales.append(np.maximum(v, floor))
+    return scales
+
+
+def _per_sample(metric: str, ref: np.ndarray, out: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """What each sample adds to the drop of one output, whose mean over the samples is the drop:
+    1 - cos (cosine), or the squared error averaged over positions and channels, each channel's
+    against its scale (r2: the mean over samples is 1 - R^2 averaged over the channels)."""
+    if metric == "cosine":
+        return 1.0 - _cosines(ref, out)
+    err = np.mean(np.square(_channels(out) - _channels(ref)), axis=2)  # (samples, channels)
+    return np.mean(err / scale, axis=1)
 
 
 class DropMeter:
@@ -125,6 +190,7 @@ class DropMeter:
             order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
         self.data = data.take(order)
         self.reference = [r[order] for r in reference]
+        self.scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
         self.labels = self.data.labels
         self.n = len(self.data)
         self.exact = True
@@ -133,7 +199,7 @@ class DropMeter:
         sess = model if isinstance(model, ort.InferenceSession) else session(model)
         names = [o.name for o in sess.get_outputs()]
         lost = 0.0                       # sum over the samples seen of what each adds to the drop
-        per_output = np.zeros(len(names))  # cosine: sum of 1 - cos per output
+        per_output = np.zeros(len(names))  # r2, cosine: per output, the sum of what each sample adds
         start, size = 0, self.FIRST_CHUNK
         while start < self.n:
             stop = min(self.n, start + size)
@@ -150,14 +216,15 @@ class DropMeter:
                 lost += float(np.sum(ref[0].argmax(1) != outs[0].argmax(1)))
                 bound = lost / self.n
             else:
-                per_output += [float(np.sum(1 - _cosines(r, o))) for r, o in zip(ref, outs)]
+                per_output += [float(np.sum(_per_sample(self.metric, r, o, v)))
+                               for r, o, v in zip(ref, outs, self.scales)]
                 bound = float(per_output.max()) / self.n
             start, size = stop, 2 * size
             if bound > self.eps and start < self.n:
                 self.exact = False
                 return bound
         self.exact = True
-        return float(per_output.max()) / self.n if self.metric == "cosine" else lost / self.n
+        return lost / self.n if self.metric in COUNTS else float(per_output.max()) / self.n
 
 
 def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -48,11 +48,15 @@ class Report:
     macs_after: int = 0
     file_size_before: int = 0
     file_size_after: int = 0
-    quality_before: float = 0.0   # on the held-out part
+    quality_before: float = 0.0   # on the check_samples
     quality_after: float = 0.0
-    drop: float = 0.0             # held-out: what --eps bounds
+    drop: float = 0.0             # what --eps bounds: on every calibration sample (the held-out part
+    #                               alone after a fine-tune, which trains on the search part)
+    check_samples: int = 0        # how many samples `drop` was measured on
+    heldout_drop: float = 0.0     # the held-out part alone: the choice did not see it
+    resolution: str = ""          # what the check can resolve ("1000 samples: one changed sample is ...")
     search_drop: float = 0.0
-    backed_off: int = 0           # steps taken back because the held-out drop exceeded eps
+    backed_off: int = 0           # steps taken back because the drop exceeded eps
     latency_before: float | None = None  # --cost latency: seconds per run of the whole model, measured
     latency_after: float | None = None   # (the two models in turn) at --latency-batch
     timings: dict = field(default_factory=dict)
@@ -91,7 +95,8 @@ class Report:
         data = asdict(self)
         data["mac_ratio"] = self.mac_ratio
         data["param_ratio"] = self.param_ratio
-        data["eps_meaning"] = "largest allowed quality drop on held-out calibration inputs (see metric)"
+        data["eps_meaning"] = ("largest allowed quality drop (see metric) on every calibration input, measured in "
+                               "onnxruntime; the held-out part alone is heldout_drop")
         return data
 
     def write_json(self, path: str | Path) -> None:
@@ -129,10 +134,11 @@ class Report:
         if self.latency_before is not None:
             whole.add_row("latency / run", f"{1e3 * self.latency_before:.3f} ms", f"{1e3 * self.latency_after:.3f} ms",
                           f"{self.latency_before / self.latency_after:.2f}x")
-        whole.add_row(f"{self.metric} (held-out)", f"{self.quality_before:.4f}", f"{self.quality_after:.4f}",
-                      f"drop {self.drop:.4f} (eps {self.eps})")
+        whole.add_row(f"{self.metric} ({self.check_samples} samples)", f"{self.quality_before:.4f}",
+                      f"{self.quality_after:.4f}", f"drop {self.drop:.4f} (eps {self.eps})")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
-        whole.caption = f"search-set drop {self.search_drop:.4f}; time: {timing}"
+        whole.caption = (f"search-set drop {self.search_drop:.4f}, held-out part {self.heldout_drop:.4f}; "
+                         f"{self.resolution}\ntime: {timing}")
         if self.calibration.get("inputs"):
             whole.caption += "\n" + escape(self.how_run())  # [..] of the shapes is not markup
         if not self.finetune:

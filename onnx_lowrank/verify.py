@@ -1,6 +1,6 @@
 """The result as written, and the check that it holds: a choice of candidates built into a model
-(with the touches a deployment wants), its drop measured on the held-out part, and the step back
-along the path towards keeping every layer when that drop exceeds eps."""
+(with the touches a deployment wants), its drop measured on every calibration sample, and the
+step back along the path towards keeping every layer when that drop exceeds eps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .errors import InvalidModel, first_line
 from .graph import replace_layers
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.index import FLOAT_TYPES
-from .quality import DropMeter, predict, quality
+from .quality import DropMeter, predict
 from .selection import Choice
 
 
@@ -42,16 +42,16 @@ def tuned_to_eps(config: CompressConfig) -> bool:
     return not fixed
 
 
-def verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, config, back_off: bool,
-                   confirm: Callable[[Choice], Choice] | None = None):
-    """The chosen model's drop on the held-out part. If it exceeds eps and the ranks were chosen to
-    fit eps, step back: a step moves the factored layer with the largest error to its next more
-    accurate candidate, and the steps from the choice to keeping every layer form a path that is
-    bisected for the first model that holds (the models a step-by-step walk tries, in about log2
-    of their number of runs; the last, keeping every layer, is taken to hold). `confirm` checks each
-    choice measured (--cost latency). Returns the model as written, its choice, its quality, how
-    many steps back it is, and on how many samples it outputs NaN/Inf where the original does not."""
-    meter = DropMeter(metric, held, held_ref, config.eps, config.batch_size)
+def verify_choice(prepared, problems, choice: Choice, metric, data, reference, config, back_off: bool,
+                  confirm: Callable[[Choice], Choice] | None = None):
+    """The chosen model's drop on `data` (the whole calibration set: _Calibrated.check). If it
+    exceeds eps and the ranks were chosen to fit eps, step back: a step moves the factored layer
+    with the largest error to its next more accurate candidate, and the steps from the choice to
+    keeping every layer form a path that is bisected for the first model that holds (the models a
+    step-by-step walk tries, in about log2 of their number of runs; the last, keeping every layer,
+    is taken to hold). `confirm` checks each choice measured (--cost latency). Returns the model
+    as written, its choice, its outputs on `data`, and how many steps back it is."""
+    meter = DropMeter(metric, data, reference, config.eps, config.batch_size)
 
     def holds(c: Choice) -> bool:  # no shape inference while searching: once, on the model kept
         return meter(export(build(prepared, problems, c, infer=False), config)) <= config.eps
@@ -75,9 +75,7 @@ def verify_heldout(prepared, problems, choice: Choice, metric, held, held_ref, c
         steps = holding
     choice = path[steps]
     compressed = export(build(prepared, problems, choice), config)
-    outputs = predict(compressed, held, config.batch_size)
-    q = quality(metric, held_ref, outputs, held.labels)
-    return compressed, choice, q, steps, nonfinite_samples(held_ref, outputs, len(held))
+    return compressed, choice, predict(compressed, data, config.batch_size), steps
 
 
 def nonfinite(outputs: list[np.ndarray], samples: int) -> np.ndarray:

@@ -101,13 +101,13 @@ def test_fp16_and_optimized_export_are_verified_like_the_rest(calib, tmp_path):
     assert logits.shape == (7, 10) and np.all(np.isfinite(logits))
 
 
-def test_held_out_back_off_stops_at_the_first_step_that_holds(calib):
+def test_back_off_stops_at_the_first_step_that_holds(calib):
     """From the cheapest candidate everywhere, the bisected back-off ends on a boundary of the
-    step-by-step walk: its model holds on the held-out part and the one a step before does not."""
+    step-by-step walk: its model holds on the data it checks and the one a step before does not."""
     from onnx_lowrank.calibration.capture import capture
     from onnx_lowrank.calibration.data import load_calibration
     from onnx_lowrank.graph import find_targets, load_model, prepare
-    from onnx_lowrank.verify import build, step_back, verify_heldout
+    from onnx_lowrank.verify import build, nonfinite_samples, step_back, verify_choice
     from onnx_lowrank.quality import predict, quality
     from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
 
@@ -119,9 +119,9 @@ def test_held_out_back_off_stops_at_the_first_step_that_holds(calib):
     cheapest = {p.name: p.candidates[0] for p in problems}
     held_ref = predict(prepared, held)
     config = CompressConfig(eps=0.01)
-    _, choice, q, steps, nonfinite = verify_heldout(prepared, problems, cheapest, "accuracy", held, held_ref,
-                                                     config, True)
-    assert steps > 1 and q.drop <= config.eps and nonfinite == 0
+    _, choice, outputs, steps = verify_choice(prepared, problems, cheapest, "accuracy", held, held_ref, config, True)
+    q = quality("accuracy", held_ref, outputs, held.labels)
+    assert steps > 1 and q.drop <= config.eps and nonfinite_samples(held_ref, outputs, len(held)) == 0
     walk = [cheapest]
     for _ in range(steps):
         walk.append(step_back(problems, walk[-1]))

@@ -36,7 +36,7 @@ def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int
             rows = x.reshape(-1, x.shape[-1])
         if len(rows) > max_rows:
             rows = rows[rng.choice(len(rows), max_rows, replace=False)]
-        return rows[:, None, :].astype(np.float32)
+        return rows[:, None, :].astype(np.float32, copy=False)
     g = layer.geometry
     n = g.ndim
     pads = g.pads
@@ -61,7 +61,7 @@ def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int
     images = idx[0].reshape([len(pick)] + [1] * n)
     rows = x[(images, slice(None)) + tuple(coords)]         # (rows, *kernel, C): advanced axes first
     rows = np.moveaxis(rows * valid[..., None], -1, 1)      # (rows, C, *kernel)
-    return rows.reshape(len(pick), layer.groups, -1).astype(np.float32)
+    return rows.reshape(len(pick), layer.groups, -1).astype(np.float32, copy=False)
 
 
 @dataclass

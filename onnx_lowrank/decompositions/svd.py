@@ -61,11 +61,12 @@ class Truncations:
         """`white`: the Whitener of `layer.input_cov` when the caller has made it already."""
         self.layer = layer
         matrix = layer.weight.reshape(layer.weight.shape[0], -1).astype(np.float64)
-        if layer.input_cov is None:
-            self.white = None
-        else:
-            self.white = white or Whitener(layer.input_cov)
-            matrix = self.white.into(matrix, 1)
+        # the whitener is not kept: mapped back once below, the factors need nothing more of it
+        # (a 4608-wide conv's is 170 MB, as large as its moment)
+        if layer.input_cov is not None:
+            white = white or Whitener(layer.input_cov)
+            matrix = white.into(matrix, 1)
+        self.whitened = layer.input_cov is not None
         u, self.s, vt = thin_svd(matrix)
         del matrix
         # kept in the weight's precision, which the factors are written in (a float32 4096 x 25088
@@ -73,8 +74,8 @@ class Truncations:
         # sides, so they commute
         precision = np.promote_types(layer.weight.dtype, np.float32)
         self.u = u.astype(precision)
-        self.first_rows = (vt if self.white is None else self.white.back(vt, 1)).astype(precision)
-        self.vt = vt if self.white is None else None  # only the unwhitened errors read it
+        self.first_rows = (white.back(vt, 1) if self.whitened else vt).astype(precision)
+        self.vt = None if self.whitened else vt  # only the unwhitened errors read it
 
     @property
     def full(self) -> int:
@@ -91,7 +92,7 @@ class Truncations:
         second moment ((d,): a diagonal one) and `product` W R (float32). Whitened by that moment, the tail of the
         singular values is the error itself; else W - W_r = U_>r S_>r V_>r^T and U's columns are
         orthonormal, so the error is the tail of the row norms of S V^T R: one product in all."""
-        if self.white is not None:
+        if self.whitened:
             return [self.tail_error(r) for r in ranks]
         scaled = (self.s[:, None] * self.vt).astype(np.float32)
         rows = np.sum(np.square(scaled * root if root.ndim == 1 else scaled @ root), axis=1, dtype=np.float64)

@@ -361,7 +361,7 @@ class ErrorMeter:
         if truncations is None:
             return [self(f) for f in ladder]
         ranks = [f.ranks if len(f.ranks) > 1 else f.ranks[0] for f in ladder]
-        if isinstance(truncations, svd.Truncations) and truncations.white is not None:  # the spectrum's tail is the error
+        if isinstance(truncations, svd.Truncations) and truncations.whitened:  # the spectrum's tail is the error
             return truncations.output_errors(ranks, self.root[0], None)
         return truncations.output_errors(ranks, self.root[0], self.product[0])
 
