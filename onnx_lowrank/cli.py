@@ -224,7 +224,7 @@ def convert(
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
-    holdout: float = typer.Option(0.3, help="Share of the calibration set the rank choice does not see (the "
+    holdout: float = typer.Option(0.2, help="Share of the calibration set the rank choice does not see (the "
                                   "result is checked on every sample; the held-out part alone is reported)."),
     verify: bool = typer.Option(True, help="Check the result on every calibration sample: step back where the drop "
                                 "exceeds eps, fail (nothing written) if it still does or if outputs are NaN/Inf. "

@@ -44,13 +44,14 @@ def test_auto_compresses_within_eps_and_reports(calib, tmp_path):
     data = json.loads(report_path.read_text())
     for key in ("eps", "metric", "layers", "skipped", "params_before", "params_after", "macs_before", "macs_after",
                 "file_size_before", "file_size_after", "quality_before", "quality_after", "drop", "timings",
-                "calibration", "trace", "mac_ratio"):
+                "calibration", "trace", "mac_ratio", "check_samples", "heldout_drop", "resolution"):
         assert key in data
     layer = data["layers"][0]
     assert set(layer) == {"name", "op_type", "method", "ranks", "params_before", "params_after", "macs_before",
                           "macs_after", "error", "reason", "latency_before", "latency_after"}
     assert layer["latency_before"] is None and data["latency_before"] is None  # timed only with --cost latency
-    assert data["calibration"]["heldout"] == 120 and not data["calibration"]["synthetic"]
+    assert data["calibration"]["heldout"] == 80 and not data["calibration"]["synthetic"]  # --holdout 0.2 of 400
+    assert data["check_samples"] == 400  # the result is checked on every sample
     # the whole-model counts agree with the per-layer ones
     saved = sum(r["macs_before"] - r["macs_after"] for r in data["layers"])
     assert data["macs_before"] - data["macs_after"] == saved
