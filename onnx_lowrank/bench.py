@@ -76,8 +76,9 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, batches: t
                                       tuple(float(np.max(t)) for t in times), len(times[0])))
     if data is not None:
         outputs = [predict(s, data) for s in sessions]
-        result.metric = resolve_metric(metric, outputs[0], data.labels)
-        before = quality(result.metric, outputs[0], outputs[0], data.labels)
-        after = quality(result.metric, outputs[0], outputs[1], data.labels)
+        resolved = resolve_metric(metric, outputs[0], data.labels)
+        result.metric = str(resolved)
+        before = quality(resolved, outputs[0], outputs[0], data.labels)
+        after = quality(resolved, outputs[0], outputs[1], data.labels)
         result.quality, result.drop, result.samples = (before.value, after.value), after.drop, len(data)
     return result

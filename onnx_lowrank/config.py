@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .calibration.data import ImageOptions
 from .decompositions import METHODS
@@ -11,16 +12,17 @@ from .selection import STRATEGIES
 
 COSTS = ("macs", "params", "latency")
 
-EPS_HELP = ("The largest allowed drop in model quality, measured end to end in onnxruntime on held-out "
-            "calibration inputs: with labels, the drop in top-1 accuracy (0.005 = half a point); "
-            "without, the fraction of samples whose top-1 class changes; for non-classifier outputs, "
-            "1 - mean cosine similarity of the outputs (the worst output counts).")
+EPS_HELP = ("The largest allowed drop in model quality, measured end to end in onnxruntime on every "
+            "calibration input: with labels, the drop in top-1 accuracy (0.005 = half a point); without, "
+            "the fraction of samples whose top-1 class changes; for other outputs, 1 - R^2 per output "
+            "channel, averaged (the worst output counts); or your own --metric.")
 
 
 @dataclass
 class CompressConfig:
     eps: float = 0.005
-    metric: str = "auto"                   # auto | accuracy | agreement | cosine
+    metric: str | Callable = "auto"        # auto | accuracy | agreement | r2 | cosine, module:function,
+    #                                        path.py:function, or the function (quality.UserMetric)
     select: str = "auto"                   # auto | cosine | hessian | energy | vbmf | rank
     rank: int | None = None                # --select rank: cap every rank at R
     ratio: float | None = None             # --select rank: each layer at this fraction of its cost
@@ -51,8 +53,10 @@ class CompressConfig:
         """Raise ValueError naming the rule and the value received."""
         if not 0 <= self.eps < 1:
             raise ValueError(f"--eps is a quality drop in [0, 1); got {self.eps}")
-        if self.metric not in METRICS:
-            raise ValueError(f"--metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
+        user = callable(self.metric) or (isinstance(self.metric, str) and ":" in self.metric)
+        if not user and self.metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, module:function or path.py:function; "
+                             f"got {self.metric!r}")
         if self.select not in STRATEGIES:
             raise ValueError(f"--select must be one of {', '.join(STRATEGIES)}; got {self.select!r}")
         if self.cost not in COSTS:

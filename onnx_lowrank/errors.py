@@ -36,3 +36,8 @@ class FinetuneDiverged(OnnxLowrankError):
 
 class OutOfMemory(OnnxLowrankError):
     """The conversion would need more memory than --max-memory allows, or than the machine gave."""
+
+
+class MetricError(OnnxLowrankError):
+    """The user's own metric (--metric module:function) could not be loaded, raised, or did not
+    return a finite number."""

@@ -46,7 +46,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
     def attempt(how: str, budget_: float | None, choice_: Choice, reasons_: dict) -> bool:
         nonlocal best
         model = build(prepared, problems, choice_)
-        untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels)
+        untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels, held.indices)
         macs = sum(c.macs for c in node_costs(model, feed=feed))  # the fine-tuned model has the same layers
         entry = {"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop}
         report.finetune.append(entry)
@@ -60,7 +60,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
             same_as_rank0(False)
             return False
         outputs = predict(tuned, held, config.batch_size)
-        q = quality(metric, held_ref, outputs, held.labels)
+        q = quality(metric, held_ref, outputs, held.labels, held.indices)
         entry.update(drop_after=q.drop, losses=log.losses, lr=log.lr, stopped=log.stopped, processes=log.processes)
         # under torchrun every process measured the same model; rank 0's verdict binds them all,
         # so that none runs a fine-tune the others do not (they would wait for it forever)

@@ -26,7 +26,8 @@ from .graph import find_targets, load_model, node_costs, prepare, save_model
 from .graph.index import WEIGHT_TYPES
 from .graph.targets import LayerTarget, Skipped
 from .latency import LayerTimer, interleaved, runtime_session, time_session
-from .quality import RUNTIME_ERRORS, DropMeter, predict, quality, resolution, resolve_metric, runtime_message, session
+from .quality import (RUNTIME_ERRORS, DropMeter, Quality, UserMetric, predict, quality, resolution, resolve_metric,
+                      runtime_message, session)
 from .report import LayerReport, Report
 from .selection import Choice, Search
 from .selection.candidates import FACTORS, build_problems, price_latency
@@ -57,13 +58,16 @@ def _warn(report: Report, message: str) -> None:
 
 def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig | None = None,
              calibration: Any = None, labels: Any = None,
-             progress: Progress = _quiet_progress) -> tuple[onnx.ModelProto, Report]:
+             progress: Progress = _quiet_progress, metric: Callable | str | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
     """Compress `model` within `config.eps`. `calibration`: an .npz/.npy path, a folder of
     images, an object with get_next() (onnxruntime's CalibrationDataReader), or None for
-    synthetic inputs (with a warning). `labels`: an .npy path, an npz key, or an array."""
-    config = config or CompressConfig()
+    synthetic inputs (with a warning). `labels`: an .npy path, an npz key, or an array.
+    `metric`: what eps bounds, in place of config.metric: your own function
+    `fn(reference, outputs[, indices]) -> drop` (quality.UserMetric) or a metric's name."""
+    config = replace(config or CompressConfig(), metric=metric) if metric is not None else (config or CompressConfig())
     config.validate()
-    report = Report(config.eps, config.metric, config.select, config.cost, config.data_aware, {})
+    report = Report(config.eps, str(config.metric), config.select, config.cost, config.data_aware, {})
     FACTORS.limit = config.max_memory // 32
     try:
         return _compress(model, config, calibration, labels, progress, report)
@@ -112,15 +116,16 @@ class _Calibrated:
     stats: dict                  # per target: its input statistics
     search_ref: list[np.ndarray]  # the original's outputs on each part
     held_ref: list[np.ndarray]
-    metric: str
+    metric: str | UserMetric
     feed: dict[str, np.ndarray]  # one run of one sample (or of the model's fixed batch): costs are counted at it
     batch: int                   # samples per run asked for: --batch-size, or fewer to fit --max-memory
 
     @property
     def check(self) -> tuple[CalibrationSet, list[np.ndarray]]:
-        """Every sample, the search part's then the held-out part's, and the original's outputs on
-        them: what the result is checked on (DESIGN: a count on the held-out part alone resolves
-        1/300 at 1000 samples, and its noise threw away compression the unseen data allowed)."""
+        """What a selection is checked on, held-out part last, and the original's outputs on it:
+        every sample (DESIGN: a count on the held-out part alone resolves 1/300 at 1000 samples,
+        and its noise threw away compression the unseen data allowed). A fine-tuned model is
+        checked on the held-out part alone: it trained on the search part."""
         both = self.data.take(np.concatenate([self.search_set.indices, self.held.indices]))
         return both, [np.concatenate([s, h]) for s, h in zip(self.search_ref, self.held_ref)]
 
@@ -198,8 +203,8 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
                           "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch)}
     report.memory = {"max_memory": config.max_memory, "statistics_bytes": statistics_bytes(stats)}
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
-    metric = resolve_metric(config.metric, search_ref, data.labels)
-    report.metric = metric
+    metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices)
+    report.metric = str(metric)
     return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, data.sample_feed(), batch)
 
 
@@ -251,9 +256,10 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
         back_off=config.verify and tuned_to_eps(config), confirm=confirm)
     if timer is not None:
         timer.save()
-    drop_q = quality(cal.metric, reference, outputs, data.labels)
-    held = slice(len(cal.search_set), None)
-    report.heldout_drop = quality(cal.metric, cal.held_ref, [o[held] for o in outputs], cal.held.labels).drop
+    drop_q = quality(cal.metric, reference, outputs, data.labels, data.indices)
+    held = slice(len(data) - len(cal.held), None)
+    report.heldout_drop = quality(cal.metric, cal.held_ref, [o[held] for o in outputs], cal.held.labels,
+                                  cal.held.indices).drop
     report.check_samples = len(data)
     report.resolution, coarse = resolution(cal.metric, len(data), config.eps)
     if coarse:
@@ -278,7 +284,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     for p in problems:
         if choice[p.name] is not before_backoff[p.name]:
             reasons[p.name] += " (backed off: the drop on the calibration set exceeded eps)"
-    before_q = quality(cal.metric, reference, reference, data.labels)
+    before_q = quality(cal.metric, reference, reference, data.labels, data.indices)
     report.quality_before, report.quality_after, report.drop = before_q.value, drop_q.value, drop_q.drop
     check_model(compressed, prepared)
     if timer is not None:
@@ -290,9 +296,10 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
 
 def _finetune(original, prepared, problems, choice: Choice, reasons, compressed, search: Search, cal: _Calibrated,
               config: CompressConfig, report: Report) -> tuple[onnx.ModelProto, Choice, dict[str, str]]:
-    """--finetune-epochs: the rounds of finetune_rounds.py; the best model within eps is kept. The
-    search part trains the model, so from here the check is the held-out part alone."""
-    drop_q = quality(cal.metric, cal.held_ref, predict(compressed, cal.held, config.batch_size), cal.held.labels)
+    """--finetune-epochs: the rounds of finetune_rounds.py; the best model within eps is kept. A
+    fine-tuned one is measured on the held-out part alone (it trained on the search part)."""
+    drop_q = Quality(cal.metric, report.quality_after, report.drop)
+    selected = compressed
     compressed, choice, drop_q, reasons = finetune_rounds(
         original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
         cal.search_set, cal.search_ref, cal.held, cal.held_ref, cal.metric, report)
@@ -302,10 +309,12 @@ def _finetune(original, prepared, problems, choice: Choice, reasons, compressed,
                    f"rate from --finetune-lr {config.finetune_lr:g} down to a thousandth of it lowered the "
                    "training loss (or the model diverged)")
         _warn(report, message)
-    report.quality_before = quality(cal.metric, cal.held_ref, cal.held_ref, cal.held.labels).value
-    report.quality_after, report.drop, report.heldout_drop = drop_q.value, drop_q.drop, drop_q.drop
-    report.check_samples = len(cal.held)
-    report.resolution, _ = resolution(cal.metric, len(cal.held), config.eps)
+    if compressed is not selected:
+        report.quality_before = quality(cal.metric, cal.held_ref, cal.held_ref, cal.held.labels,
+                                        cal.held.indices).value
+        report.quality_after, report.drop, report.heldout_drop = drop_q.value, drop_q.drop, drop_q.drop
+        report.check_samples = len(cal.held)
+        report.resolution, _ = resolution(cal.metric, len(cal.held), config.eps)
     check_model(compressed, prepared)
     return compressed, choice, reasons
 
@@ -436,14 +445,15 @@ def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: s
     data = load_calibration(calibration, student_model, labels, seed=seed)
     train, held = data.split(holdout, seed)
     held_ref = predict(teacher_model, held)
-    metric = resolve_metric(metric, held_ref, data.labels)
-    before = quality(metric, held_ref, predict(student_model, held), held.labels)
+    metric = resolve_metric(metric, held_ref, data.labels, held.indices)
+    before = quality(metric, held_ref, predict(student_model, held), held.labels, held.indices)
     tuned, log = finetune(student_model, teacher_model, train, options)
-    after = quality(metric, held_ref, predict(tuned, held), held.labels)
+    after = quality(metric, held_ref, predict(tuned, held), held.labels, held.indices)
     if process_rank() == 0:
         with _interrupts_ignored():
             save_model(tuned, dst)
-    return FinetuneResult(metric, before.value, after.value, quality(metric, held_ref, held_ref, held.labels).value,
+    return FinetuneResult(str(metric), before.value, after.value,
+                          quality(metric, held_ref, held_ref, held.labels, held.indices).value,
                           log.losses, log.processes, log.parity, log.lr, log.stopped)
 
 

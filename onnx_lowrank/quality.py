@@ -13,8 +13,15 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import os
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -22,7 +29,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .calibration.data import CalibrationSet
-from .errors import first_line
+from .errors import MetricError, first_line
 
 METRICS = ("auto", "accuracy", "agreement", "r2", "cosine")
 
@@ -69,7 +76,83 @@ def is_classifier(outputs: list[np.ndarray]) -> bool:
     return len(outputs) == 1 and outputs[0].ndim == 2 and outputs[0].shape[1] > 1
 
 
-def resolve_metric(metric: str, reference: list[np.ndarray], labels: np.ndarray | None) -> str:
+class UserMetric:
+    """The user's own metric, as NNCF's validation_fn and AIMET's eval callback are: a function
+    of the original's outputs and the candidate's on the same samples (lists of arrays, one per
+    graph output, samples along axis 0) that returns the drop, which --eps bounds:
+    `fn(reference, outputs)`, or `fn(reference, outputs, indices)` to be told which calibration
+    samples they are (positions in the set given, e.g. to look up ground truth for a task metric
+    such as mAP). It is called on every sample each time: there is no early stop for it."""
+
+    def __init__(self, fn: Callable, name: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+        try:
+            params = inspect.signature(fn).parameters.values()
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            self.takes_indices = len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+        except (TypeError, ValueError):  # a builtin without a signature: the two-argument form
+            self.takes_indices = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:  # f-strings name it
+        return format(self.name, spec)
+
+    def __call__(self, reference: list[np.ndarray], outputs: list[np.ndarray], indices: np.ndarray) -> float:
+        try:
+            value = self.fn(reference, outputs, indices) if self.takes_indices else self.fn(reference, outputs)
+        except Exception as e:  # the user's code: any failure is theirs to see, in one line
+            raise MetricError(f"--metric {self.name} raised {type(e).__name__}: {first_line(e)}") from None
+        try:
+            drop = float(value)
+        except (TypeError, ValueError):
+            raise MetricError(f"--metric {self.name} returned {value!r:.60}, not a number (the drop)") from None
+        if not np.isfinite(drop):
+            raise MetricError(f"--metric {self.name} returned {drop}: the drop must be a finite number")
+        return drop
+
+
+def load_metric(spec: str) -> UserMetric:
+    """`module:function` (imported; the working directory is searched first) or `path.py:function`."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise MetricError(f"--metric {spec!r}: give a name ({', '.join(METRICS)}), module:function or "
+                          "path.py:function")
+    try:
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise MetricError(f"--metric {spec}: {path}: no such file")
+            module_spec = importlib.util.spec_from_file_location(f"_onnx_lowrank_metric_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(where)
+            finally:
+                sys.path.remove(os.getcwd())
+        fn = getattr(module, attr)
+    except MetricError:
+        raise
+    except Exception as e:  # an import error, or the module's own code failing as it loads
+        raise MetricError(f"--metric {spec}: cannot load it: {type(e).__name__}: {first_line(e)}") from None
+    if not callable(fn):
+        raise MetricError(f"--metric {spec}: {attr} is not a function")
+    return UserMetric(fn, spec)
+
+
+def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: np.ndarray | None,
+                   indices: np.ndarray | None = None) -> str | UserMetric:
+    """The metric's name, or the user's metric (called once on the original against itself, so
+    that a failing one fails before any work)."""
+    if callable(metric) or (isinstance(metric, str) and ":" in metric):
+        user = metric if isinstance(metric, UserMetric) else (
+            UserMetric(metric) if callable(metric) else load_metric(metric))
+        user(reference, reference, np.arange(len(reference[0])) if indices is None else indices)
+        return user
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     if metric == "accuracy" and labels is None:
@@ -100,7 +183,7 @@ def resolution(metric: str, samples: int, eps: float) -> tuple[str, str | None]:
     allowed = int(np.floor(eps * samples + 1e-9))
     line = (f"{samples} samples: one changed sample is {1 / samples:.4f}; eps {eps:g} allows "
             f"{allowed} of them")
-    if allowed >= RESOLVED:
+    if allowed >= RESOLVED or eps == 0:  # eps 0 asks for no change at all, which any count resolves
         return line, None
     need = int(np.ceil(RESOLVED / eps))
     return line, (f"eps {eps:g} is below what {samples} samples resolve under {metric} (it allows {allowed} "
@@ -117,8 +200,12 @@ class Quality:
     drop: float
 
 
-def quality(metric: str, reference: list[np.ndarray], outputs: list[np.ndarray],
-            labels: np.ndarray | None) -> Quality:
+def quality(metric: str | UserMetric, reference: list[np.ndarray], outputs: list[np.ndarray],
+            labels: np.ndarray | None, indices: np.ndarray | None = None) -> Quality:
+    """`indices`: which calibration samples these are (the user's metric may ask)."""
+    if isinstance(metric, UserMetric):
+        drop = metric(reference, outputs, np.arange(len(reference[0])) if indices is None else indices)
+        return Quality(str(metric), -drop, drop)  # its value: the drop's negative (0 for the original)
     # drops from sample counts, as DropMeter takes them: a difference of two means can land a
     # rounding error above an eps that the count meets exactly (0.98889 - 0.96889 > 0.02)
     n = len(labels if metric == "accuracy" else reference[0])
@@ -134,9 +221,10 @@ def quality(metric: str, reference: list[np.ndarray], outputs: list[np.ndarray],
     return Quality(metric, 1.0 - drop, drop)
 
 
-FLOOR = 0.01  # a channel varying less than this share of the output's mean channel variance is
-#               measured against that share: it is (nearly) input-independent, and its error
-#               counts on the scale of the output's varying channels, not on its own ~0
+OWN_FLOOR = 1e-4  # a channel's variance is taken as at least this share of its mean square: one
+#                   that hardly varies (a constant computed in float32, std 1e-7 of its size)
+#                   measures its errors against 1% of its size, not against its rounding noise
+OUT_FLOOR = 1e-6  # and at least this share of the output's mean channel variance (an all-zero channel)
 
 
 def _channels(a: np.ndarray) -> np.ndarray:
@@ -150,15 +238,16 @@ def _channels(a: np.ndarray) -> np.ndarray:
 
 def channel_scales(reference: list[np.ndarray]) -> list[np.ndarray]:
     """Per output, per channel: the variance of the original's outputs across the samples about
-    their per-position mean, pooled over the channel's positions, floored (FLOOR). From one sample
-    there is no variation to measure: the mean square stands in for it."""
+    their per-position mean, pooled over the channel's positions, floored (OWN_FLOOR, OUT_FLOOR):
+    no other channel's scale enters it, so small class scores beside pixel boxes count on their
+    own. From one sample there is no variation to measure: the mean square stands in for it."""
     scales = []
     for ref in reference:
         a = _channels(ref)
-        centred = a - a.mean(axis=0) if len(a) > 1 else a
-        v = np.mean(np.square(centred), axis=(0, 2))
-        floor = max(FLOOR * float(v.mean(initial=0.0)), 1e-30)
-        scales.append(np.maximum(v, floor))
+        square = np.mean(np.square(a), axis=(0, 2))
+        v = np.mean(np.square(a - a.mean(axis=0)), axis=(0, 2)) if len(a) > 1 else square
+        floor = max(OUT_FLOOR * float(v.mean()) if v.size else 0.0, 1e-30)
+        scales.append(np.maximum(np.maximum(v, OWN_FLOOR * square), floor))
     return scales
 
 
@@ -198,6 +287,8 @@ class DropMeter:
     def __call__(self, model: onnx.ModelProto | ort.InferenceSession) -> float:
         sess = model if isinstance(model, ort.InferenceSession) else session(model)
         names = [o.name for o in sess.get_outputs()]
+        if isinstance(self.metric, UserMetric):  # no bound to stop at: every sample, every time
+            return self.metric(self.reference, predict(sess, self.data, self.batch_size, names), self.data.indices)
         lost = 0.0                       # sum over the samples seen of what each adds to the drop
         per_output = np.zeros(len(names))  # r2, cosine: per output, the sum of what each sample adds
         start, size = 0, self.FIRST_CHUNK

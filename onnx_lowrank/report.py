@@ -50,8 +50,8 @@ class Report:
     file_size_after: int = 0
     quality_before: float = 0.0   # on the check_samples
     quality_after: float = 0.0
-    drop: float = 0.0             # what --eps bounds: on every calibration sample (the held-out part
-    #                               alone after a fine-tune, which trains on the search part)
+    drop: float = 0.0             # what --eps bounds: on every calibration sample (on the held-out
+    #                               part alone with --finetune-epochs, which trains on the search part)
     check_samples: int = 0        # how many samples `drop` was measured on
     heldout_drop: float = 0.0     # the held-out part alone: the choice did not see it
     resolution: str = ""          # what the check can resolve ("1000 samples: one changed sample is ...")

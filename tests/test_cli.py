@@ -164,10 +164,10 @@ def test_nan_outputs_fail_verification_and_write_nothing(tmp_path, monkeypatch, 
 
 def test_a_drop_over_eps_after_stepping_back_fails_verification(tmp_path, monkeypatch, calib):
     """Stepping back cannot undo damage done at export (here: a NaN in a weight of every model),
-    so the held-out check fails even with every layer kept."""
+    so the check fails even with every layer kept."""
 
     _poison_export(monkeypatch)
-    monkeypatch.setattr(verify, "nonfinite_samples", lambda ref, out, samples: 0)  # the drop alone must fail it
+    monkeypatch.setattr(pipeline, "nonfinite_samples", lambda ref, out, samples: 0)  # the drop alone must fail it
     out = tmp_path / "out.onnx"
     result = _convert(MODELS / "digit_cnn.onnx", out, "--calib", calib, "--labels", "labels", "--eps", "0.01")
     _one_line_error(result, "exceeds eps 0.01")

@@ -1,0 +1,206 @@
+"""What --eps bounds. The default for non-classifier outputs (r2) counts every channel on its own
+scale, so a detector whose class scores were zeroed beside pixel boxes on a constant anchor grid
+is a drop near 1, where the whole-tensor cosine calls it 0.99 alike; the user's own metric in
+Python and on the CLI, and its failures as one line; what a count on n samples resolves."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from helpers import MODELS, make_model, run
+from onnx_lowrank import CompressConfig, compress
+from onnx_lowrank.cli import app
+from onnx_lowrank.quality import quality, resolution
+
+sys.path.insert(0, str(MODELS))
+import corpus  # noqa: E402
+import corpus_data  # noqa: E402
+
+ANCHORS, CLASSES, FEATURES = 64, 20, 24
+
+
+def detector(seed: int = 0, class_scale: float = 1.0) -> onnx.ModelProto:
+    """One output (samples, 4 + CLASSES, ANCHORS), as YOLO-type heads write it: 4 rows of box
+    coordinates in pixels (learned offsets of a few pixels on a constant anchor grid up to 640),
+    then the class scores, sigmoids near 0.05. `class_scale` 0 zeroes the class branch."""
+    rng = np.random.default_rng(seed)
+    grid = np.zeros((1, 4, ANCHORS), np.float32)  # cx along the image, cy, w, h: input-independent
+    grid[0, 0], grid[0, 1], grid[0, 2:] = np.linspace(0, 640, ANCHORS), 320, 32
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((FEATURES, 4 * ANCHORS)) * 2).astype(np.float32), "w_box"),
+        numpy_helper.from_array(grid, "grid"),
+        numpy_helper.from_array(np.array([-1, 4, ANCHORS], np.int64), "box_shape"),
+        numpy_helper.from_array((rng.standard_normal((FEATURES, CLASSES * ANCHORS)) * 0.3).astype(np.float32), "w_cls"),
+        numpy_helper.from_array(np.full(CLASSES * ANCHORS, -3.0, np.float32), "b_cls"),
+        numpy_helper.from_array(np.array([-1, CLASSES, ANCHORS], np.int64), "cls_shape"),
+        numpy_helper.from_array(np.array(class_scale, np.float32), "scale"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_box"], ["box_flat"]),
+        helper.make_node("Reshape", ["box_flat", "box_shape"], ["offsets"]),
+        helper.make_node("Add", ["offsets", "grid"], ["boxes"]),
+        helper.make_node("Gemm", ["x", "w_cls", "b_cls"], ["cls_flat"]),
+        helper.make_node("Reshape", ["cls_flat", "cls_shape"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["probs"]),
+        helper.make_node("Mul", ["probs", "scale"], ["scores"]),
+        helper.make_node("Concat", ["boxes", "scores"], ["out"], axis=1),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", FEATURES])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4 + CLASSES, ANCHORS])], inits)
+
+
+def features(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, FEATURES)).astype(np.float32)
+
+
+def test_zeroed_class_scores_are_a_drop_near_1_under_r2_not_under_cosine():
+    x = features(200, 1)
+    (ref,), (zeroed,) = run(detector(), {"x": x}), run(detector(class_scale=0.0), {"x": x})
+    assert np.allclose(ref[:, :4], zeroed[:, :4]) and not zeroed[:, 4:].any()
+    assert quality("r2", [ref], [zeroed], None).drop > 0.9
+    assert quality("cosine", [ref], [zeroed], None).drop < 0.01  # what the old default reported
+
+
+def test_r2_gives_input_independent_parts_no_weight():
+    """A constant part (the anchor grid) adds nothing to a channel's scale: the same error on the
+    learned offsets is the same drop with the grid as without it."""
+    x = features(100, 2)
+    (ref,) = run(detector(), {"x": x})
+    noisy = ref + 0.1 * np.random.default_rng(3).standard_normal(ref.shape).astype(np.float32) * ref.std(axis=0)
+    grid = numpy_helper.to_array(next(t for t in detector().graph.initializer if t.name == "grid"))
+    no_grid = np.zeros_like(ref)
+    no_grid[:, :4] = grid[0]
+    with_grid = quality("r2", [ref], [noisy], None).drop
+    assert with_grid == pytest.approx(quality("r2", [ref - no_grid], [noisy - no_grid], None).drop, rel=1e-6)
+    assert 0.005 < with_grid < 0.02  # 1 - R^2 of a noise of a tenth of each element's spread: 0.01
+
+
+@pytest.mark.parametrize("metric", ["auto", "cosine"])
+def test_the_default_metric_keeps_a_detectors_class_scores(tmp_path, metric):
+    """Converted at eps 0.01, the default keeps the class scores on inputs the conversion never
+    saw; cosine, blind to them, lets their branch go."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=features(400, 4))
+    model, report = compress(detector(), CompressConfig(eps=0.01, metric=metric), str(calib))
+    x = features(300, 5)
+    (ref,), (out,) = run(detector(), {"x": x}), run(model, {"x": x})
+    class_drop = quality("r2", [ref[:, 4:]], [out[:, 4:]], None).drop
+    if metric == "auto":
+        assert report.metric == "r2" and report.drop <= 0.01 and class_drop < 0.05
+    else:
+        assert report.metric == "cosine" and class_drop > 0.5
+
+
+def note_frames_drop(reference, outputs):
+    """basic-pitch's task: 1 - F1 of the 88-key activations over 0.3 (its frame threshold), the
+    worse of its two 88-key heads."""
+    f1s = []
+    for r, o in zip(reference, outputs):
+        if r.shape[-1] != 88:
+            continue
+        a, b = r > 0.3, o > 0.3
+        both = np.sum(a & b)
+        f1s.append(2 * both / max(np.sum(a) + np.sum(b), 1))
+    return 1.0 - min(f1s)
+
+
+def test_user_metric_in_python_on_a_real_model(tmp_path):
+    """compress(..., metric=fn) with a task metric on the corpus's basic-pitch: eps bounds it, and
+    every call gets the original's and the candidate's outputs on the same samples."""
+    src = corpus.fetch(["basic_pitch"])["basic_pitch"]
+    calib, unseen, _ = corpus_data.data("basic_pitch")
+    path = tmp_path / "calib.npz"
+    np.savez(path, **calib)
+    calls = []
+
+    def metric(reference, outputs, indices):
+        calls.append(len(indices))
+        assert [r.shape for r in reference] == [o.shape for o in outputs] and len(set(indices)) == len(indices)
+        return note_frames_drop(reference, outputs)
+
+    model, report = compress(str(src), CompressConfig(eps=0.05), str(path), metric=metric)
+    assert report.metric.endswith("metric") and report.drop <= 0.05 and report.mac_ratio > 1.0
+    n = report.calibration["samples"]
+    assert calls[0] == report.calibration["search"] and n in calls  # the search part, then every sample
+    original = onnx.load(str(src))
+    x = {k: v[:40] for k, v in unseen.items()}
+    assert note_frames_drop(run(original, x), run(model, x)) < 0.2  # unseen speech: the notes it found
+
+
+def _write_metric(tmp_path, body: str):
+    path = tmp_path / "mymetric.py"
+    path.write_text("import numpy as np\n\n\ndef drop(reference, outputs):\n" + body)
+    return path
+
+
+def _convert(tmp_path, *extra):
+    out = tmp_path / "out.onnx"
+    calib = tmp_path / "calib.npz"
+    x = np.load(MODELS / "mnist_test.npz")["image"][:300]
+    np.savez(calib, image=x)
+    result = CliRunner().invoke(app, ["convert", str(MODELS / "digit_cnn.onnx"), str(out), "--calib", str(calib),
+                                      "--eps", "0.02", *extra])
+    return result, out
+
+
+def test_cli_metric_from_a_file(tmp_path):
+    path = _write_metric(tmp_path, "    return float(np.mean(reference[0].argmax(1) != outputs[0].argmax(1)))\n")
+    result, out = _convert(tmp_path, "--metric", f"{path}:drop", "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    assert out.exists() and f"{path}:drop drop" in result.output
+
+
+@pytest.mark.parametrize("body, phrase", [
+    ("    raise ValueError('no boxes in this batch')\n", "raised ValueError: no boxes in this batch"),
+    ("    return 'small'\n", "returned 'small', not a number"),
+    ("    return float('nan')\n", "must be a finite number"),
+])
+def test_a_failing_user_metric_is_one_line_naming_it(tmp_path, body, phrase):
+    path = _write_metric(tmp_path, body)
+    result, out = _convert(tmp_path, "--metric", f"{path}:drop")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: --metric {path}:drop") and phrase in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec, phrase", [("no_such_module_here:drop", "cannot load it: ModuleNotFoundError"),
+                                          ("missing.py:drop", "no such file"),
+                                          ("onnx_lowrank.quality:METRICS", "is not a function")])
+def test_a_user_metric_that_cannot_be_loaded_is_one_line(tmp_path, spec, phrase):
+    result, out = _convert(tmp_path, "--metric", spec)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and phrase in lines[0], result.output
+    assert not out.exists()
+
+
+def test_a_user_metric_raising_mid_search_is_one_line(tmp_path):
+    """The first call (the original against itself) passes; a later one fails."""
+    path = _write_metric(tmp_path, "    if not np.array_equal(reference[0], outputs[0]):\n"
+                                   "        raise RuntimeError('candidate rejected')\n    return 0.0\n")
+    result, out = _convert(tmp_path, "--metric", f"{path}:drop")
+    assert result.exit_code == 2 and "raised RuntimeError: candidate rejected" in result.output
+    assert not out.exists()
+
+
+def test_resolution_of_a_count():
+    line, warning = resolution("accuracy", 300, 0.005)
+    assert line == "300 samples: one changed sample is 0.0033; eps 0.005 allows 1 of them"
+    assert "about 600 calibration samples would resolve it" in warning
+    assert resolution("accuracy", 1000, 0.005)[1] is None
+    assert resolution("r2", 30, 0.005) == ("30 samples", None)
+
+
+def test_a_coarse_check_warns(tmp_path):
+    x, y = np.load(MODELS / "mnist_test.npz")["image"][:200], np.load(MODELS / "mnist_test.npz")["labels"][:200]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=x, labels=y)
+    with pytest.warns(UserWarning, match="about 600 calibration samples would resolve it"):
+        _, report = compress(str(MODELS / "digit_cnn.onnx"), CompressConfig(eps=0.005), str(calib), "labels")
+    assert report.resolution.startswith("200 samples: one changed sample is 0.0050")
