@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from .calibration.capture import activation_name
 from .calibration.data import CalibrationSet
-from .decompositions import decompose, get_method
+from .decompositions import decompose
 from .errors import FinetuneDiverged
 from .graph import node_costs
 from .quality import DropMeter, predict, quality
@@ -135,10 +135,6 @@ def finetune_iteratively(original, prepared, problems, choice: Choice, order: li
     by_name = {p.name: p for p in problems}
 
     def refactor(p, c):
-        if "rank" not in get_method(c.method).options():
-            # tr is chosen by error, not by ranks: its factors of the original weight, so what the
-            # steps before trained into this layer is not kept
-            return lambda layer: c.factors
         return lambda layer: decompose(replace(layer, input_cov=p.layer.input_cov), c.method, rank=c.ranks)
 
     steps = [(name, refactor(by_name[name], choice[name])) for name in order if choice[name].factored]

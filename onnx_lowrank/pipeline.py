@@ -262,7 +262,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
                                   cal.held.indices).drop
     report.check_samples = len(data)
     report.resolution, coarse = resolution(cal.metric, len(data), config.eps)
-    if coarse:
+    if coarse and tuned_to_eps(config):  # fixed ranks promised no eps to resolve
         _warn(report, coarse)
     report.backed_off = steps
     failures, notes = [], []  # failures fail verification; fixed ranks promised nothing

@@ -21,6 +21,7 @@ from onnx_lowrank.quality import quality, resolution
 sys.path.insert(0, str(MODELS))
 import corpus  # noqa: E402
 import corpus_data  # noqa: E402
+from corpus_tasks import note_frames_drop  # noqa: E402
 
 ANCHORS, CLASSES, FEATURES = 64, 20, 24
 
@@ -95,19 +96,6 @@ def test_the_default_metric_keeps_a_detectors_class_scores(tmp_path, metric):
         assert report.metric == "r2" and report.drop <= 0.01 and class_drop < 0.05
     else:
         assert report.metric == "cosine" and class_drop > 0.5
-
-
-def note_frames_drop(reference, outputs):
-    """basic-pitch's task: 1 - F1 of the 88-key activations over 0.3 (its frame threshold), the
-    worse of its two 88-key heads."""
-    f1s = []
-    for r, o in zip(reference, outputs):
-        if r.shape[-1] != 88:
-            continue
-        a, b = r > 0.3, o > 0.3
-        both = np.sum(a & b)
-        f1s.append(2 * both / max(np.sum(a) + np.sum(b), 1))
-    return 1.0 - min(f1s)
 
 
 def test_user_metric_in_python_on_a_real_model(tmp_path):

@@ -100,20 +100,31 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def tr_svd_runs(tensor: np.ndarray, eps: float) -> list[list[np.ndarray]]:
+def tr_svd_runs(tensor: np.ndarray, eps: float, caps: Sequence[int] | None = None) -> list[list[np.ndarray]]:
     """Zhao et al.'s TR-SVD at relative error eps, once per divisor R1 of the first rank: the first
     unfolding is truncated at sqrt(2) * eps * ||X|| / sqrt(N), the later ones at
-    eps * ||X|| / sqrt(N), so the total error is at most eps * ||X||. Cores (R_k, I_k, R_{k+1})
-    with R_{N+1} = R_1."""
+    eps * ||X|| / sqrt(N), so the total error is at most eps * ||X||. `caps` bound R1..RN (then
+    the error may exceed eps): the first rank R1 * R2 is at most caps[0] * caps[1], and only its
+    divisors within both caps are run. Cores (R_k, I_k, R_{k+1}) with R_{N+1} = R_1."""
     dims = tensor.shape
     n = len(dims)
+    caps = list(caps) if caps is not None else [None] * n
     norm = np.linalg.norm(tensor)
     delta_first = np.sqrt(2.0) * eps * norm / np.sqrt(n)
     delta = eps * norm / np.sqrt(n)
     u, s, vt = np.linalg.svd(tensor.reshape(dims[0], -1), full_matrices=False)
     r = choose_rank(s, None, delta_first, None)
+
+    def splits(r: int) -> list[int]:
+        return [r1 for r1 in divisors(r) if (caps[0] is None or r1 <= caps[0])
+                and (caps[1] is None or r // r1 <= caps[1])]
+
+    if caps[0] is not None and caps[1] is not None:
+        r = min(r, caps[0] * caps[1])
+    while not splits(r):  # r = 1 always splits
+        r -= 1
     runs = []
-    for r1 in divisors(r):
+    for r1 in splits(r):
         r2 = r // r1
         cores = [u[:, :r].reshape(dims[0], r1, r2).transpose(1, 0, 2)]
         # the remainder (R1, R2, I2..IN) with R1 moved last: (R2, I2, ..., IN, R1)
@@ -122,6 +133,8 @@ def tr_svd_runs(tensor: np.ndarray, eps: float) -> list[list[np.ndarray]]:
             left = rest.shape[0]
             uk, sk, vtk = np.linalg.svd(rest.reshape(left * dims[k], -1), full_matrices=False)
             rk = choose_rank(sk, None, delta, None)
+            if caps[k + 1] is not None:
+                rk = min(rk, caps[k + 1])
             cores.append(uk[:, :rk].reshape(left, dims[k], rk))
             rest = sk[:rk, None] * vtk[:rk]
         cores.append(rest.reshape(rest.shape[0], dims[-1], r1))
@@ -133,9 +146,14 @@ def check(layer: Layer, **_) -> str | None:
     return conv_reason(layer, "tr", [2])
 
 
-def factorize(layer: Layer, eps: float = 0.0) -> TRFactors:
-    """The ring with the fewest parameters whose relative error is <= eps (eps=0: exact)."""
+def factorize(layer: Layer, eps: float = 0.0, rank: int | Sequence[int] | None = None) -> TRFactors:
+    """The ring with the fewest parameters whose relative error is <= eps (eps=0: exact). `rank`
+    caps the TR ranks R1..R4 of every permutation's run (an int caps all four: --rank R); the
+    error is then what the caps leave."""
     check_eps(eps)
+    caps = None if rank is None else ([int(rank)] * SHIFTS if np.isscalar(rank) else [int(r) for r in rank])
+    if caps is not None and (len(caps) != SHIFTS or min(caps) < 1):
+        raise ValueError(f"tr takes a rank >= 1 or {SHIFTS} of them (R1..R4); got {rank!r}")
     white = channel_whitener(layer)
     w = layer.weight.astype(np.float64)
     if white is not None:
@@ -143,7 +161,7 @@ def factorize(layer: Layer, eps: float = 0.0) -> TRFactors:
     best: TRFactors | None = None
     for shift in range(SHIFTS):
         axes = [(shift + j) % SHIFTS for j in range(SHIFTS)]
-        for permuted_cores in tr_svd_runs(w.transpose(axes), eps):
+        for permuted_cores in tr_svd_runs(w.transpose(axes), eps, caps):
             cores = [None] * SHIFTS
             for j, core in enumerate(permuted_cores):
                 cores[axes[j]] = core

@@ -97,6 +97,17 @@ def test_tr_recovers_ring_ranks_when_the_first_split_is_determined(rng):
     assert f.weight_params <= sum(x.size for x in cores)
 
 
+def test_tr_rank_caps_every_ring_rank(rng):
+    """--rank R for tr: every ring rank of the ring chosen is at most R, the exact ring within its
+    ranks is found again, and a cap below them trades error for size."""
+    cores = [rng.standard_normal(s) for s in ((1, T, 3), (3, C, 4), (4, D, 2), (2, D, 1))]
+    w = np.einsum("dta,acb,bxe,eyd->tcxy", *cores)
+    assert decompose(conv_layer(w), "tr", rank=4).error() < 1e-10
+    capped = decompose(conv_layer(w), "tr", rank=2)
+    assert max(capped.tr_ranks) <= 2 and max(capped.ranks) <= 2
+    assert 1e-3 < capped.error() < 1 and capped.weight_params < decompose(conv_layer(w), "tr").weight_params
+
+
 def test_tr_reproduces_a_general_ring(rng):
     cores = [rng.standard_normal(s) for s in ((3, T, 3), (3, C, 4), (4, D, 2), (2, D, 3))]
     w = np.einsum("dta,acb,bxe,eyd->tcxy", *cores)
