@@ -1,5 +1,6 @@
 """DropMeter: the early-stopping measurement the searches use agrees with quality() wherever the
-drop is within eps, and when it stops early it returns a true lower bound above eps."""
+drop is within eps, and when it stops early it returns a true lower bound above eps. session():
+large weights reach onnxruntime as arrays, with the same results."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from helpers import init, make_model, tensor
 from onnx import helper
 
 from onnx_lowrank.calibration.data import CalibrationSet
-from onnx_lowrank.quality import DropMeter, predict, quality
+from onnx_lowrank.quality import APART, DropMeter, predict, quality, session
 
 
 def linear_classifier(weight: np.ndarray):
@@ -19,7 +20,7 @@ def linear_classifier(weight: np.ndarray):
                       [init("W", weight.astype(np.float32))])
 
 
-@pytest.mark.parametrize("metric", ["accuracy", "agreement", "cosine"])
+@pytest.mark.parametrize("metric", ["accuracy", "agreement", "r2", "cosine"])
 @pytest.mark.parametrize("noise", [0.0, 0.05, 0.2, 0.6, 1.5])
 @pytest.mark.parametrize("eps", [0.005, 0.05])
 def test_drop_meter_matches_quality_within_eps_and_bounds_it_beyond(metric, noise, eps):
@@ -69,3 +70,23 @@ def test_an_accuracy_drop_of_exactly_eps_is_not_above_it():
     q = quality("accuracy", [reference], [outputs], labels)
     assert q.drop == 0.02 and q.value == 872 / 900
     assert quality("agreement", [reference], [outputs], None).drop == 0.02
+
+
+def test_a_session_takes_large_weights_as_arrays_with_the_same_outputs():
+    """A 2 MB weight goes to onnxruntime as an external initializer (not through protobuf); a
+    small one stays inline; the outputs are the plain session's, and the model is unchanged."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(64, 8192)).astype(np.float32)
+    assert big.nbytes >= APART
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 8192])],
+                       [init("W", big), init("b", rng.normal(size=8192).astype(np.float32))])
+    before = model.SerializeToString()
+    sess = session(model)
+    assert [w.shape for w in sess.weights] == [(64, 8192)]
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    plain = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(sess.run(None, {"x": x})[0], plain)
+    assert model.SerializeToString() == before

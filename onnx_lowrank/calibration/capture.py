@@ -136,9 +136,9 @@ def _mirror(m: np.ndarray) -> None:
 
 ROWS_PER_DIM = 32      # rows sampled per layer over the whole set, per input dimension ...
 MIN_ROWS = 8192        # ... and at least this many: enough for a second moment, a bounded cost ...
-MAX_ROWS = 65536       # ... and at most this many: a 4608-wide conv (512 channels, 3x3) at 224^2 would
-#                        take 147k rows, 3e12 multiply-adds for its moment alone; 65536 rows estimate it
-#                        with a shrinkage of 7% toward the diagonal (d / rows)
+MAX_ROWS = 32768       # ... and at most this many: a 4608-wide conv (512 channels, 3x3) would take
+#                        147k rows, 1.6e12 multiply-adds for its moment alone; 32768 rows estimate it
+#                        with a shrinkage of 14% toward the diagonal (d / rows)
 
 
 def input_width(target: LayerTarget) -> int:
