@@ -26,11 +26,11 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .calibration.data import CalibrationSet
 from .errors import MetricError, first_line
+from .graph.io import weights_apart
 
 METRICS = ("auto", "accuracy", "agreement", "r2", "cosine")
 
@@ -59,60 +59,13 @@ def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSe
     options.enable_cpu_mem_arena = False
     if isinstance(model, bytes):
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    light, names, weights = _weights_apart(model)
+    light, names, weights = weights_apart(model)
     if names:
         options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(w) for w in weights])
     sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
     sess.weights = weights  # onnxruntime reads them where they are: they must live as long as the session
     return sess
 
-
-APART = 1 << 20  # initializers of at least this many bytes go to onnxruntime as arrays
-
-
-def _weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
-    """The model with its large initializers as external-data stubs, their names and their
-    values as arrays, for SessionOptions.add_external_initializers: the weights are not
-    serialized and parsed again for every session (the converter builds dozens: VGG-16's
-    550 MB went through protobuf twice per session, a third of the conversion's time)."""
-    light = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            _set(light, fd, value)
-    graph = model.graph
-    for fd, value in graph.ListFields():
-        if fd.name != "initializer":
-            _set(light.graph, fd, value)
-    names, weights = [], []
-    for t in graph.initializer:
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type in _NUMPY_TYPES else None
-        size = int(np.prod(t.dims)) * dtype.itemsize if dtype is not None else 0
-        if size < APART or not t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
-            light.graph.initializer.add().CopyFrom(t)
-            continue
-        stub = light.graph.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.extend(t.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(size))):
-            entry = stub.external_data.add()
-            entry.key, entry.value = key, value
-        names.append(t.name)
-        weights.append(np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims)))
-    return light, names, weights
-
-
-_NUMPY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-
-
-def _set(target, fd, value) -> None:
-    """One field of a protobuf message, copied onto another of its type."""
-    if fd.is_repeated:
-        getattr(target, fd.name).extend(value)
-    elif fd.type == fd.TYPE_MESSAGE:
-        getattr(target, fd.name).CopyFrom(value)
-    else:
-        setattr(target, fd.name, value)
 
 
 def predict(model: onnx.ModelProto | ort.InferenceSession, data: CalibrationSet, batch_size: int = 64,

@@ -11,7 +11,8 @@ from helpers import init, make_model, tensor
 from onnx import helper
 
 from onnx_lowrank.calibration.data import CalibrationSet
-from onnx_lowrank.quality import APART, DropMeter, predict, quality, session
+from onnx_lowrank.graph.io import APART
+from onnx_lowrank.quality import DropMeter, predict, quality, session
 
 
 def linear_classifier(weight: np.ndarray):

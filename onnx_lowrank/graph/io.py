@@ -9,8 +9,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import helper
 
 from ..errors import InvalidModel, OutputError, first_line
 
@@ -80,3 +82,52 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         raise OutputError(f"{p}: cannot write: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+APART = 1 << 20  # initializers of at least this many bytes are kept apart (weights_apart)
+
+
+def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
+    """The model with its large initializers as external-data stubs, their names and their
+    values as arrays: for onnxruntime's SessionOptions.add_external_initializers and for shape
+    inference, which then do not serialize and parse the weights again (the converter builds
+    dozens of sessions and infers shapes a handful of times: VGG-16's 550 MB went through
+    protobuf twice each time)."""
+    light = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _set(light, fd, value)
+    graph = model.graph
+    for fd, value in graph.ListFields():
+        if fd.name != "initializer":
+            _set(light.graph, fd, value)
+    names, weights = [], []
+    for t in graph.initializer:
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type in _NUMPY_TYPES else None
+        size = int(np.prod(t.dims)) * dtype.itemsize if dtype is not None else 0
+        if size < APART or not t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
+            light.graph.initializer.add().CopyFrom(t)
+            continue
+        stub = light.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(size))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        names.append(t.name)
+        weights.append(np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims)))
+    return light, names, weights
+
+
+_NUMPY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _set(target, fd, value) -> None:
+    """One field of a protobuf message, copied onto another of its type."""
+    if fd.is_repeated:
+        getattr(target, fd.name).extend(value)
+    elif fd.type == fd.TYPE_MESSAGE:
+        getattr(target, fd.name).CopyFrom(value)
+    else:
+        setattr(target, fd.name, value)

@@ -10,13 +10,23 @@ from onnx import numpy_helper
 
 from ..errors import InvalidModel, first_line
 from .index import GraphIndex, node_attrs
+from .io import weights_apart
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's shape inference (with data propagation) on the model without its large weights,
+    which inference reads only the dims of; they are put back afterwards."""
+    light, names, _ = weights_apart(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
         raise InvalidModel(f"shape inference failed: {first_line(e)}") from None
+    if names:
+        weights = {t.name: t for t in model.graph.initializer if t.name in set(names)}
+        for t in inferred.graph.initializer:
+            if t.name in weights:
+                t.CopyFrom(weights[t.name])
+    return inferred
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
