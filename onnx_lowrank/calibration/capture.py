@@ -216,8 +216,9 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             flat = rows.transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
             if s.diagonal:
                 s.moment_sum += np.sum(np.square(flat, dtype=np.float64), axis=1)
-            elif len(flat) == 1:  # the upper triangle only (BLAS syrk): half the work of the product
-                s.moment_sum[0] += ssyrk(1.0, flat[0], trans=1)
+            elif len(flat) == 1:  # the upper triangle only (BLAS syrk): half the work of the product;
+                # of the Fortran-ordered transpose, which BLAS takes without the copy trans=1 would make
+                s.moment_sum[0] += ssyrk(1.0, flat[0].T, trans=0)
             else:
                 s.moment_sum += np.triu(np.matmul(flat.transpose(0, 2, 1), flat))
             s.rows += len(rows)
