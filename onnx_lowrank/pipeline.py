@@ -65,7 +65,9 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     synthetic inputs (with a warning). `labels`: an .npy path, an npz key, or an array.
     `metric`: what eps bounds, in place of config.metric: your own function
     `fn(reference, outputs[, indices]) -> drop` (quality.UserMetric) or a metric's name."""
-    config = replace(config or CompressConfig(), metric=metric) if metric is not None else (config or CompressConfig())
+    config = config or CompressConfig()
+    if metric is not None:
+        config = replace(config, metric=metric)
     config.validate()
     report = Report(config.eps, str(config.metric), config.select, config.cost, config.data_aware, {})
     FACTORS.limit = config.max_memory // 32
@@ -123,8 +125,8 @@ class _Calibrated:
     @property
     def check(self) -> tuple[CalibrationSet, list[np.ndarray]]:
         """What a selection is checked on, held-out part last, and the original's outputs on it:
-        every sample (DESIGN: a count on the held-out part alone resolves 1/300 at 1000 samples,
-        and its noise threw away compression the unseen data allowed). A fine-tuned model is
+        every sample (DESIGN: a count on a held-out part of 300 samples resolves 1/300, and its
+        noise threw away compression the unseen data allowed). A fine-tuned model is
         checked on the held-out part alone: it trained on the search part."""
         both = self.data.take(np.concatenate([self.search_set.indices, self.held.indices]))
         return both, [np.concatenate([s, h]) for s, h in zip(self.search_ref, self.held_ref)]

@@ -67,7 +67,6 @@ def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSe
     return sess
 
 
-
 def predict(model: onnx.ModelProto | ort.InferenceSession, data: CalibrationSet, batch_size: int = 64,
             outputs: list[str] | None = None) -> list[np.ndarray]:
     """The named outputs (default: the graph's) over the whole set, in the batches the model takes."""
@@ -180,7 +179,7 @@ def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: 
 
 
 COUNTS = ("accuracy", "agreement")  # metrics that count samples: they resolve 1 / samples at best
-RESOLVED = 3  # samples eps must allow for a count to tell eps from 0 (or from 2 eps) at all
+RESOLVED = 3  # changed samples eps must allow before a count says much (its own noise: 1/sqrt(3), 58%)
 
 
 def resolution(metric: str, samples: int, eps: float) -> tuple[str, str | None]:
