@@ -47,7 +47,10 @@ def runtime_message(error: Exception) -> str:
     return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(error))
 
 
-def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes, threads: int = 0,
+            weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """`weights`: the values of initializers `model` holds as in-memory stubs (graph.io.weights_apart),
+    for models built from one made weightless once (the sensitivity probes)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 4  # fatal only: a failed run reaches the user once, as our error line
@@ -59,11 +62,15 @@ def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSe
     options.enable_cpu_mem_arena = False
     if isinstance(model, bytes):
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    light, names, weights = weights_apart(model)
+    light, names, arrays = weights_apart(model)
+    if weights:
+        held = [t.name for t in light.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL and t.name in weights]
+        names, arrays = names + held, arrays + [weights[n] for n in held]
     if names:
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(w) for w in weights])
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(w) for w in arrays])
     sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    sess.weights = weights  # onnxruntime reads them where they are: they must live as long as the session
+    sess.weights = arrays  # onnxruntime reads them where they are: they must live as long as the session
     return sess
 
 

@@ -13,6 +13,7 @@ import onnx
 from ..calibration.data import CalibrationSet
 from ..graph import replace_layers
 from ..graph.downstream import downstream, downstream_model, with_outputs
+from ..graph.io import weights_apart
 from ..quality import session
 from .candidates import LayerProblem
 
@@ -43,7 +44,10 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
     outputs = [o.name for o in model.graph.output]
     parts = {p.name: downstream(model.graph, p.target.node) for p in problems}
     inner = list(dict.fromkeys(n for part in parts.values() for n in part.frontier if n not in subset.inputs))
-    full = session(with_outputs(model, inner))
+    # the weights set apart once: every probe's sub-model is built of stubs, not of copies of them
+    model, names, arrays = weights_apart(model)
+    weights = dict(zip(names, arrays))
+    full = session(with_outputs(model, inner), weights=weights)
     runs = []
     for feed, _ in subset.batches(SUBSET):
         values = dict(zip(outputs + inner, full.run(outputs + inner, feed)))
@@ -64,7 +68,7 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
             feeds = {n: values[n] for n in part.frontier}
             if sub is None:  # typed from the first run's feeds: their dtypes and ranks do not change
                 sub = session(replace_layers(downstream_model(model, part, feeds), [(p.target, c.factors)],
-                                             infer=False, copy=False))
+                                             infer=False, copy=False), weights=weights)
             changed = dict(zip(part.outputs, sub.run(part.outputs, feeds)))
             n, d = _squared([values[n] for n in outputs], [changed.get(n, values[n]) for n in outputs])
             num, den = num + n, den + d
