@@ -10,6 +10,7 @@ from helpers import MODELS, mnist_test_images
 from onnx_lowrank.calibration.capture import capture
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.graph import find_targets, load_model, prepare, replace_layers
+from onnx_lowrank.graph import io
 from onnx_lowrank.graph.downstream import downstream
 from onnx_lowrank.quality import predict
 from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
@@ -38,8 +39,13 @@ def test_downstream_part_reads_the_skip_connections(setup):
     assert part.outputs == [o.name for o in model.graph.output]
 
 
-def test_sensitivities_equal_whole_model_runs(setup):
+@pytest.mark.parametrize("apart", [None, 1024])
+def test_sensitivities_equal_whole_model_runs(setup, monkeypatch, apart):
+    """Also with every weight of 1 KB or more set apart as a stub (graph.io.weights_apart): as
+    VGG-16's are, each probe's session gets them as arrays."""
     model, problems, data = setup
+    if apart is not None:
+        monkeypatch.setattr(io, "APART", apart)
     fast = sensitivities(problems, model, data)
     subset = data.take(np.arange(SUBSET))
     reference = predict(model, subset)
