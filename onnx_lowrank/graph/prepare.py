@@ -22,7 +22,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
         raise InvalidModel(f"shape inference failed: {first_line(e)}") from None
     if names:
-        weights = {t.name: t for t in model.graph.initializer if t.name in set(names)}
+        apart = set(names)
+        weights = {t.name: t for t in model.graph.initializer if t.name in apart}
         for t in inferred.graph.initializer:
             if t.name in weights:
                 t.CopyFrom(weights[t.name])
