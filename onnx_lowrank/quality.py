@@ -114,7 +114,11 @@ class UserMetric:
     def __format__(self, spec: str) -> str:  # f-strings name it
         return format(self.name, spec)
 
-    def __call__(self, reference: list[np.ndarray], outputs: list[np.ndarray], indices: np.ndarray) -> float:
+    def __call__(self, reference: list[np.ndarray], outputs: list[np.ndarray],
+                 indices: np.ndarray | None = None) -> float:
+        """`indices`: which calibration samples these are (None: the first ones, in order)."""
+        if indices is None:
+            indices = np.arange(len(reference[0]))
         try:
             value = self.fn(reference, outputs, indices) if self.takes_indices else self.fn(reference, outputs)
         except Exception as e:  # the user's code: any failure is theirs to see, in one line
@@ -165,7 +169,7 @@ def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: 
     if callable(metric) or (isinstance(metric, str) and ":" in metric):
         user = metric if isinstance(metric, UserMetric) else (
             UserMetric(metric) if callable(metric) else load_metric(metric))
-        user(reference, reference, np.arange(len(reference[0])) if indices is None else indices)
+        user(reference, reference, indices)
         return user
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
@@ -218,7 +222,7 @@ def quality(metric: str | UserMetric, reference: list[np.ndarray], outputs: list
             labels: np.ndarray | None, indices: np.ndarray | None = None) -> Quality:
     """`indices`: which calibration samples these are (the user's metric may ask)."""
     if isinstance(metric, UserMetric):
-        drop = metric(reference, outputs, np.arange(len(reference[0])) if indices is None else indices)
+        drop = metric(reference, outputs, indices)
         return Quality(str(metric), -drop, drop)  # its value: the drop's negative (0 for the original)
     # drops from sample counts, as DropMeter takes them: a difference of two means can land a
     # rounding error above an eps that the count meets exactly (0.98889 - 0.96889 > 0.02)

@@ -87,12 +87,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 APART = 1 << 20  # initializers of at least this many bytes are kept apart (weights_apart)
 
 
-def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
-    """The model with its large initializers as external-data stubs, their names and their
-    values as arrays: for onnxruntime's SessionOptions.add_external_initializers and for shape
-    inference, which then do not serialize and parse the weights again (the converter builds
-    dozens of sessions and infers shapes a handful of times: VGG-16's 550 MB went through
-    protobuf twice each time)."""
+def weights_apart(model: onnx.ModelProto, values: bool = True) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
+    """The model with its large initializers as external-data stubs, their names and (`values`)
+    their values as arrays: for onnxruntime's SessionOptions.add_external_initializers and for
+    shape inference, which then do not serialize and parse the weights again (the converter
+    builds dozens of sessions and infers shapes a handful of times: VGG-16's 550 MB went through
+    protobuf twice each time). Shape inference needs no values: reading them copies the weights."""
     light = onnx.ModelProto()
     for fd, value in model.ListFields():
         if fd.name != "graph":
@@ -116,7 +116,8 @@ def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], l
             entry = stub.external_data.add()
             entry.key, entry.value = key, value
         names.append(t.name)
-        weights.append(np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims)))
+        if values:
+            weights.append(np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims)))
     return light, names, weights
 
 

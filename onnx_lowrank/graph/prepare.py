@@ -16,7 +16,7 @@ from .io import weights_apart
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnx's shape inference (with data propagation) on the model without its large weights,
     which inference reads only the dims of; they are put back afterwards."""
-    light, names, _ = weights_apart(model)
+    light, names, _ = weights_apart(model, values=False)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:

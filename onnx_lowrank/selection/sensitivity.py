@@ -45,9 +45,9 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
     parts = {p.name: downstream(model.graph, p.target.node) for p in problems}
     inner = list(dict.fromkeys(n for part in parts.values() for n in part.frontier if n not in subset.inputs))
     # the weights set apart once: every probe's sub-model is built of stubs, not of copies of them
-    model, names, arrays = weights_apart(model)
+    light, names, arrays = weights_apart(model)
     weights = dict(zip(names, arrays))
-    full = session(with_outputs(model, inner), weights=weights)
+    full = session(with_outputs(light, inner), weights=weights)
     runs = []
     for feed, _ in subset.batches(SUBSET):
         values = dict(zip(outputs + inner, full.run(outputs + inner, feed)))
@@ -67,7 +67,7 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
         for values in runs:
             feeds = {n: values[n] for n in part.frontier}
             if sub is None:  # typed from the first run's feeds: their dtypes and ranks do not change
-                sub = session(replace_layers(downstream_model(model, part, feeds), [(p.target, c.factors)],
+                sub = session(replace_layers(downstream_model(light, part, feeds), [(p.target, c.factors)],
                                              infer=False, copy=False), weights=weights)
             changed = dict(zip(part.outputs, sub.run(part.outputs, feeds)))
             n, d = _squared([values[n] for n in outputs], [changed.get(n, values[n]) for n in outputs])
