@@ -1,7 +1,8 @@
 """Model quality, measured end to end in onnxruntime: what `--eps` bounds.
 
 - accuracy  (labels given): the drop in top-1 accuracy, 0.005 = half a point (001's EPS);
-- agreement (no labels, classifier-shaped output): the fraction of samples whose top-1 changes;
+- agreement (no labels, one (samples, classes) output): the fraction of samples whose top-1 changes
+  (rows of unit length with negative entries are embeddings, not classes: r2);
 - r2        (other outputs, the default): 1 - R^2 per output channel, averaged over the channels,
   the worst output counting. Each channel (axis 1; each element of a (samples, features) output)
   counts on its own scale, its error against how much the original's channel varies across the
@@ -87,7 +88,13 @@ def predict(model: onnx.ModelProto | ort.InferenceSession, data: CalibrationSet,
 
 
 def is_classifier(outputs: list[np.ndarray]) -> bool:
-    return len(outputs) == 1 and outputs[0].ndim == 2 and outputs[0].shape[1] > 1
+    """One (samples, classes) output that is not an embedding. Rows of unit length are embeddings
+    (a sentence embedder's L2-normalised pooling): their argmax is no class, so r2 measures them.
+    Probabilities of a confident classifier have rows of nearly unit length too, but no negatives."""
+    if not (len(outputs) == 1 and outputs[0].ndim == 2 and outputs[0].shape[1] > 1):
+        return False
+    out = outputs[0].astype(np.float64)
+    return not (np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3) and (out < 0).any())
 
 
 class UserMetric:

@@ -190,6 +190,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
     stats: dict[str, LayerStats] = {}
     results: list[list[tuple[np.ndarray, int]]] = [[] for _ in outputs]
     for feed, count in data.batches(batch_size):
+        mask = token_mask(feed)
         values = dict(zip(names, sess.run(names, feed)))
         values.update(feed)
         for store, name in zip(results, outputs):
@@ -201,7 +202,8 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             if data.run_batch and count < data.run_batch and not data.whole and not t.inputs_in_columns:
                 x = x[:count]  # a fixed batch filled up with repeats: those are not seen twice
             budget = row_budget(t)
-            rows = patches(x, t.layer, rng, -(-budget // batches), t.inputs_in_columns)
+            real = real_tokens(x, mask, t)
+            rows = patches(x if real is None else x[real], t.layer, rng, -(-budget // batches), t.inputs_in_columns)
             keys = rng.random(len(rows))
             s = stats.get(t.name)
             if s is None:
@@ -228,6 +230,26 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
                 order = np.argsort(merged_keys)[:keep]
                 s.sample, s.sample_keys = merged[order], merged_keys[order]
     return stats, [data.join(r) for r in results]
+
+
+def token_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """A transformer's attention mask, (batch, sequence) of 0 / 1 (Hugging Face's `attention_mask`,
+    which every BERT-style export takes): where it is 0 the position is padding."""
+    for name, value in feed.items():
+        if "mask" in name.lower() and value.ndim == 2 and np.isin(value, (0, 1)).all():
+            return value.astype(bool)
+    return None
+
+
+def real_tokens(x: np.ndarray, mask: np.ndarray | None, target: LayerTarget) -> np.ndarray | None:
+    """Where a dense layer's (batch, sequence, width) input is at real tokens, or None (take all).
+    Padding positions are computed and then ignored (masked out of attention and pooling): real
+    sentences padded to 128 tokens are 77% padding, and whitening by those vectors would fit the
+    factors to what the model throws away."""
+    if mask is None or target.layer.is_conv or target.inputs_in_columns or x.ndim != 3:
+        return None
+    mask = mask[:len(x)]  # a fixed batch's filled-up repeats were cut from x
+    return mask if x.shape[:2] == mask.shape and mask.any() else None
 
 
 def _check_budget(targets: list[LayerTarget], values: dict[str, np.ndarray], count: int, samples: int,

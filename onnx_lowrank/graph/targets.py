@@ -73,6 +73,15 @@ class Skipped:
     reason: str
 
 
+# onnxruntime's fused ops that hold a projection's weight inside them (the transformer optimizer's
+# Attention packs Q, K and V into one (hidden, 3 * hidden) input): factoring it would mean undoing
+# the fusion, which the optimizer does again better on the factored model
+FUSED_PROJECTIONS = {"Attention", "QAttention", "PackedAttention", "FusedMatMul", "FusedGemm",
+                     "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+FUSED_REASON = ("fused by onnxruntime's optimizer (its projections are packed inside the op): give the "
+                "model as exported, before onnxruntime.transformers.optimizer, and optimize the compressed one")
+
+
 def node_name(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}:{node.output[0]}"
 
@@ -82,6 +91,9 @@ def find_targets(model: onnx.ModelProto) -> tuple[list[LayerTarget], list[Skippe
     index = GraphIndex(model.graph)
     targets, skipped = [], []
     for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in FUSED_PROJECTIONS:
+            skipped.append(Skipped(node_name(node), f"{node.domain}.{node.op_type}", FUSED_REASON))
+            continue
         if node.op_type not in TARGET_OPS or node.domain not in ("", "ai.onnx"):
             continue
         found = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}[node.op_type](index, node)

@@ -1,0 +1,114 @@
+"""A small BERT-shaped encoder, built in code with transformers' own BertModel and exported the
+four ways models/minilm.py exports the real MiniLM (optimum; torch.onnx legacy and dynamo, with
+sentence-transformers' pooling; the optimum export after onnxruntime's transformer optimizer):
+each converts within eps on padded token batches, every skipped node says why (the attention
+products of two activations, the fused com.microsoft ops), and factors at full rank reproduce it.
+
+Its projections are made low-rank (rank 6 of 48, plus a little noise) so that the conversion has
+something to find; the real encoder's numbers are benchmarks/transformers.py's."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from helpers import MODELS, compress, rel_err, run
+from onnx_lowrank.config import CompressConfig
+from onnx_lowrank.graph.targets import FUSED_REASON
+from onnx_lowrank.pipeline import compress_file
+
+sys.path.insert(0, str(MODELS))
+import minilm  # noqa: E402
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, LAYERS, VOCAB, SEQ = 48, 4, 2, 300, 24
+EPS = 0.01
+
+
+def token_batch(n: int, length: int, seed: int) -> dict[str, np.ndarray]:
+    """n token sequences of 4 to length - 1 tokens ([CLS] ... [SEP]), padded to `length`."""
+    rng = np.random.default_rng(seed)
+    feed = {k: np.zeros((n, length), np.int64) for k in minilm.INPUTS}
+    for i in range(n):
+        m = int(rng.integers(4, length))
+        feed["input_ids"][i, :m] = np.r_[101 % VOCAB, rng.integers(5, VOCAB, m - 2), 102 % VOCAB]
+        feed["attention_mask"][i, :m] = 1
+    return feed
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A 2-layer BertModel whose Linear weights are rank 6 plus noise, saved as a Hugging Face folder."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
+                                     max_position_embeddings=64)
+    bert = transformers.BertModel(config).eval()
+    with torch.no_grad():
+        for module in bert.encoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                out, k = module.weight.shape
+                low = torch.randn(out, 6) @ torch.randn(6, k) / np.sqrt(6 * k)
+                module.weight.copy_(low + 1e-3 * torch.randn(out, k))
+    folder = tmp_path_factory.mktemp("bert")
+    bert.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exports(bert_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports")
+    bert = transformers.BertModel.from_pretrained(str(bert_folder)).eval()
+    example = token_batch(2, 16, seed=1)
+    paths = {name: out / f"{name}.onnx" for name in minilm.EXPORTS}
+    minilm.export_optimum(paths["optimum"], bert_folder)
+    minilm.export_torch(paths["torch_legacy"], dynamo=False, module=minilm.pooled(bert), example=example)
+    minilm.export_torch(paths["torch_dynamo"], dynamo=True, module=minilm.pooled(bert), example=example)
+    minilm.optimize_ort(paths["optimum"], paths["ort_optimized"], num_heads=HEADS, hidden=HIDDEN)
+    return paths
+
+
+@pytest.mark.parametrize("name", minilm.EXPORTS)
+def test_export_converts_within_eps(name, exports, tmp_path):
+    src = exports[name]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **token_batch(160, SEQ, seed=2))
+    before = src.read_bytes()
+    dst = tmp_path / "out.onnx"
+    report = compress_file(src, dst, CompressConfig(eps=EPS), calibration=str(calib))
+    assert src.read_bytes() == before
+    assert report.metric == "r2"  # token states, or unit-length embeddings: not class scores
+    assert report.drop <= EPS
+    assert report.macs_after < 0.7 * report.macs_before, "the rank-6 projections were not found"
+    factored = [l for l in report.layers if l.method]
+    projections = 6 * LAYERS if name != "ort_optimized" else 3 * LAYERS  # Attention packs Q, K, V
+    assert len(report.layers) == projections and len(factored) >= projections // 2
+    reasons = {s["op_type"]: s["reason"] for s in report.skipped}
+    if name == "ort_optimized":
+        assert reasons == {"com.microsoft.Attention": FUSED_REASON}
+        assert sum(s["op_type"] == "com.microsoft.Attention" for s in report.skipped) == LAYERS
+    else:  # Q K^T and the attention-weighted V: two activations, no weight
+        assert reasons == {"MatMul": "no constant weight: both inputs are computed at run time"}
+        assert len(report.skipped) == 2 * LAYERS
+
+    # dynamic batch and sequence: unseen sequences of another padded length run, and stay close
+    original, written = onnx.load(str(src)), onnx.load(str(dst))
+    onnx.checker.check_model(written)
+    feed = token_batch(7, 40, seed=3)
+    ref, out = run(original, feed)[0], run(written, feed)[0]
+    assert out.shape == ref.shape and np.all(np.isfinite(out))
+    assert rel_err(out, ref) < 0.2
+
+
+@pytest.mark.parametrize("name", minilm.EXPORTS)
+def test_full_rank_factors_reproduce_the_export(name, exports):
+    model = onnx.load(str(exports[name]))
+    factored = compress(model, "svd")  # every projection factored at full rank
+    assert sum(n.op_type == "MatMul" for n in factored.graph.node) > sum(n.op_type == "MatMul" for n in model.graph.node)
+    feed = token_batch(5, 20, seed=4)
+    assert rel_err(run(factored, feed)[0], run(model, feed)[0]) < 1e-5
