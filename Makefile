@@ -68,6 +68,7 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/zoo.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/transformers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -83,6 +83,9 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
               report: Report) -> tuple[onnx.ModelProto, Report]:
     with _timed(report, "load"):
         original, prepared, targets = _load(model, config, report)
+        if config.finetune_epochs and targets:
+            from .bridge.convert import to_torch
+            to_torch(prepared)  # a model onnx2torch cannot take fails now, not after the search
     with _timed(report, "calibrate"):
         cal = _calibrate(original, prepared, targets, calibration, labels, config, report, progress)
     config = replace(config, batch_size=cal.batch)

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
+import transformers
 
 from helpers import MODELS, compress, rel_err, run
 from onnx_lowrank.config import CompressConfig
@@ -22,9 +24,6 @@ from onnx_lowrank.pipeline import compress_file
 
 sys.path.insert(0, str(MODELS))
 import minilm  # noqa: E402
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 HIDDEN, HEADS, LAYERS, VOCAB, SEQ = 48, 4, 2, 300, 24
 EPS = 0.01

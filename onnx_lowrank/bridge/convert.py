@@ -51,7 +51,7 @@ def to_torch(model: onnx.ModelProto) -> torch.nn.Module:
 def prepare_for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` that onnx2torch converts and that computes the same thing: opset lowered
     to 17, tensor Constant nodes made initializers (onnx2torch reads Conv weights only from
-    initializers), Conv auto_pad made explicit pads, and allowzero=1 dropped from Reshapes whose
+    initializers), trailing omitted ('') inputs dropped, Conv auto_pad made explicit pads, and allowzero=1 dropped from Reshapes whose
     constant shape has no zero (allowzero only changes what a 0 in the shape means)."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
@@ -67,6 +67,8 @@ def prepare_for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in prepared.graph.node:
         if node.domain not in ONNX_DOMAINS:
             continue
+        while node.input and not node.input[-1]:  # an omitted optional input: onnx2torch looks '' up
+            node.input.pop()                      # as a tensor (Clip's absent max, a PyTorch export's)
         if node.op_type == "Conv":
             _explicit_pads(index, node)
         elif node.op_type == "Reshape":
