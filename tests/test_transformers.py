@@ -19,7 +19,8 @@ import transformers
 
 from helpers import MODELS, compress, rel_err, run
 from onnx_lowrank.config import CompressConfig
-from onnx_lowrank.graph.targets import FUSED_REASON
+from onnx_lowrank.graph import find_targets, prepare
+from onnx_lowrank.graph.targets import FUSED_REASON, attention_projections
 from onnx_lowrank.pipeline import compress_file
 
 sys.path.insert(0, str(MODELS))
@@ -88,12 +89,14 @@ def test_export_converts_within_eps(name, exports, tmp_path):
     projections = 6 * LAYERS if name != "ort_optimized" else 3 * LAYERS  # Attention packs Q, K, V
     assert len(report.layers) == projections and len(factored) >= projections // 2
     reasons = {s["op_type"]: s["reason"] for s in report.skipped}
+    fusion_lost = [w for w in report.warnings if "attention projections" in w]
     if name == "ort_optimized":
-        assert reasons == {"com.microsoft.Attention": FUSED_REASON}
+        assert reasons == {"com.microsoft.Attention": FUSED_REASON} and not fusion_lost
         assert sum(s["op_type"] == "com.microsoft.Attention" for s in report.skipped) == LAYERS
     else:  # Q K^T and the attention-weighted V: two activations, no weight
         assert reasons == {"MatMul": "no constant weight: both inputs are computed at run time"}
         assert len(report.skipped) == 2 * LAYERS
+        assert fusion_lost  # the rank-6 Q, K, V and output projections were factored
 
     # dynamic batch and sequence: unseen sequences of another padded length run, and stay close
     original, written = onnx.load(str(src)), onnx.load(str(dst))
@@ -111,3 +114,13 @@ def test_full_rank_factors_reproduce_the_export(name, exports):
     assert sum(n.op_type == "MatMul" for n in factored.graph.node) > sum(n.op_type == "MatMul" for n in model.graph.node)
     feed = token_batch(5, 20, seed=4)
     assert rel_err(run(factored, feed)[0], run(model, feed)[0]) < 1e-5
+
+
+def test_attention_projections_are_found(exports):
+    """Q, K, V and the output projection of each block: what onnxruntime's optimizer fuses."""
+    for name in ("optimum", "torch_legacy"):
+        model = prepare(onnx.load(str(exports[name])))
+        targets, _ = find_targets(model)
+        found = attention_projections(model, {t.name for t in targets})
+        assert len(found) == 4 * LAYERS
+        assert all(("attention" in n and n.endswith("MatMul")) for n in found), sorted(found)

@@ -50,7 +50,7 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
         shapes = {k: v.shape for k, v in feed.items()}
     fixed = with_input_shapes(model, shapes)
     index = GraphIndex(fixed.graph)
-    wanted = [n for node in fixed.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")
+    wanted = [n for node in fixed.graph.node if node.op_type in ("Conv", "Gemm", "MatMul") or _fused_attention(node)
               for n in (node.input[0], node.input[1], node.output[0])]
     unknown = [n for n in dict.fromkeys(wanted) if index.static_shape(n) is None]
     measured = runtime_shapes(model, unknown, feed) if unknown and feed is not None else {}
@@ -86,8 +86,18 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
         elif node.op_type == "MatMul":
             a = dims(node.input[0])
             macs = math.prod(dims(node.output[0])) * a[-1]
+        elif _fused_attention(node):
+            # onnxruntime's fused Attention: the packed Q, K, V projection (width -> 3 hidden),
+            # then Q K^T and the weighted sum of V over the sequence (2 S^2 hidden per sample)
+            (*rows, width), (_, packed) = dims(node.input[0]), dims(node.input[1])
+            batch, seq = math.prod(rows[:-1]), rows[-1]
+            macs = batch * seq * width * packed + 2 * batch * seq * seq * (packed // 3)
         costs.append(NodeCost(node.name, node.op_type, params, macs))
     return costs
+
+
+def _fused_attention(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Attention" and node.domain == "com.microsoft"
 
 
 def runtime_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -78,8 +78,45 @@ class Skipped:
 # the fusion, which the optimizer does again better on the factored model
 FUSED_PROJECTIONS = {"Attention", "QAttention", "PackedAttention", "FusedMatMul", "FusedGemm",
                      "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
-FUSED_REASON = ("fused by onnxruntime's optimizer (its projections are packed inside the op): give the "
-                "model as exported, before onnxruntime.transformers.optimizer, and optimize the compressed one")
+FUSED_REASON = ("fused by onnxruntime's optimizer, its projections packed inside: kept whole, so the fusion "
+                "stays (the layers around it are factored; to factor Q, K and V too, give the model as "
+                "exported, before the optimizer, which then cannot fuse those blocks)")
+
+
+# what lies between an attention block's projections and its two products of activations in the
+# exports seen (PyTorch legacy and dynamo, optimum): head split / merge and the score scaling
+_ATTENTION_PATH = {"Add", "Reshape", "Transpose", "Mul", "Div", "Cast", "Squeeze", "Unsqueeze"}
+_ATTENTION_HOPS = 6
+
+
+def attention_projections(model: onnx.ModelProto, names: set[str]) -> set[str]:
+    """Those of the MatMul/Gemm nodes `names` that are an attention block's projections: their
+    output reaches a MatMul of two activations (Q, K and V), or their input comes from one (the
+    output projection), through head reshapes and scalings only. onnxruntime's transformer
+    optimizer fuses a block only while all four are single MatMuls."""
+    index = GraphIndex(model.graph)
+
+    def product(node: onnx.NodeProto) -> bool:  # Q K^T, or the weights times V
+        return node.op_type == "MatMul" and not any(index.is_constant(i) for i in node.input)
+
+    def reaches(start: onnx.NodeProto, forward: bool) -> bool:
+        frontier, seen = [start], set()
+        for _ in range(_ATTENTION_HOPS):
+            step = []
+            for node in frontier:
+                nexts = ([c for o in node.output for c in index.consumers.get(o, [])] if forward else
+                         [index.producer[i] for i in node.input if i in index.producer])
+                for n in nexts:
+                    if product(n):
+                        return True
+                    if n.op_type in _ATTENTION_PATH and id(n) not in seen:
+                        seen.add(id(n))
+                        step.append(n)
+            frontier = step
+        return False
+
+    return {node_name(n) for n in model.graph.node
+            if node_name(n) in names and (reaches(n, True) or reaches(n, False))}
 
 
 def node_name(node: onnx.NodeProto) -> str:
