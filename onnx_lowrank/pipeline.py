@@ -336,10 +336,10 @@ def _summarize(report: Report, prepared, compressed, problems, choice: Choice, r
     factored = {p.name for p in problems if choice[p.name].factored}
     attention = attention_projections(prepared, factored)
     if attention:
-        _warn(report, f"{len(attention)} factored layer(s) are attention projections, which onnxruntime's transformer "
-                      "optimizer cannot fuse into its Attention op once they are factored (MiniLM-L6 ran slower "
-                      "than the original so); to keep the fusion, run onnxruntime.transformers.optimizer first and convert the model "
-                      "it writes")
+        _warn(report, f"{len(attention)} factored layer(s) are attention projections, which onnxruntime's "
+                      "transformer optimizer cannot fuse into its Attention op once they are factored (MiniLM-L6 "
+                      "ran slower than the original so); to keep the fusion, run onnxruntime.transformers.optimizer "
+                      "first and convert the model it writes")
 
 
 def peak_rss() -> int:

@@ -17,11 +17,16 @@ import pytest
 import torch
 import transformers
 
-from helpers import MODELS, compress, rel_err, run
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import MODELS, compress, make_model, rel_err, run
+from onnx_lowrank.calibration.capture import capture
+from onnx_lowrank.calibration.data import load_calibration
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.graph import find_targets, prepare
 from onnx_lowrank.graph.targets import FUSED_REASON, attention_projections
 from onnx_lowrank.pipeline import compress_file
+from onnx_lowrank.quality import resolve_metric
 
 sys.path.insert(0, str(MODELS))
 import minilm  # noqa: E402
@@ -124,3 +129,37 @@ def test_attention_projections_are_found(exports):
         found = attention_projections(model, {t.name for t in targets})
         assert len(found) == 4 * LAYERS
         assert all(("attention" in n and n.endswith("MatMul")) for n in found), sorted(found)
+
+
+def test_padding_is_left_out_of_the_statistics(tmp_path):
+    """A dense layer's second moment is that of its inputs at real tokens (attention_mask 1)."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "W")
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="dense"),
+                        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 6]),
+                        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                        helper.make_tensor_value_info("m", TensorProto.FLOAT, None)], [w])
+    x = rng.standard_normal((40, 10, 6)).astype(np.float32)
+    mask = (np.arange(10) < rng.integers(1, 11, 40)[:, None]).astype(np.int64)
+    x[mask == 0] = 100.0  # padding vectors far off: counted, they would swamp the moment
+    np.savez(tmp_path / "calib.npz", x=x, attention_mask=mask)
+    prepared = prepare(model)
+    targets, _ = find_targets(prepared)
+    stats, _ = capture(prepared, targets, load_calibration(str(tmp_path / "calib.npz"), prepared))
+    s = stats["dense"]
+    real = x[mask == 1].astype(np.float64)
+    assert s.rows == len(real)
+    assert np.allclose(s.second_moment(shrink=False), real.T @ real / len(real), rtol=1e-4)
+
+
+def test_unit_length_embeddings_are_not_class_scores():
+    rng = np.random.default_rng(6)
+    e = rng.standard_normal((50, 16))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    assert resolve_metric("auto", [e], None) == "r2"
+    logits = 10 * rng.standard_normal((50, 16))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # confident: rows of near-unit length
+    assert resolve_metric("auto", [probs], None) == "agreement"
+    assert resolve_metric("auto", [logits], None) == "agreement"

@@ -51,8 +51,9 @@ def to_torch(model: onnx.ModelProto) -> torch.nn.Module:
 def prepare_for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` that onnx2torch converts and that computes the same thing: opset lowered
     to 17, tensor Constant nodes made initializers (onnx2torch reads Conv weights only from
-    initializers), trailing omitted ('') inputs dropped, Conv auto_pad made explicit pads, and allowzero=1 dropped from Reshapes whose
-    constant shape has no zero (allowzero only changes what a 0 in the shape means)."""
+    initializers), trailing omitted ('') inputs dropped, Conv auto_pad made explicit pads, and
+    allowzero=1 dropped from Reshapes whose constant shape has no zero (allowzero only changes
+    what a 0 in the shape means)."""
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
     opset = opset_version(prepared) or MAX_OPSET
