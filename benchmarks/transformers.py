@@ -143,7 +143,7 @@ def rank_table(calib: Path, unseen: dict, ranks: tuple[int, ...]) -> None:
     shrunk = {t.name: stats[t.name].second_moment() for t in targets}
     ref = embed(src, unseen)
     print("\n## equal ranks, torch_legacy: every projection at rank R (unseen r2 drop / 1 - cos)\n")
-    print("| R | MACs | plain SVD | ours (data-aware) | SVD-LLM |")
+    print("| R | projections' MAC ratio | plain SVD | ours (data-aware) | SVD-LLM |")
     print("|---|---|---|---|---|")
     for r in ranks:
         rows = {}
@@ -161,7 +161,7 @@ def rank_table(calib: Path, unseen: dict, ranks: tuple[int, ...]) -> None:
             rows[how] = judged(ref, embed(out, unseen))
         spatial = {t.name: stats[t.name].in_spatial for t in targets}  # 128 rows: the captured length
         macs = sum(t.layer.macs(spatial[t.name]) for t in targets) / sum(f.macs(spatial[t.name]) for t, f in chosen)
-        print(f"| {r} | {macs:.2f}x of the projections | " + " | ".join(
+        print(f"| {r} | {macs:.2f}x | " + " | ".join(
             f"{rows[h]['r2']:.4f} / {rows[h]['cos']:.4f}" for h in ("plain", "ours", "svd-llm")) + " |", flush=True)
 
 
