@@ -3,6 +3,8 @@ four ways models/minilm.py exports the real MiniLM (optimum; torch.onnx legacy a
 sentence-transformers' pooling; the optimum export after onnxruntime's transformer optimizer):
 each converts within eps on padded token batches, every skipped node says why (the attention
 products of two activations, the fused com.microsoft ops), and factors at full rank reproduce it.
+Beside them: padding stays out of the layers' statistics, and sentence embeddings are not taken
+for class scores.
 
 Its projections are made low-rank (rank 6 of 48, plus a little noise) so that the conversion has
 something to find; the real encoder's numbers are benchmarks/transformers.py's."""
@@ -16,7 +18,6 @@ import onnx
 import pytest
 import torch
 import transformers
-
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import MODELS, compress, make_model, rel_err, run
