@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
-from .calibration.data import CalibrationSet
+from .calibration.data import CalibrationSet, token_mask, without_padding
 from .errors import MetricError, first_line
 from .graph.io import weights_apart
 
@@ -77,13 +77,15 @@ def session(model: onnx.ModelProto | bytes, threads: int = 0,
 
 def predict(model: onnx.ModelProto | ort.InferenceSession, data: CalibrationSet, batch_size: int = 64,
             outputs: list[str] | None = None) -> list[np.ndarray]:
-    """The named outputs (default: the graph's) over the whole set, in the batches the model takes."""
+    """The named outputs (default: the graph's) over the whole set, in the batches the model takes;
+    a transformer's token outputs zero at padding (calibration.data.without_padding)."""
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = outputs or [o.name for o in sess.get_outputs()]
     runs: list[list[tuple[np.ndarray, int]]] = [[] for _ in names]
     for feed, count in data.batches(batch_size):
+        mask = token_mask(feed)
         for store, value in zip(runs, sess.run(names, feed)):
-            store.append((value, count))
+            store.append((without_padding(value, mask), count))
     return [data.join(r) for r in runs]
 
 

@@ -164,3 +164,29 @@ def test_unit_length_embeddings_are_not_class_scores():
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # confident: rows of near-unit length
     assert resolve_metric("auto", [probs], None) == "agreement"
     assert resolve_metric("auto", [logits], None) == "agreement"
+
+
+def test_token_outputs_are_zero_at_padding(exports, tmp_path):
+    """Token states at padding are zero in the original's outputs and in every candidate's, so a
+    change there (a model computes them and throws them away) adds nothing to the drop."""
+    from onnx_lowrank.quality import predict
+
+    model = onnx.load(str(exports["optimum"]))
+    np.savez(tmp_path / "c.npz", **token_batch(12, SEQ, seed=7))
+    data = load_calibration(str(tmp_path / "c.npz"), model)
+    states = predict(model, data)[0]
+    mask = data.inputs["attention_mask"].astype(bool)
+    assert np.all(states[~mask] == 0) and np.all(np.abs(states[mask]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("name", ["optimum", "torch_legacy"])
+def test_finetune_runs_on_the_encoder(name, exports, tmp_path):
+    """The PyTorch bridge takes the exported encoder (onnx2torch), distils it on unlabeled token
+    batches, and the result is checked like any other: within eps, interface kept."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **token_batch(120, SEQ, seed=8))
+    dst = tmp_path / "out.onnx"
+    report = compress_file(exports[name], dst, CompressConfig(eps=EPS, finetune_epochs=1), calibration=str(calib))
+    assert report.drop <= EPS and report.finetune and report.finetune[0]["drop_after"] is not None
+    feed = token_batch(3, 30, seed=9)
+    assert run(onnx.load(str(dst)), feed)[0].shape == run(onnx.load(str(exports[name])), feed)[0].shape

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..calibration.data import CalibrationSet, model_inputs
+from ..calibration.data import CalibrationSet, model_inputs, token_mask
 from ..errors import FinetuneDiverged, OnnxLowrankError
 from ..graph import find_targets, replace_layers
 from ..graph.index import opset_version
@@ -115,6 +115,7 @@ def train(module, names: list[str], data: CalibrationSet, targets: list[np.ndarr
     # points of accuracy in one epoch of Adam 1e-3, none with SGD
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=options.lr, momentum=0.9)
     k = len(names)
+    mask_at = next((i for i, n in enumerate(names) if token_mask({n: data.inputs[n][:1]}) is not None), None)
 
     def run_epoch(epoch: int, learn: bool) -> float:
         """The mean loss over the data, learning from each batch (or only measuring)."""
@@ -126,6 +127,8 @@ def train(module, names: list[str], data: CalibrationSet, targets: list[np.ndarr
             with torch.set_grad_enabled(learn):
                 outputs = model(*batch[:k])
                 outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+                if mask_at is not None:  # the teacher's token outputs are zero at padding (predict)
+                    outputs = [_without_padding(o, batch[mask_at]) for o in outputs]
                 labels = batch[k + len(targets)] if data.labels is not None else None
                 loss = _loss(outputs, batch[k:k + len(targets)], labels, classifier, options)
             if learn:
@@ -240,6 +243,13 @@ def _mean_over_processes(total: float, seen: int, distributed: bool, device) -> 
         dist.all_reduce(both)
         total, seen = float(both[0]), int(both[1])
     return total / max(seen, 1)
+
+
+def _without_padding(output, mask):
+    """calibration.data.without_padding in torch: zero where the attention mask is 0."""
+    if output.dim() < 2 or tuple(output.shape[:2]) != tuple(mask.shape):
+        return output
+    return output * (mask != 0).to(output.dtype).reshape(tuple(mask.shape) + (1,) * (output.dim() - 2))
 
 
 def _loss(outputs, teacher, labels, classifier: bool, options: FinetuneOptions):

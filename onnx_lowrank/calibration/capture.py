@@ -17,7 +17,7 @@ from ..graph.downstream import with_outputs
 from ..errors import OutOfMemory
 from ..graph.targets import LayerTarget, same_pads
 from ..quality import session
-from .data import CalibrationSet
+from .data import CalibrationSet, token_mask, without_padding
 
 
 def activation_name(target: LayerTarget) -> str:
@@ -194,7 +194,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
         values = dict(zip(names, sess.run(names, feed)))
         values.update(feed)
         for store, name in zip(results, outputs):
-            store.append((values[name], count))
+            store.append((without_padding(values[name], mask), count))
         if not stats and stats_budget is not None:
             _check_budget(targets, values, count, len(data), keep, stats_budget)
         for t in targets:
@@ -230,15 +230,6 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
                 order = np.argsort(merged_keys)[:keep]
                 s.sample, s.sample_keys = merged[order], merged_keys[order]
     return stats, [data.join(r) for r in results]
-
-
-def token_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
-    """A transformer's attention mask, (batch, sequence) of 0 / 1 (Hugging Face's `attention_mask`,
-    which every BERT-style export takes): where it is 0 the position is padding."""
-    for name, value in feed.items():
-        if "mask" in name.lower() and value.ndim == 2 and np.isin(value, (0, 1)).all():
-            return value.astype(bool)
-    return None
 
 
 def real_tokens(x: np.ndarray, mask: np.ndarray | None, target: LayerTarget) -> np.ndarray | None:

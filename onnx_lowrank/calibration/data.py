@@ -124,6 +124,26 @@ class CalibrationSet:
         return next(self.take(np.zeros(count, dtype=int)).batches(count))[0]
 
 
+def token_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """A transformer's attention mask, (batch, sequence) of 0 / 1 (Hugging Face's `attention_mask`,
+    which every BERT-style export takes): where it is 0 the position is padding."""
+    for name, value in feed.items():
+        if "mask" in name.lower() and value.ndim == 2 and np.isin(value, (0, 1)).all():
+            return value.astype(bool)
+    return None
+
+
+def without_padding(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """A (batch, sequence, ...) output with its padding positions (mask 0) set to zero. What a
+    model computes there is thrown away downstream (pooling, token heads read real tokens only),
+    so it must not count in the drop: zero in the original and in every candidate, it adds none."""
+    if mask is None or output.ndim < 2 or output.shape[:2] != mask.shape or mask.all():
+        return output
+    out = output.copy()
+    out[~mask] = 0
+    return out
+
+
 def input_layout(model: onnx.ModelProto, data: CalibrationSet | None = None) -> dict[str, dict]:
     """Per input: the shape the model declares, which of its dims are static, and how the
     calibration arrays give it (for the report and `inspect`; None: not given)."""

@@ -1,6 +1,7 @@
-"""Prepare a model for decomposition: infer shapes, and fold BatchNormalization and constant
-Mul/Add that follow a Conv or Gemm into its weight and bias, so the decomposition sees the
-weights the layer really applies. The input model is not modified."""
+"""Prepare a model for decomposition: give each Identity of a constant its own copy, infer shapes,
+and fold BatchNormalization and constant Mul/Add that follow a Conv or Gemm into its weight and
+bias, so the decomposition sees the weights the layer really applies. The input model is not
+modified."""
 
 from __future__ import annotations
 
@@ -33,10 +34,27 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
+    constant_identities(prepared.graph)
     prepared = infer_shapes(prepared)
     while fold_once(prepared.graph):
         pass
     return infer_shapes(prepared)
+
+
+def constant_identities(graph: onnx.GraphProto) -> None:
+    """Identity nodes of a constant become constants of their own. PyTorch's exporter writes
+    each set of equal weights once and the others as Identity of it (every LayerNorm's ones,
+    equal projections): so each layer owns its weight again, and can be factored or trained on
+    its own (onnx2torch takes a LayerNorm scale only from an initializer)."""
+    index = GraphIndex(graph)
+    for node in list(graph.node):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or node.output[0] in index.graph_outputs:
+            continue
+        value = index.constant(node.input[0])
+        if value is None:
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        graph.node.remove(node)
 
 
 def per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
