@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import MODELS, compress, make_model, rel_err, run
 from onnx_lowrank.calibration.capture import capture
-from onnx_lowrank.calibration.data import load_calibration
+from onnx_lowrank.calibration.data import load_calibration, without_padding
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.graph import find_targets, prepare
 from onnx_lowrank.graph.targets import FUSED_REASON, attention_projections
@@ -177,6 +177,8 @@ def test_token_outputs_are_zero_at_padding(exports, tmp_path):
     states = predict(model, data)[0]
     mask = data.inputs["attention_mask"].astype(bool)
     assert np.all(states[~mask] == 0) and np.all(np.abs(states[mask]).sum(-1) > 0)
+    per_sample = np.ones((12, SEQ))  # as wide as the sequence, but one row a sample: not masked
+    assert np.array_equal(without_padding(per_sample, mask), per_sample)
 
 
 @pytest.mark.parametrize("name", ["optimum", "torch_legacy"])

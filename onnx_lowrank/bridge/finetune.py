@@ -247,7 +247,7 @@ def _mean_over_processes(total: float, seen: int, distributed: bool, device) -> 
 
 def _without_padding(output, mask):
     """calibration.data.without_padding in torch: zero where the attention mask is 0."""
-    if output.dim() < 2 or tuple(output.shape[:2]) != tuple(mask.shape):
+    if output.dim() < 3 or tuple(output.shape[:2]) != tuple(mask.shape):
         return output
     return output * (mask != 0).to(output.dtype).reshape(tuple(mask.shape) + (1,) * (output.dim() - 2))
 

@@ -134,10 +134,11 @@ def token_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
 
 
 def without_padding(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """A (batch, sequence, ...) output with its padding positions (mask 0) set to zero. What a
-    model computes there is thrown away downstream (pooling, token heads read real tokens only),
-    so it must not count in the drop: zero in the original and in every candidate, it adds none."""
-    if mask is None or output.ndim < 2 or output.shape[:2] != mask.shape or mask.all():
+    """A (batch, sequence, features...) output with its padding positions (mask 0) set to zero
+    (a 2-D output is per sample, not per token, whatever its width). What a model computes there
+    is thrown away downstream (pooling, token heads read real tokens only), so it must not count
+    in the drop: zero in the original and in every candidate, it adds none."""
+    if mask is None or output.ndim < 3 or output.shape[:2] != mask.shape or mask.all():
         return output
     out = output.copy()
     out[~mask] = 0
