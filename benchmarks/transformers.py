@@ -118,10 +118,10 @@ def convert_table(names, eps: float, calib: Path, unseen: dict, finetune: int, w
 
 
 def svd_llm(layer, moment: np.ndarray, rank: int) -> SVDFactors:
-    """SVD-LLM's truncation-aware whitening (Wang et al. 2024, section 3.1), from the paper: S the
+    """SVD-LLM's truncation-aware whitening (Wang et al. 2024), from the paper: S the
     Cholesky factor of the inputs' second moment X X^T, the SVD U S_v V^T of W S truncated at
     `rank`, and W' = (U_r S_r^1/2)(S_r^1/2 V_r^T S^-1): truncating singular value i of W S costs
-    exactly that value in ||(W - W') X||_F. The paper's ridge only if X X^T is not positive definite."""
+    exactly that value in ||(W - W') X||_F. A small ridge only if X X^T is not positive definite."""
     w = layer.weight.astype(np.float64)
     try:
         s = np.linalg.cholesky(moment)

