@@ -213,6 +213,10 @@ def convert(
     plots: Optional[Path] = typer.Option(None, help="Write the report's plots (PNG) into this folder."),
     merge: bool = typer.Option(True, help="Merge adjacent linear layers (1x1 convs, Gemm/MatMul) where one costs "
                                "fewer MACs than two."),
+    quantize: Optional[str] = typer.Option(None, help="int8: quantize the result with onnxruntime's quantizer too "
+                                           "(static QDQ per channel for conv models, dynamic for MatMul-heavy "
+                                           "ones); --eps then bounds the quantized model's drop, and layers whose "
+                                           "quantization costs most are kept in float."),
     fp16: bool = typer.Option(False, "--fp16", help="Store weights in float16 (half the file; compute stays "
                               "float32, so it runs everywhere). Verified like the rest."),
     optimize: bool = typer.Option(False, "--optimize", help="Write onnxruntime's offline-optimized graph (basic "
@@ -256,7 +260,7 @@ def convert(
             eps=eps, metric=metric, select=select, rank=rank, ratio=ratio, energy=energy,
             methods=None if methods.strip() == "auto" else _split([methods]), cost=cost, exclude=_split(exclude),
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
-            merge=merge, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
+            merge=merge, quantize=quantize, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, iterative=iterative,
             data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
             max_memory=_bytes("--max-memory", max_memory),

@@ -38,6 +38,7 @@ class CompressConfig:
     holdout: float = 0.2                   # share of the calibration set the rank choice does not see
     verify: bool = True                    # step back and fail (VerificationError) when the held-out check fails
     merge: bool = True                     # merge adjacent linear layers where one costs less than two
+    quantize: str | None = None            # "int8": quantize the result too (quantize.py), within the same eps
     fp16: bool = False                     # store weights in float16 (compute stays float32)
     optimize: bool = False                 # write onnxruntime's offline-optimized graph (basic level)
     jobs: int = 1                          # layers decomposed at once, in threads (0: one per CPU)
@@ -94,6 +95,17 @@ class CompressConfig:
         if self.finetune_epochs < 0 or not self.finetune_lr > 0:
             raise ValueError(f"--finetune-epochs must be >= 0 and --finetune-lr positive; got "
                              f"{self.finetune_epochs}, {self.finetune_lr}")
+        if self.quantize is not None:
+            from .quantize import MODES
+
+            if self.quantize not in MODES:
+                raise ValueError(f"--quantize must be one of {', '.join(MODES)}; got {self.quantize!r}")
+            clash = [flag for flag, on in (("--fp16", self.fp16), ("--optimize", self.optimize),
+                                           ("--finetune-epochs", self.finetune_epochs),
+                                           ("--cost latency", self.cost == "latency")) if on]
+            if clash:
+                raise ValueError(f"--quantize does not go with {clash[0]} yet: the model is quantized last, "
+                                 "as it is written, and that option changes or times it in float")
         if self.iterative and not self.finetune_epochs:
             raise ValueError("--iterative is a way of fine-tuning: give --finetune-epochs too")
         if self.finetune_epochs and self.cost == "latency":

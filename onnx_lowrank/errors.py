@@ -41,3 +41,7 @@ class OutOfMemory(OnnxLowrankError):
 class MetricError(OnnxLowrankError):
     """The user's own metric (--metric module:function) could not be loaded, raised, or did not
     return a finite number."""
+
+
+class QuantizationError(OnnxLowrankError):
+    """onnxruntime's quantizer (--quantize) refused the model, or wrote one onnxruntime cannot load."""

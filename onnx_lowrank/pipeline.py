@@ -32,7 +32,8 @@ from .report import LayerReport, Report
 from .selection import Choice, Search
 from .selection.candidates import FACTORS, build_problems, price_latency
 from .selection.strategy import select
-from .verify import build, check_model, nonfinite_samples, require_finite, tuned_to_eps, verify_choice
+from .quantize import Quantizer, quantized_units, unfused, units
+from .verify import build, check_model, export, nonfinite_samples, require_finite, tuned_to_eps, verify_choice
 
 Progress = Callable[[str, int | None], Callable[[], None]]  # stage name, steps (None: open-ended) -> advance()
 
@@ -93,21 +94,28 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
         original = None
     timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch) \
         if config.cost == "latency" else None
+    # ranges from the search part: the held-out part stays unseen by every choice
+    quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
+    if quantizer is not None:
+        quantizer(prepared)  # a model the quantizer refuses fails now, before the search
     with _timed(report, "decompose"):
         problems = _decompose(targets, cal, config, timer, progress)
-    search = _search(prepared, problems, cal, config, timer, progress)
+    search = _search(prepared, problems, cal, config, timer, quantizer, progress)
     with _timed(report, "select"):
         choice, reasons = select(config, search, prepared, cal.search_set, targets)
         if timer is not None:
             choice = _confirm_latency(timer, problems, choice, reasons)
         report.search_drop = search.drop(choice)
     with _timed(report, "verify"):
-        compressed, choice = _verify(prepared, problems, choice, reasons, cal, config, timer, report)
+        compressed, choice, floats = _verify(prepared, problems, choice, reasons, cal, config, timer, quantizer,
+                                             report)
     if config.finetune_epochs:
         with _timed(report, "finetune"):
             compressed, choice, reasons = _finetune(original, prepared, problems, choice, reasons, compressed,
                                                     search, cal, config, report)
     _summarize(report, prepared, compressed, problems, choice, reasons, search, cal, timer is not None)
+    if quantizer is not None:
+        _quantization_report(report, prepared, compressed, problems, choice, floats, cal, config, quantizer)
     return compressed, report
 
 
@@ -228,14 +236,17 @@ def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTi
 
 
 def _search(prepared, problems, cal: _Calibrated, config: CompressConfig, timer: LayerTimer | None,
-            progress: Progress) -> Search:
-    """What the strategies search with: candidate models built and measured on the search part,
-    and the cost of the rest of the model (skipped layers, activations, ...)."""
+            quantizer: Quantizer | None, progress: Progress) -> Search:
+    """What the strategies search with: candidate models built and measured on the search part
+    (quantized as written, with --quantize: selection spends eps on both), and the cost of the
+    rest of the model (skipped layers, activations, ...)."""
     advance = progress("search", None)
     meter = DropMeter(cal.metric, cal.search_set, cal.search_ref, config.eps, config.batch_size)
 
     def measure(choice: Choice) -> float:
         model_ = build(prepared, problems, choice, infer=False)
+        if quantizer is not None:
+            model_ = quantizer(export(model_, config))
         advance()
         return meter(model_)
 
@@ -245,20 +256,22 @@ def _search(prepared, problems, cal: _Calibrated, config: CompressConfig, timer:
     else:
         total = cal.macs(prepared, config.cost)
     # latencies measured apart do not add up exactly, so never below zero
-    return Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0))
+    return Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0),
+                  exact_original=quantizer is None)
 
 
 def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _Calibrated, config: CompressConfig,
-            timer: LayerTimer | None, report: Report) -> tuple[onnx.ModelProto, Choice]:
+            timer: LayerTimer | None, quantizer: Quantizer | None, report: Report
+            ) -> tuple[onnx.ModelProto, Choice, frozenset[str] | None]:
     """The chosen model measured on every calibration sample, stepped back if it exceeds eps
     (strategies tuned to eps); a failure raises VerificationError unless --no-verify. The
     held-out part alone is reported beside it: it says whether the choice fitted the search part."""
     before_backoff = choice
     confirm = (lambda c: _confirm_latency(timer, problems, c, reasons)) if timer is not None else None
     data, reference = cal.check
-    compressed, choice, outputs, steps = verify_choice(
+    compressed, choice, floats, outputs, steps = verify_choice(
         prepared, problems, choice, cal.metric, data, reference, config,
-        back_off=config.verify and tuned_to_eps(config), confirm=confirm)
+        back_off=config.verify and tuned_to_eps(config), confirm=confirm, quantizer=quantizer, feed=cal.feed)
     if timer is not None:
         timer.save()
     drop_q = quality(cal.metric, reference, outputs, data.labels, data.indices)
@@ -296,7 +309,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
         sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
         report.latency_before, report.latency_after = (
             float(np.median(t)) for t in interleaved(sessions, cal.data.sample_feed(config.latency_batch)))
-    return compressed, choice
+    return compressed, choice, floats
 
 
 def _finetune(original, prepared, problems, choice: Choice, reasons, compressed, search: Search, cal: _Calibrated,
@@ -340,6 +353,43 @@ def _summarize(report: Report, prepared, compressed, problems, choice: Choice, r
                       "transformer optimizer cannot fuse into its Attention op once they are factored (MiniLM-L6 "
                       "ran slower than the original so); to keep the fusion, run onnxruntime.transformers.optimizer "
                       "first and convert the model it writes")
+
+
+def _quantization_report(report: Report, prepared, compressed, problems, choice: Choice,
+                         floats: frozenset[str] | None, cal: _Calibrated, config: CompressConfig,
+                         quantizer: Quantizer) -> None:
+    """--quantize: which layers are int8 and which float, and why; the same choice in float beside
+    it (its drop and size: what quantization cost and gave); quantized ops onnxruntime would still
+    run in float."""
+    float_model = export(build(prepared, problems, choice), config)
+    data, reference = cal.check
+    float_drop = quality(cal.metric, reference, predict(float_model, data, config.batch_size), data.labels,
+                         data.indices).drop
+    found = units(float_model, [p.target for p in problems])
+    if floats is None:
+        why = {u.name: "kept in float: no quantized model held eps (the back-off ended unquantized)" for u in found}
+    else:
+        done = quantized_units(compressed, found)
+        why = {u.name: "kept in float by the back-off: that removed more error per MAC than a rank step"
+               if u.name in floats else "left in float by onnxruntime's quantizer (no int8 kernel for it)"
+               for u in found if u.name not in done}
+        if not done:
+            _warn(report, "--quantize int8: onnxruntime's quantizer quantized no layer of this model; "
+                          "it is written in float")
+    report.quantization = {"mode": quantizer.mode, "float_drop": float_drop,
+                           "float_file_size": float_model.ByteSize(), "int8_layers": len(found) - len(why),
+                           "float_layers": why,
+                           "unfused": [] if floats is None else unfused(compressed, [n for u in found if u.name in why
+                                                                                    for n in u.nodes])}
+    for layer in report.layers:
+        layer.precision = "float" if layer.name in why else "int8"
+    for s in report.skipped:
+        if any(u.name == s["name"] for u in found):
+            s["precision"] = "float" if s["name"] in why else "int8"
+    if report.quantization["unfused"]:
+        _warn(report, f"{len(report.quantization['unfused'])} quantized op(s) would run in float between "
+                      f"DequantizeLinear and QuantizeLinear in onnxruntime (not fused): "
+                      f"{', '.join(report.quantization['unfused'][:3])}")
 
 
 def peak_rss() -> int:

@@ -30,6 +30,7 @@ class LayerReport:
     reason: str
     latency_before: float | None = None  # --cost latency: seconds per run of the layer's micro-model
     latency_after: float | None = None
+    precision: str | None = None         # --quantize: int8 or float (Report.quantization says why)
 
 
 @dataclass
@@ -67,6 +68,10 @@ class Report:
     # diverged), losses, lr (the rate it ended at), stopped (before its epochs), processes
     finetune: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # max_memory, statistics_bytes, peak_rss_bytes
+    # --quantize: mode, float_drop (the same choice unquantized, on the check samples),
+    # float_file_size, int8_layers (how many), float_layers (name -> why), unfused (quantized ops
+    # onnxruntime would run in float)
+    quantization: dict = field(default_factory=dict)
 
     @property
     def mac_ratio(self) -> float:
@@ -113,17 +118,24 @@ class Report:
 
     def tables(self) -> list[Table]:
         timed = any(r.latency_before is not None for r in self.layers)
+        quantized = bool(self.quantization)
+        floats = self.quantization.get("float_layers", {})
         layers = Table(title="layers")
         for col in ("layer", "op", "method", "ranks", "params", "MACs") + (("latency (ms)",) if timed else ()) + (
-                "error", "why"):
+                ("precision",) if quantized else ()) + ("error", "why"):
             layers.add_column(col, overflow="fold")
         for r in self.layers:
             latency = (f"{1e3 * r.latency_before:.3f} -> {1e3 * r.latency_after:.3f}",) if timed else ()
+            precision = (r.precision or "",) if quantized else ()
+            why = r.reason + (f"; {floats[r.name]}" if r.name in floats else "")
             layers.add_row(r.name, r.op_type, r.method or "kept", ",".join(map(str, r.ranks)),
                            f"{r.params_before:,} -> {r.params_after:,}", f"{r.macs_before:,} -> {r.macs_after:,}",
-                           *latency, f"{r.error:.3f}", r.reason)
+                           *latency, *precision, f"{r.error:.3f}", why)
         for s in self.skipped:
-            layers.add_row(s["name"], s["op_type"], "skipped", "", "", "", *([""] if timed else []), "", s["reason"])
+            precision = (s.get("precision", ""),) if quantized else ()
+            why = s["reason"] + (f"; {floats[s['name']]}" if s["name"] in floats else "")
+            layers.add_row(s["name"], s["op_type"], "skipped", "", "", "", *([""] if timed else []), *precision, "",
+                           why)
         whole = Table(title="model")
         for col in ("", "before", "after", "ratio"):
             whole.add_column(col, justify="right")
@@ -134,11 +146,19 @@ class Report:
         if self.latency_before is not None:
             whole.add_row("latency / run", f"{1e3 * self.latency_before:.3f} ms", f"{1e3 * self.latency_after:.3f} ms",
                           f"{self.latency_before / self.latency_after:.2f}x")
+        if quantized:
+            q = self.quantization
+            whole.add_row("file size, float", f"{self.file_size_before:,} B", f"{q['float_file_size']:,} B",
+                          f"{self.file_size_before / max(q['float_file_size'], 1):.2f}x")
+            whole.add_row(f"{self.metric} drop, float", "", "", f"drop {q['float_drop']:.4f}")
         whole.add_row(f"{self.metric} ({self.check_samples} samples)", f"{self.quality_before:.4f}",
                       f"{self.quality_after:.4f}", f"drop {self.drop:.4f} (eps {self.eps})")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         whole.caption = (f"search-set drop {self.search_drop:.4f}, held-out part {self.heldout_drop:.4f}; "
                          f"{self.resolution}\ntime: {timing}")
+        if quantized:
+            whole.caption += (f"\n{self.quantization['mode']}: {self.quantization['int8_layers']} layer(s) int8, "
+                              f"{len(floats)} kept in float")
         if self.calibration.get("inputs"):
             whole.caption += "\n" + escape(self.how_run())  # [..] of the shapes is not markup
         if not self.finetune:

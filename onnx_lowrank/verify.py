@@ -16,6 +16,7 @@ from .graph import replace_layers
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.index import FLOAT_TYPES
 from .quality import DropMeter, predict
+from .quantize import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
 from .selection import Choice
 
 
@@ -43,39 +44,86 @@ def tuned_to_eps(config: CompressConfig) -> bool:
 
 
 def verify_choice(prepared, problems, choice: Choice, metric, data, reference, config, back_off: bool,
-                  confirm: Callable[[Choice], Choice] | None = None):
+                  confirm: Callable[[Choice], Choice] | None = None, quantizer: Quantizer | None = None,
+                  feed: dict[str, np.ndarray] | None = None):
     """The chosen model's drop on `data` (the whole calibration set: _Calibrated.check). If it
     exceeds eps and the ranks were chosen to fit eps, step back: a step moves the factored layer
     with the largest error to its next more accurate candidate, and the steps from the choice to
     keeping every layer form a path that is bisected for the first model that holds (the models a
     step-by-step walk tries, in about log2 of their number of runs; the last, keeping every layer,
-    is taken to hold). `confirm` checks each choice measured (--cost latency). Returns the model
-    as written, its choice, its outputs on `data`, and how many steps back it is."""
+    is taken to hold). `confirm` checks each choice measured (--cost latency). With `quantizer`
+    (--quantize) the models are quantized, and a step may instead keep a unit in float
+    (joint_step); the path ends at the original, unquantized. Returns the model as written, its
+    choice, the units kept in float (None: not quantized), its outputs on `data`, and how many
+    steps back it is."""
     meter = DropMeter(metric, data, reference, config.eps, config.batch_size)
+    targets = [p.target for p in problems]
 
-    def holds(c: Choice) -> bool:  # no shape inference while searching: once, on the model kept
-        return meter(export(build(prepared, problems, c, infer=False), config)) <= config.eps
+    def model_of(c: Choice, floats: frozenset[str] | None, infer: bool) -> onnx.ModelProto:
+        model = export(build(prepared, problems, c, infer=infer), config)
+        if floats is None:
+            return model
+        return quantizer(model, [n for u in units(model, targets) if u.name in floats for n in u.nodes])
 
-    path = [dict(choice)]
+    def holds(state) -> bool:  # no shape inference while searching: once, on the model kept
+        return meter(model_of(*state, infer=False)) <= config.eps
+
+    path = [(dict(choice), frozenset() if quantizer is not None else None)]
     if confirm is not None:
-        path[0] = confirm(path[0])
+        path[0] = (confirm(path[0][0]), path[0][1])
     steps = 0
     if back_off and not holds(path[0]):
-        while any(c.factored for c in path[-1].values()):
-            path.append(step_back(problems, path[-1]))
+        if quantizer is None:
+            while any(c.factored for c in path[-1][0].values()):
+                path.append((step_back(problems, path[-1][0]), None))
+        else:
+            float_model = model_of(path[0][0], None, infer=True)
+            found = units(float_model, targets, feed)
+            errors = unit_errors(float_model, quantizer(float_model), found, quantizer.probe, config.batch_size)
+            while (state := joint_step(problems, *path[-1], found, errors)) is not None:
+                path.append(state)
+            path.append(({p.name: p.keep for p in problems}, None))
         failing, holding = 0, len(path) - 1
         while holding - failing > 1:
             mid = (failing + holding) // 2
             if confirm is not None:
-                path[mid] = confirm(path[mid])
+                path[mid] = (confirm(path[mid][0]), path[mid][1])
             if holds(path[mid]):
                 holding = mid
             else:
                 failing = mid
         steps = holding
-    choice = path[steps]
-    compressed = export(build(prepared, problems, choice), config)
-    return compressed, choice, predict(compressed, data, config.batch_size), steps
+    choice, floats = path[steps]
+    compressed = model_of(choice, floats, infer=True)
+    return compressed, choice, floats, predict(compressed, data, config.batch_size), steps
+
+
+def joint_step(problems, choice: Choice, floats: frozenset[str], found: list[Unit], errors: dict[str, float]):
+    """One step back on the quantized path: a rank step (step_back) or a unit kept in float,
+    whichever removes more error per MAC it puts back (an int8 MAC counted as INT8_MAC_COST of a
+    float one). A rank step removes its layer's error drop (candidate errors); keeping a unit in
+    float, its own quantization error (unit_errors). None when nothing is left to step."""
+    moves = []
+    if any(c.factored for c in choice.values()):
+        stepped = step_back(problems, choice)
+        p = next(p for p in problems if stepped[p.name] is not choice[p.name])
+        added = _macs(p, stepped[p.name]) - _macs(p, choice[p.name])
+        weight = 1.0 if p.name in floats else INT8_MAC_COST
+        moves.append(((choice[p.name].error - stepped[p.name].error) / max(added * weight, 1.0),
+                      (stepped, floats)))
+    for u in found:
+        if u.name not in floats:
+            moves.append((errors.get(u.name, 0.0) / max(u.macs * (1 - INT8_MAC_COST), 1.0),
+                          (choice, floats | {u.name})))
+    if not moves:
+        return None
+    return max(moves, key=lambda m: m[0])[1]
+
+
+def _macs(problem, candidate) -> int:
+    spatial = problem.stats.in_spatial
+    f = candidate.factors
+    return int(problem.target.layer.macs(spatial) if f is None else f.macs(spatial))
 
 
 def nonfinite(outputs: list[np.ndarray], samples: int) -> np.ndarray:

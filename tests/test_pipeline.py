@@ -48,7 +48,7 @@ def test_auto_compresses_within_eps_and_reports(calib, tmp_path):
         assert key in data
     layer = data["layers"][0]
     assert set(layer) == {"name", "op_type", "method", "ranks", "params_before", "params_after", "macs_before",
-                          "macs_after", "error", "reason", "latency_before", "latency_after"}
+                          "macs_after", "error", "reason", "latency_before", "latency_after", "precision"}
     assert layer["latency_before"] is None and data["latency_before"] is None  # timed only with --cost latency
     assert data["calibration"]["heldout"] == 80 and not data["calibration"]["synthetic"]  # --holdout 0.2 of 400
     assert data["check_samples"] == 400  # the result is checked on every sample
@@ -120,7 +120,7 @@ def test_back_off_stops_at_the_first_step_that_holds(calib):
     cheapest = {p.name: p.candidates[0] for p in problems}
     held_ref = predict(prepared, held)
     config = CompressConfig(eps=0.01)
-    _, choice, outputs, steps = verify_choice(prepared, problems, cheapest, "accuracy", held, held_ref, config, True)
+    _, choice, _, outputs, steps = verify_choice(prepared, problems, cheapest, "accuracy", held, held_ref, config, True)
     q = quality("accuracy", held_ref, outputs, held.labels)
     assert steps > 1 and q.drop <= config.eps and nonfinite_samples(held_ref, outputs, len(held)) == 0
     walk = [cheapest]

@@ -26,6 +26,7 @@ class Search:
     measure: Callable[[Choice], float]   # drop of the model with this choice, on the search set
     eps: float
     other_cost: float                    # cost of everything not chosen here (skipped layers)
+    exact_original: bool = True          # keeping every layer is the original (drop 0); not when quantized
     trace: list[TracePoint] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
@@ -46,7 +47,8 @@ class Search:
     def drop(self, choice: Choice, knob: str = "") -> float:
         key = tuple(id(choice[p.name]) for p in self.problems)
         if key not in self._cache:
-            value = 0.0 if all(not c.factored for c in choice.values()) else self.measure(choice)
+            unchanged = self.exact_original and all(not c.factored for c in choice.values())
+            value = 0.0 if unchanged else self.measure(choice)
             self._cache[key] = value
             self.trace.append(TracePoint(knob, self.cost_ratio(choice), value, value <= self.eps))
         return self._cache[key]

@@ -1,0 +1,217 @@
+"""INT8 quantization by onnxruntime's quantizer (`--quantize int8`), applied to the model as it is
+written, so that the drop `--eps` bounds is the quantized model's.
+
+Convolution models get static QDQ: activation ranges from calibration runs (MinMax), uint8
+activations and int8 weights per output channel (U8S8: with int8 activations onnxruntime's CPU
+optimizer left convs that share an input, and the one on the graph input, as DequantizeLinear ->
+float Conv; with uint8 it fused every one into QLinearConv, measured on the default model). Models whose MACs are mostly MatMul/Gemm (transformer encoders) get
+dynamic quantization instead: their activations' ranges vary per input, and a fixed range costs
+more accuracy than the fixed scale saves time. Either way a layer can be kept in float: the
+verify stage backs off along a path of such moves and rank steps (verify.py). A layer here is a
+*unit*: the Conv/Gemm/MatMul nodes that came from one target (its whole factor chain), or one
+node of the rest of the model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibration.data import CalibrationSet
+from .errors import QuantizationError, first_line
+from .graph.cost import node_costs
+from .graph.downstream import with_outputs
+from .graph.rewrite import chain_prefix
+from .quality import RUNTIME_ERRORS, runtime_message, session
+
+MODES = ("int8",)
+UNIT_OPS = ("Conv", "Gemm", "MatMul")  # what a back-off keeps in float, unit by unit
+RANGE_SAMPLES = 256    # calibration samples the activation ranges come from (MinMax: enough to settle)
+PROBE_SAMPLES = 64     # samples each unit's own quantization error is measured on
+INT8_MAC_COST = 0.5    # an int8 MAC against a float one, for ordering the back-off: onnxruntime's int8
+#                        convolutions ran 1.8-2x faster than float on these machines (benchmarks/quantize.py)
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str                  # the target's name, or the node's
+    nodes: tuple[str, ...]     # its Conv/Gemm/MatMul nodes in the built model
+    inputs: tuple[str, ...]    # the tensors it reads from the rest of the graph
+    outputs: tuple[str, ...]   # ... and those it gives it
+    macs: int                  # per sample
+
+
+class Quantizer:
+    """Quantizes built models the same way each time: the same calibration runs, the same mode."""
+
+    def __init__(self, model: onnx.ModelProto, data: CalibrationSet, batch: int, feed: dict[str, np.ndarray]):
+        costs = node_costs(model, feed=feed)
+        conv = sum(c.macs for c in costs if c.op_type == "Conv")
+        self.dynamic = conv < sum(c.macs for c in costs) / 2
+        take = np.linspace(0, len(data) - 1, min(RANGE_SAMPLES, len(data))).round().astype(int)
+        self.runs = [] if self.dynamic else [f for f, _ in data.take(np.unique(take)).batches(batch)]
+        self.probe = data.take(np.arange(min(PROBE_SAMPLES, len(data))))
+        self.batch = batch
+        self.checked = False  # whether a model it wrote has loaded in onnxruntime
+
+    @property
+    def mode(self) -> str:
+        if self.dynamic:
+            return "int8 dynamic (weights per channel; activations quantized at run time: MatMul-heavy model)"
+        return "int8 static QDQ (weights per channel; activation ranges from calibration: MinMax)"
+
+    def __call__(self, model: onnx.ModelProto, keep_float: Iterable[str] = ()) -> onnx.ModelProto:
+        """`model` quantized, the nodes named in `keep_float` left in float."""
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
+            quantize_static
+
+        class Runs(CalibrationDataReader):
+            def __init__(self, runs):
+                self.runs = iter(runs)
+
+            def get_next(self):
+                return next(self.runs, None)
+
+        named = named_nodes(model)
+        exclude = sorted(set(keep_float))
+        with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
+            out = Path(tmp) / "quantized.onnx"
+            try:
+                if self.dynamic:
+                    quantize_dynamic(named, out, per_channel=True, weight_type=QuantType.QInt8,
+                                     nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+                else:
+                    quantize_static(named, out, Runs(self.runs), quant_format=QuantFormat.QDQ, per_channel=True,
+                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                    nodes_to_exclude=exclude)
+            except Exception as e:  # the quantizer raises whatever its checks and onnx raise
+                raise _refused(first_line(e)) from None
+            quantized = onnx.load(str(out))
+        if not self.checked:  # the quantizer writes some models onnxruntime refuses (float16 ones)
+            try:
+                session(quantized)
+            except RUNTIME_ERRORS as e:
+                raise _refused(f"it wrote a model onnxruntime cannot load ({runtime_message(e)})") from None
+            self.checked = True
+        return quantized
+
+
+def _refused(why: str) -> QuantizationError:
+    return QuantizationError(f"onnxruntime's quantizer cannot quantize this model: {why}; convert without "
+                             "--quantize")
+
+
+def quantized_units(quantized: onnx.ModelProto, found: list[Unit]) -> set[str]:
+    """The units the quantizer did quantize: a node of theirs reads a DequantizeLinear output
+    (static QDQ) or was replaced (dynamic: MatMulInteger, ConvInteger). It leaves alone what it
+    has no kernel for (float64 layers, for one)."""
+    nodes = {n.name: n for n in quantized.graph.node}
+    dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {u.name for u in found if any(name not in nodes or any(i in dequantized for i in nodes[name].input)
+                                         for name in u.nodes)}
+
+
+def named_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every node has a name (the quantizer excludes nodes by name): an unnamed one
+    is named after its first output, which stays the same whatever else is factored."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    used = {n.name for n in out.graph.node}
+    for node in out.graph.node:
+        if not node.name:
+            node.name = f"{node.output[0]}/node"
+            while node.name in used:
+                node.name += "_"
+            used.add(node.name)
+    return out
+
+
+def units(model: onnx.ModelProto, targets, feed: dict[str, np.ndarray] | None = None) -> list[Unit]:
+    """The units of a built (float) model: each target's Conv/Gemm/MatMul nodes (the layer, or its
+    factor chain) together, every other such node alone. Their MACs at `feed`'s shapes (0 without)."""
+    model = named_nodes(model)
+    macs = {c.name: c.macs for c in node_costs(model, feed=feed)} if feed is not None else {}
+    owner = {t.name: t.name for t in targets}
+    prefixes = [(chain_prefix(t) + "/", t.name) for t in targets]
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type not in UNIT_OPS:
+            continue
+        name = owner.get(node.name) or next((t for p, t in prefixes if node.name.startswith(p)), node.name)
+        groups.setdefault(name, []).append(node)
+    result = []
+    weights = {t.name for t in model.graph.initializer}
+    for name, nodes in groups.items():
+        made = {o for n in nodes for o in n.output}
+        read = {i for n in nodes for i in n.input if i}
+        inputs = tuple(sorted(read - made - weights))
+        outputs = tuple(sorted(made - read))
+        result.append(Unit(name, tuple(n.name for n in nodes), inputs, outputs,
+                           sum(macs.get(n.name, 0) for n in nodes)))
+    return result
+
+
+def unit_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, found: list[Unit],
+                data: CalibrationSet, batch: int) -> dict[str, float]:
+    """Each unit's own share of the quantized model's error: the relative error of its outputs
+    (quantized against float, on the same samples) less that of its inputs. Both models run
+    unoptimized, so the float tensors between the quantized ops stay there to be read."""
+    tensors = sorted({t for u in found for t in u.inputs + u.outputs})
+    values = []
+    for model in (float_model, quantized):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4
+        present = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+        names = [t for t in tensors if t in present]
+        sess = ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+        runs = [dict(zip(names, sess.run(names, feed))) for feed, _ in data.batches(batch)]
+        values.append({t: np.concatenate([r[t].reshape(len(r[t]), -1) for r in runs]).astype(np.float64)
+                       for t in names if all(r[t].ndim for r in runs)})
+    exact, approx = values
+
+    def error(t: str) -> float:
+        if t not in exact or t not in approx:
+            return 0.0
+        scale = np.linalg.norm(exact[t])
+        return float(np.linalg.norm(approx[t] - exact[t]) / scale) if scale else 0.0
+
+    return {u.name: max(0.0, max((error(t) for t in u.outputs), default=0.0)
+                        - max((error(t) for t in u.inputs), default=0.0)) for u in found}
+
+
+def unfused(model: onnx.ModelProto, keep_float: Iterable[str] = ()) -> list[str]:
+    """The quantized Conv/Gemm/MatMul nodes that onnxruntime's CPU kernels would still run in float
+    (a DequantizeLinear feeding a float op, not fused into QLinearConv, QGemm, ...): the graph
+    onnxruntime optimizes, written out and read."""
+    kept = set(keep_float)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 4
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    dequantized = {o for n in optimized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in optimized.graph.node if n.op_type in UNIT_OPS and n.name not in kept
+            and n.input and n.input[0] in dequantized]
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantizer logs through the root logger (one line per bias it cannot quantize per
+    channel): not the user's business; its refusals reach them as QuantizationError."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
