@@ -1,0 +1,126 @@
+"""--quantize int8: factorization and onnxruntime's INT8 quantization under one eps.
+
+- the default model, quantized: it passes onnx's full check, runs in onnxruntime with every
+  quantized op fused (no DequantizeLinear -> float Conv), and the drop reported is the drop
+  measured here on the same samples; the report has a precision for every layer;
+- a conv model whose first layer reads one channel 500x larger than the others (per-tensor
+  activation ranges then flatten the rest to zero): the back-off keeps that layer in float and
+  quantizes the other, within eps; with --no-verify the fully quantized model is written over
+  eps, and said so;
+- a MatMul model is quantized dynamically;
+- a model the quantizer refuses (float16) is one line and exit 2, nothing written;
+- --quantize with an option that works in float (--fp16), or an unknown mode: one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import MODELS, init, make_model, tensor
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from onnx_lowrank.calibration.data import load_calibration
+from onnx_lowrank.cli import app
+from onnx_lowrank.config import CompressConfig
+from onnx_lowrank.pipeline import compress, compress_file
+from onnx_lowrank.quality import predict, quality, session
+from onnx_lowrank.quantize import unfused
+
+runner = CliRunner()
+DEFAULT = MODELS / "mnist_cnn.onnx"
+DEFAULT_CALIB = MODELS / "mnist_calib.npz"
+
+
+def ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def test_default_model_quantized_within_eps_fused_and_drop_as_measured(tmp_path):
+    out = tmp_path / "q.onnx"
+    report = compress_file(DEFAULT, out, CompressConfig(eps=0.005, quantize="int8"), str(DEFAULT_CALIB), "labels")
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(model)
+    assert unfused(model) == [] and report.quantization["unfused"] == []
+    data = load_calibration(str(DEFAULT_CALIB), model, "labels")
+    measured = quality("accuracy", predict(onnx.load(str(DEFAULT)), data), predict(model, data), data.labels)
+    assert report.check_samples == len(data) and report.drop == pytest.approx(measured.drop, abs=1e-12)
+    assert report.drop <= 0.005 and report.mac_ratio > 2
+    assert report.file_size_after < report.quantization["float_file_size"] / 3  # int8 weights: a quarter
+    assert {layer.precision for layer in report.layers} == {"int8"}
+    assert "precision" in report.tables()[0].columns[6].header
+
+
+def outlier_model() -> tuple[onnx.ModelProto, np.ndarray]:
+    """conv1 (1x1, 8 -> 16) reads channel 0 at 500x the scale of the others, with weights that
+    scale it back: a per-tensor uint8 range of +-2000 leaves the other channels a step of ~16, so
+    quantizing its input erases them. conv2 (3x3, 16 -> 16) reads balanced activations."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 8, 1, 1)).astype(np.float32)
+    w1[:, 0] /= 500
+    w2 = (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [tensor("x", [None, 8, 6, 6])], [tensor("y", [None, 16, 6, 6])],
+                       [init("w1", w1), init("w2", w2)])
+    x = rng.standard_normal((200, 8, 6, 6)).astype(np.float32)
+    x[:, 0] *= 500
+    return model, x
+
+
+def test_back_off_keeps_the_layer_quantization_breaks_in_float(tmp_path):
+    model, x = outlier_model()
+    calib = tmp_path / "x.npy"
+    np.save(calib, x)
+    eps = 0.01
+    out, report = compress(model, CompressConfig(eps=eps, quantize="int8"), str(calib))
+    assert report.drop <= eps
+    assert set(report.quantization["float_layers"]) == {"conv1"}
+    assert "back-off" in report.quantization["float_layers"]["conv1"]
+    assert {layer.name: layer.precision for layer in report.layers} == {"conv1": "float", "conv2": "int8"}
+    conv1 = next(n for n in out.graph.node if n.name == "conv1")
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    assert producers.get(conv1.input[0]) != "DequantizeLinear"  # it reads the float input itself
+    # without the back-off, the same choice quantized whole is far over eps, and written with a warning
+    with pytest.warns(UserWarning, match="exceeds eps"):
+        _, unchecked = compress(model, CompressConfig(eps=eps, quantize="int8", verify=False), str(calib))
+    assert unchecked.drop > 10 * eps and unchecked.quantization["float_layers"] == {}
+
+
+def test_matmul_model_is_quantized_dynamically(tmp_path):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((32, 6)) @ rng.standard_normal((6, 32))).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+                       [tensor("x", [None, 32])], [tensor("y", [None, 32])], [init("w", w)])
+    calib = tmp_path / "x.npy"
+    np.save(calib, rng.standard_normal((300, 32)).astype(np.float32))
+    out, report = compress(model, CompressConfig(eps=0.02, quantize="int8"), str(calib))
+    assert "dynamic" in report.quantization["mode"]
+    assert "DynamicQuantizeLinear" in ops(out) and report.drop <= 0.02
+    session(out)
+
+
+def test_a_model_the_quantizer_refuses_is_one_line(tmp_path):
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((32, 4)) @ rng.standard_normal((4, 32))).astype(np.float16)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+                       [tensor("x", [None, 32], TensorProto.FLOAT16)], [tensor("y", [None, 32], TensorProto.FLOAT16)],
+                       [init("w", w)])
+    src, dst, calib = tmp_path / "f16.onnx", tmp_path / "out.onnx", tmp_path / "x.npy"
+    onnx.save(model, str(src))
+    np.save(calib, rng.standard_normal((100, 32)).astype(np.float16))
+    result = runner.invoke(app, ["convert", str(src), str(dst), "--calib", str(calib), "--quantize", "int8"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "quantizer cannot quantize this model" in lines[0] and "Traceback" not in result.output
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("extra, message", [(["--quantize", "int4"], "--quantize must be one of int8"),
+                                            (["--quantize", "int8", "--fp16"], "does not go with --fp16")])
+def test_quantize_options_that_cannot_be_are_one_line(tmp_path, extra, message):
+    result = runner.invoke(app, ["convert", str(DEFAULT), str(tmp_path / "o.onnx"), *extra])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
