@@ -11,8 +11,10 @@ For each model, five versions side by side:
 Quality on inputs no conversion saw: MNIST test[2000:] (8000 digits; the calibration images are
 training images) for the default model and the ResNet-18-shaped one, accuracy; MobileNetV2: crops
 of photos the calibration never saw (split by photo), top-1 agreement with the original.
-Latency: onnxruntime CPU, batch 1 and 32, the five sessions run in turn (one run of each, over and
-over: the machine is shared), median. "unfused": quantized Conv/Gemm/MatMul that onnxruntime's
+Latency: onnxruntime CPU at 1 thread and at 2 (both cores), batch 1 and 32, the five sessions
+run in turn (latency.interleaved: blocks of runs of each, over and over, since the machine is
+shared), median. At 2 threads the medians swing with the other tenants' load (one run put the
+int8 ResNet at 24 ms, the next at 16): the 1-thread columns are the steady ones. "unfused": quantized Conv/Gemm/MatMul that onnxruntime's
 optimizer leaves as DequantizeLinear -> float op.
 
     .venv/bin/python benchmarks/quantize.py [--models mnist_cnn,resnet18_mnist,mobilenet_v2]
@@ -44,6 +46,7 @@ from onnx_lowrank.quality import predict
 from onnx_lowrank.quantize import unfused
 
 BATCHES = (1, 32)
+THREADS = (1, 2)
 
 
 def setups(folder: Path, names: list[str]) -> list[dict]:
@@ -92,10 +95,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's per-bias notes
     warnings.simplefilter("ignore")
-    console = Console(width=200)
+    console = Console(width=250)
     table = Table(title="INT8 and factorization under one eps (onnxruntime CPU; quality on unseen inputs)")
-    for col in ("model", "version", "eps", "unseen quality", "drop", "MACs", "b1 ms", "b32 ms",
-                "vs ORT int8 b1 / b32", "file MB", "smaller", "unfused", "convert"):
+    for col in ("model", "version", "eps", "unseen quality", "drop", "MACs", "1 thread: b1 ms", "b32 ms",
+                "vs ORT int8 b1 / b32", "2 threads: b1 ms", "b32 ms", "vs ORT int8 b1 / b32", "file MB", "smaller",
+                "unfused", "convert"):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -117,21 +121,24 @@ def main() -> None:
             top1 = {v: predict(m, unseen, 64)[0].argmax(1) for v, m in models.items()}
             truth = s["labels"] if s["labels"] is not None else top1["original"]
             score = {v: float(np.mean(t == truth)) for v, t in top1.items()}
-            sessions = [runtime_session(m) for m in models.values()]
             latency = {}
-            for batch in BATCHES:
-                feed = {k: v[:batch] for k, v in s["inputs"].items()}
-                for v, t in zip(models, interleaved(sessions, feed, min_runs=60, min_seconds=3.0)):
-                    latency[v, batch] = float(np.median(t)) * 1e3
+            for threads in THREADS:
+                sessions = [runtime_session(m, threads=threads) for m in models.values()]
+                for batch in BATCHES:
+                    feed = {k: v[:batch] for k, v in s["inputs"].items()}
+                    for v, t in zip(models, interleaved(sessions, feed, min_runs=60, min_seconds=3.0)):
+                        latency[v, threads, batch] = float(np.median(t)) * 1e3
             size = {v: p.stat().st_size / 1e6 for v, p in paths.items()}
             for v in models:
-                speed = " / ".join(f"{latency['ORT int8 alone', b] / latency[v, b]:.2f}x" for b in BATCHES)
+                timed = []
+                for threads in THREADS:
+                    timed += [f"{latency[v, threads, 1]:.3f}", f"{latency[v, threads, 32]:.2f}", " / ".join(
+                        f"{latency['ORT int8 alone', threads, b] / latency[v, threads, b]:.2f}x" for b in BATCHES)]
                 report = reports.get(v)
                 macs = f"{report.mac_ratio:.2f}x" if report else ("1.00x" if "ours" not in v else
                                                                    f"{reports['ours float'].mac_ratio:.2f}x")
                 table.add_row(s["name"], v, str(s["eps"]) if report else "", f"{score[v]:.4f}",
-                              f"{score['original'] - score[v]:+.4f}", macs,
-                              f"{latency[v, 1]:.3f}", f"{latency[v, 32]:.2f}", speed, f"{size[v]:.2f}",
+                              f"{score['original'] - score[v]:+.4f}", macs, *timed, f"{size[v]:.2f}",
                               f"{size['original'] / size[v]:.1f}x",
                               "" if v in ("original", "ours float") else str(len(unfused(models[v]))),
                               f"{seconds[v]:.0f} s" if v in seconds else "")
@@ -140,7 +147,8 @@ def main() -> None:
                           f"{q.quantization['int8_layers']} layer(s) int8, {len(q.quantization['float_layers'])} "
                           f"float; calibration drop {q.drop:.4f} (float, same ranks: "
                           f"{q.quantization['float_drop']:.4f}), held-out part {q.heldout_drop:.4f}, "
-                          f"{q.backed_off} back-off step(s)", highlight=False)
+                          f"{q.backed_off} back-off step(s)" + "".join(f"\n  warning: {w}" for w in q.warnings),
+                          highlight=False)
             if s["name"] == "mnist_cnn":
                 console.print(q.tables()[0])
     console.print(table)

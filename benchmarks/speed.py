@@ -100,11 +100,11 @@ def main() -> None:
             for name, setup in runs.items():
                 out = folder / f"{name}_latency.onnx"
                 report, seconds = convert(setup, out, cost="latency")
-                result = bench(setup["path"], out, (1, 32), calibration=str(setup["calib"]), labels=setup["labels"])
+                result = bench(setup["path"], out, batches=(1, 32), calibration=str(setup["calib"]), labels=setup["labels"])
                 for lat in result.latency:
                     whole.add_row(name, str(setup["eps"]), f"{report.drop:.4f}", f"{report.mac_ratio:.2f}x",
                                   str(lat.batch), f"{1e3 * lat.median[0]:.2f}", f"{1e3 * lat.median[1]:.2f}",
-                                  f"{lat.speedup:.2f}x", f"{lat.speedup / report.mac_ratio:.2f}")
+                                  f"{lat.speedup[0]:.2f}x", f"{lat.speedup[0] / report.mac_ratio:.2f}")
                 for r in report.layers:
                     if r.method is not None:
                         per_layer.add_row(name, r.name, r.method, ",".join(map(str, r.ranks)),

@@ -1,7 +1,8 @@
-"""`onnx-lowrank bench ORIG COMP`: two models side by side, the way a deployment sees them:
-parameters, MACs, file size, latency in onnxruntime per batch size, and the quality drop when
-data is given. The two sessions run interleaved (one run of each in turn) so that a noisy,
-shared machine slows both alike and the speedup stays meaningful."""
+"""`onnx-lowrank bench ORIG COMP [COMP ...]`: models side by side, the way a deployment sees them
+(a float and an int8 result beside their original, for one): parameters, MACs, file size,
+latency in onnxruntime per batch size, and each one's quality drop against ORIG when data is
+given. The sessions run interleaved (one run of each in turn) so that a noisy, shared machine
+slows all alike and the speedups stay meaningful."""
 
 from __future__ import annotations
 
@@ -20,28 +21,29 @@ from .quality import predict, quality, resolve_metric
 @dataclass
 class Latency:
     batch: int
-    median: tuple[float, float]  # seconds per run: original, compressed
-    min: tuple[float, float]
-    max: tuple[float, float]
+    median: tuple[float, ...]  # seconds per run: the original, then each compressed model
+    min: tuple[float, ...]
+    max: tuple[float, ...]
     runs: int
 
     @property
-    def speedup(self) -> float:
-        return self.median[0] / self.median[1]
+    def speedup(self) -> list[float]:
+        """Each compressed model's, against the original."""
+        return [self.median[0] / m for m in self.median[1:]]
 
 
 @dataclass
 class BenchResult:
-    models: tuple[str, str]
+    models: tuple[str, ...]        # the original first
     provider: str
     threads: int
-    params: tuple[int, int]
-    macs: tuple[int, int]          # per sample
-    file_size: tuple[int, int]
+    params: tuple[int, ...]
+    macs: tuple[int, ...]          # per sample
+    file_size: tuple[int, ...]
     latency: list[Latency] = field(default_factory=list)
-    metric: str | None = None      # with data: what the drop is of
-    quality: tuple[float, float] | None = None
-    drop: float | None = None
+    metric: str | None = None      # with data: what the drops are of
+    quality: tuple[float, ...] | None = None
+    drop: list[float] | None = None  # each compressed model's against the original
     samples: int | None = None
 
     def to_dict(self) -> dict:
@@ -51,18 +53,18 @@ class BenchResult:
         return data
 
 
-def bench(original: str | os.PathLike, compressed: str | os.PathLike, batches: tuple[int, ...] = (1,),
+def bench(original: str | os.PathLike, *compressed: str | os.PathLike, batches: tuple[int, ...] = (1,),
           provider: str = "CPUExecutionProvider", threads: int = 0, calibration: Any = None,
           labels: Any = None, metric: str = "auto", min_seconds: float = 1.0) -> BenchResult:
     from .pipeline import model_params
 
-    models = [load_model(original), load_model(compressed)]
+    paths = (original, *compressed)
+    models = [load_model(p) for p in paths]
     data = load_calibration(calibration, models[0], labels) if calibration is not None else None
     feed = data.sample_feed() if data is not None else None
     macs = tuple(sum(c.macs for c in node_costs(m, feed=feed)) for m in models)
-    result = BenchResult((str(original), str(compressed)), provider, threads,
-                         tuple(model_params(m) for m in models), macs,
-                         tuple(Path(p).stat().st_size for p in (original, compressed)))
+    result = BenchResult(tuple(str(p) for p in paths), provider, threads, tuple(model_params(m) for m in models), macs,
+                         tuple(Path(p).stat().st_size for p in paths))
     sessions = [runtime_session(m, provider, threads) for m in models]
     for batch in batches:
         if data is not None:
@@ -78,7 +80,6 @@ def bench(original: str | os.PathLike, compressed: str | os.PathLike, batches: t
         outputs = [predict(s, data) for s in sessions]
         resolved = resolve_metric(metric, outputs[0], data.labels)
         result.metric = str(resolved)
-        before = quality(resolved, outputs[0], outputs[0], data.labels)
-        after = quality(resolved, outputs[0], outputs[1], data.labels)
-        result.quality, result.drop, result.samples = (before.value, after.value), after.drop, len(data)
+        each = [quality(resolved, outputs[0], out, data.labels) for out in outputs]
+        result.quality, result.drop, result.samples = tuple(q.value for q in each), [q.drop for q in each[1:]], len(data)
     return result

@@ -94,18 +94,19 @@ def inspect(model: Path = typer.Argument(..., help="The ONNX model to look at.")
 @app.command("bench")
 def bench_command(
     original: Path = typer.Argument(..., help="The original model."),
-    compressed: Path = typer.Argument(..., help="The compressed model."),
+    compressed: list[Path] = typer.Argument(..., help="The compressed model(s), each against the original (a "
+                                            "float and an int8 result side by side, say)."),
     provider: str = typer.Option("CPUExecutionProvider", help="onnxruntime execution provider."),
     batch: str = typer.Option("1", help="Comma-separated batch sizes to time, e.g. 1,32."),
     threads: int = typer.Option(0, help="onnxruntime intra-op threads (0: its default)."),
     calib: Optional[Path] = typer.Option(None, help="Inputs (as for convert): the timing feeds, and the quality "
-                                         "drop of the compressed model on all of them."),
+                                         "drop of each compressed model on all of them."),
     labels: Optional[str] = typer.Option(None, help="Labels (as for convert): the drop is then in accuracy."),
     seconds: float = typer.Option(1.0, help="Time each batch size for at least this long."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Parameters, MACs, file size, onnxruntime latency (median/min/max, the two models run in
-    turn) and, with --calib, the quality drop of COMPRESSED against ORIGINAL."""
+    """Parameters, MACs, file size, onnxruntime latency (median/min/max, the models run in turn)
+    and, with --calib, the quality drop of each COMPRESSED against ORIGINAL."""
     import json
 
     from .bench import bench
@@ -116,30 +117,32 @@ def bench_command(
         if not batches or min(batches) < 1:
             raise ValueError(f"--batch takes positive integers; got {batch!r}")
         require_provider(provider)
-        result = bench(original, compressed, batches, provider, threads, str(calib) if calib else None, labels,
-                       min_seconds=seconds)
+        result = bench(original, *compressed, batches=batches, provider=provider, threads=threads,
+                       calibration=str(calib) if calib else None, labels=labels, min_seconds=seconds)
     except (OnnxLowrankError, ValueError) as e:
         fail(e)
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    sizes = Table(title=f"{original.name} vs {compressed.name}")
-    for col in ("", "original", "compressed", "ratio"):
-        sizes.add_column(col, justify="right")
-    for label, (a, b), unit in (("parameters", result.params, ""), ("MACs / sample", result.macs, ""),
+    names = [Path(p).name for p in result.models]
+    sizes = Table(title=" vs ".join(names))
+    sizes.add_column("")
+    for name in names:
+        sizes.add_column(name, justify="right")
+    for label, values, unit in (("parameters", result.params, ""), ("MACs / sample", result.macs, ""),
                                 ("file size", result.file_size, " B")):
-        sizes.add_row(label, f"{a:,}{unit}", f"{b:,}{unit}", f"{a / max(b, 1):.2f}x")
+        sizes.add_row(label, f"{values[0]:,}{unit}", *(f"{v:,}{unit} ({values[0] / max(v, 1):.2f}x)" for v in values[1:]))
     if result.drop is not None:
         sizes.add_row(f"{result.metric} ({result.samples} samples)", f"{result.quality[0]:.4f}",
-                      f"{result.quality[1]:.4f}", f"drop {result.drop:.4f}")
+                      *(f"{q:.4f} (drop {d:.4f})" for q, d in zip(result.quality[1:], result.drop)))
     console.print(sizes)
-    times = Table(title=f"latency, {provider}, threads {threads or 'default'} (ms per run)")
-    for col in ("batch", "original median", "min", "max", "compressed median", "min", "max", "speedup", "runs"):
+    times = Table(title=f"latency, {provider}, threads {threads or 'default'}: ms per run, median (min - max)")
+    for col in ("batch", *names, "runs"):
         times.add_column(col, justify="right")
     for lat in result.latency:
-        times.add_row(str(lat.batch), *(f"{1e3 * v:.3f}" for v in (lat.median[0], lat.min[0], lat.max[0])),
-                      *(f"{1e3 * v:.3f}" for v in (lat.median[1], lat.min[1], lat.max[1])),
-                      f"{lat.speedup:.2f}x", str(lat.runs))
+        cells = [f"{1e3 * m:.3f} ({1e3 * lo:.3f} - {1e3 * hi:.3f})" for m, lo, hi in zip(lat.median, lat.min, lat.max)]
+        cells[1:] = [f"{c}, speedup {s:.2f}x" for c, s in zip(cells[1:], lat.speedup)]
+        times.add_row(str(lat.batch), *cells, str(lat.runs))
     console.print(times)
 
 

@@ -73,8 +73,11 @@ def time_session(sess: ort.InferenceSession, feed: dict[str, np.ndarray], min_ru
 
 
 def interleaved(sessions, feed: dict[str, np.ndarray], min_runs: int = 20,
-                min_seconds: float = 1.0) -> list[list[float]]:
-    """Seconds per run of each session, run in turn on the same feed."""
+                min_seconds: float = 1.0, block: int = 5) -> list[list[float]]:
+    """Seconds per run of each session, in turn on the same feed: `block` timed runs of one, then
+    of the next, over and over, so that a shared machine's load falls on all alike. Each block
+    starts with an untimed run: the session before leaves its worker threads spinning for a while
+    (onnxruntime's default), on the cores the next one's first run needs."""
     for sess in sessions:
         for _ in range(WARMUP):
             sess.run(None, feed)
@@ -82,9 +85,11 @@ def interleaved(sessions, feed: dict[str, np.ndarray], min_runs: int = 20,
     start = time.perf_counter()
     while len(times[0]) < min_runs or time.perf_counter() - start < min_seconds:
         for sess, store in zip(sessions, times):
-            t = time.perf_counter()
             sess.run(None, feed)
-            store.append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                store.append(time.perf_counter() - t)
     return times
 
 

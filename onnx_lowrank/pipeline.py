@@ -368,6 +368,8 @@ def _quantization_report(report: Report, prepared, compressed, problems, choice:
     found = units(float_model, [p.target for p in problems])
     if floats is None:
         why = {u.name: "kept in float: no quantized model held eps (the back-off ended unquantized)" for u in found}
+        _warn(report, f"--quantize int8: no quantized model kept the {cal.metric} drop within eps {config.eps}, "
+                      "even with every Conv/Gemm/MatMul in float; the model is written unquantized")
     else:
         done = quantized_units(compressed, found)
         why = {u.name: "kept in float by the back-off: that removed more error per MAC than a rank step"

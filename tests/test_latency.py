@@ -87,7 +87,7 @@ def test_rank_multiple_rounds_every_rank(calib):
 runner = CliRunner()
 
 
-def test_bench_prints_both_models_and_json(calib, tmp_path):
+def test_bench_prints_the_models_side_by_side_and_json(calib, tmp_path):
     out = tmp_path / "small.onnx"
     result = runner.invoke(app, ["convert", str(DIGIT), str(out), "--eps", "0.01", "--calib", str(calib),
                                  "--labels", "labels"])
@@ -98,10 +98,16 @@ def test_bench_prints_both_models_and_json(calib, tmp_path):
     data = json.loads(result.output)
     assert [lat["batch"] for lat in data["latency"]] == [1, 4]
     assert data["macs"][0] > data["macs"][1] and data["metric"] == "accuracy"
-    assert data["drop"] == pytest.approx(data["quality"][0] - data["quality"][1])
+    assert data["drop"] == [pytest.approx(data["quality"][0] - data["quality"][1])]
     result = runner.invoke(app, ["bench", str(DIGIT), str(out), "--batch", "1", "--seconds", "0.1"],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "speedup" in result.output
+    # more than one compressed model (a float and an int8 result): each against the original
+    result = runner.invoke(app, ["bench", str(DIGIT), str(out), str(DIGIT), "--batch", "1", "--seconds", "0.1",
+                                 "--calib", str(calib), "--labels", "labels", "--json"])
+    data = json.loads(result.output)
+    assert len(data["models"]) == 3 and len(data["latency"][0]["speedup"]) == 2
+    assert data["drop"][1] == 0 and data["macs"][2] == data["macs"][0]
 
 
 @pytest.mark.parametrize("args", [["--batch", "0"], ["--batch", "x"], ["--provider", "NoSuchProvider"]])
