@@ -69,6 +69,7 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/zoo.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/transformers.py
+	$(PY) benchmarks/quantize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -36,8 +36,8 @@ UNIT_OPS = ("Conv", "Gemm", "MatMul")  # what a back-off keeps in float, unit by
 RANGE_SAMPLES = 256    # calibration samples the activation ranges come from (MinMax: enough to settle)
 RANGE_BATCH = 16       # ... per run: the quantizer's session outputs every tensor's range, and keeps its arena
 PROBE_SAMPLES = 64     # samples each unit's own quantization error is measured on
-INT8_MAC_COST = 0.5    # an int8 MAC against a float one, for ordering the back-off: onnxruntime's int8
-#                        convolutions ran 1.8-2x faster than float on these machines (benchmarks/quantize.py)
+INT8_MAC_COST = 1 / 3  # an int8 MAC against a float one, for ordering the back-off: onnxruntime's int8
+#                        models ran 2.6-4.6x faster than float on these machines (benchmarks/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,6 @@ class Quantizer:
         take = np.linspace(0, len(data) - 1, min(RANGE_SAMPLES, len(data))).round().astype(int)
         self.runs = [] if self.dynamic else [f for f, _ in data.take(np.unique(take)).batches(min(batch, RANGE_BATCH))]
         self.probe = data.take(np.arange(min(PROBE_SAMPLES, len(data))))
-        self.batch = batch
         self.checked = False  # whether a model it wrote has loaded in onnxruntime
 
     @property
