@@ -36,6 +36,7 @@ UNIT_OPS = ("Conv", "Gemm", "MatMul")  # what a back-off keeps in float, unit by
 RANGE_SAMPLES = 256    # calibration samples the activation ranges come from (MinMax: enough to settle)
 RANGE_BATCH = 16       # ... per run: the quantizer's session outputs every tensor's range, and keeps its arena
 PROBE_SAMPLES = 64     # samples each unit's own quantization error is measured on
+PROBE_BATCH = 8        # ... per run
 INT8_MAC_COST = 1 / 3  # an int8 MAC against a float one, for ordering the back-off: onnxruntime's int8
 #                        models ran 2.6-4.6x faster than float on these machines (benchmarks/quantize.py)
 
@@ -135,19 +136,20 @@ def named_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def units(model: onnx.ModelProto, targets, feed: dict[str, np.ndarray] | None = None) -> list[Unit]:
     """The units of a built (float) model: each target's Conv/Gemm/MatMul nodes (the layer, or its
-    factor chain) together, every other such node alone. Their MACs at `feed`'s shapes (0 without)."""
+    factor chain) together, every other such layer alone. A layer reads a weight: the product
+    of two activations (attention's) is no unit. Their MACs at `feed`'s shapes (0 without)."""
     model = named_nodes(model)
     macs = {c.name: c.macs for c in node_costs(model, feed=feed)} if feed is not None else {}
     owner = {t.name: t.name for t in targets}
     prefixes = [(chain_prefix(t) + "/", t.name) for t in targets]
+    weights = {t.name for t in model.graph.initializer}
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        if node.op_type not in UNIT_OPS:
+        if node.op_type not in UNIT_OPS or not weights.intersection(node.input):
             continue
         name = owner.get(node.name) or next((t for p, t in prefixes if node.name.startswith(p)), node.name)
         groups.setdefault(name, []).append(node)
     result = []
-    weights = {t.name for t in model.graph.initializer}
     for name, nodes in groups.items():
         made = {o for n in nodes for o in n.output}
         read = {i for n in nodes for i in n.input if i}
@@ -159,33 +161,54 @@ def units(model: onnx.ModelProto, targets, feed: dict[str, np.ndarray] | None = 
 
 
 def unit_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, found: list[Unit],
-                data: CalibrationSet, batch: int) -> dict[str, float]:
+                data: CalibrationSet) -> dict[str, float]:
     """Each unit's own share of the quantized model's error: the relative error of its outputs
     (quantized against float, on the same samples) less that of its inputs. Both models run
-    unoptimized, so the float tensors between the quantized ops stay there to be read."""
-    tensors = sorted({t for u in found for t in u.inputs + u.outputs})
-    values = []
+    unoptimized, so the float tensors between the quantized ops stay there to be read; in runs of
+    PROBE_BATCH samples, summed as they go (a transformer's layer outputs are 50 MB per 64 samples)."""
+    def present(model: onnx.ModelProto) -> set[str]:
+        return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+
+    both = present(float_model) & present(quantized)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in float_model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+
+    def visible(t: str) -> str | None:
+        """`t`, or where the quantized model has it: the quantizer folds a Relu or Clip into the
+        range of the op before it, and the op's own output is then gone."""
+        for _ in range(4):
+            if t in both:
+                return t
+            after = consumers.get(t, [])
+            if len(after) != 1:
+                return None
+            t = after[0].output[0]
+        return None
+
+    read = {u.name: ([visible(t) for t in u.inputs], [visible(t) for t in u.outputs]) for u in found}
+    tensors = sorted({t for ins, outs in read.values() for t in ins + outs if t is not None})
+    sessions = []
     for model in (float_model, quantized):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 4
-        present = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-        names = [t for t in tensors if t in present]
-        sess = ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-        runs = [dict(zip(names, sess.run(names, feed))) for feed, _ in data.batches(batch)]
-        values.append({t: np.concatenate([r[t].reshape(len(r[t]), -1) for r in runs]).astype(np.float64)
-                       for t in names if all(r[t].ndim for r in runs)})
-    exact, approx = values
+        sessions.append(ort.InferenceSession(with_outputs(model, tensors).SerializeToString(), options,
+                                             providers=["CPUExecutionProvider"]))
+    energy, noise = dict.fromkeys(tensors, 0.0), dict.fromkeys(tensors, 0.0)
+    for feed, _ in data.batches(PROBE_BATCH):
+        exact, approx = (dict(zip(tensors, s.run(tensors, feed))) for s in sessions)
+        for t in tensors:
+            e = exact[t].astype(np.float64)
+            energy[t] += float(np.sum(e * e))
+            noise[t] += float(np.sum((approx[t] - e) ** 2))
 
-    def error(t: str) -> float:
-        if t not in exact or t not in approx:
-            return 0.0
-        scale = np.linalg.norm(exact[t])
-        return float(np.linalg.norm(approx[t] - exact[t]) / scale) if scale else 0.0
+    def error(t: str | None) -> float:
+        return float(np.sqrt(noise[t] / energy[t])) if t is not None and energy[t] else 0.0
 
-    return {u.name: max(0.0, max((error(t) for t in u.outputs), default=0.0)
-                        - max((error(t) for t in u.inputs), default=0.0)) for u in found}
+    return {name: max(0.0, max(map(error, outs), default=0.0) - max(map(error, ins), default=0.0))
+            for name, (ins, outs) in read.items()}
 
 
 def unfused(model: onnx.ModelProto, keep_float: Iterable[str] = ()) -> list[str]:

@@ -79,7 +79,7 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
         else:
             float_model = model_of(path[0][0], None, infer=True)
             found = units(float_model, targets, feed)
-            errors = unit_errors(float_model, quantizer(float_model), found, quantizer.probe, config.batch_size)
+            errors = unit_errors(float_model, quantizer(float_model), found, quantizer.probe)
             while (state := joint_step(problems, *path[-1], found, errors)) is not None:
                 path.append(state)
             path.append(({p.name: p.keep for p in problems}, None))

@@ -7,6 +7,8 @@
   activation ranges then flatten the rest to zero): the back-off keeps that layer in float and
   quantizes the other, within eps; with --no-verify the fully quantized model is written over
   eps, and said so;
+- each unit's own quantization error is found where the quantizer leaves it to be read; the
+  product of two activations is no unit;
 - a MatMul model is quantized dynamically;
 - a model the quantizer refuses (float16) is one line and exit 2, nothing written;
 - --quantize with an option that works in float (--fp16), or an unknown mode: one line.
@@ -21,12 +23,12 @@ from helpers import MODELS, init, make_model, tensor
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from onnx_lowrank.calibration.data import load_calibration
+from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.pipeline import compress, compress_file
 from onnx_lowrank.quality import predict, quality, session
-from onnx_lowrank.quantize import unfused
+from onnx_lowrank.quantize import Quantizer, unfused, unit_errors, units
 
 runner = CliRunner()
 DEFAULT = MODELS / "mnist_cnn.onnx"
@@ -88,6 +90,28 @@ def test_back_off_keeps_the_layer_quantization_breaks_in_float(tmp_path):
     with pytest.warns(UserWarning, match="exceeds eps"):
         _, unchecked = compress(model, CompressConfig(eps=eps, quantize="int8", verify=False), str(calib))
     assert unchecked.drop > 10 * eps and unchecked.quantization["float_layers"] == {}
+
+
+def test_unit_errors_find_the_layer_whose_quantization_breaks_the_model():
+    """Measured where the quantizer folds conv1's Relu into its output range (conv1's own output
+    is gone from the quantized graph): conv1's error is its outputs' less its inputs'."""
+    model, x = outlier_model()
+    data = CalibrationSet({"x": x})
+    quantizer = Quantizer(model, data, 64, data.sample_feed())
+    found = units(model, [], data.sample_feed())
+    assert [(u.name, u.nodes) for u in found] == [("conv1", ("conv1",)), ("conv2", ("conv2",))]
+    errors = unit_errors(model, quantizer(model), found, quantizer.probe)
+    assert errors["conv1"] > 0.3 and errors["conv2"] < errors["conv1"] / 10
+
+
+def test_a_product_of_two_activations_is_no_unit():
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="scores")]
+    model = make_model(nodes, [tensor("x", [4, 8])], [tensor("y", [4, 4])],
+                       [init("w", rng.standard_normal((8, 8)).astype(np.float32))])
+    assert [u.name for u in units(model, [])] == ["proj"]
 
 
 def test_matmul_model_is_quantized_dynamically(tmp_path):
