@@ -362,7 +362,6 @@ def _quantization_report(report: Report, prepared, compressed, problems, choice:
     it (its drop and size: what quantization cost and gave); quantized ops onnxruntime would still
     run in float."""
     float_model = export(build(prepared, problems, choice), config)
-    report.macs_after = cal.macs(float_model)  # dynamic quantization's MatMulInteger is no MatMul to the count
     data, reference = cal.check
     float_drop = quality(cal.metric, reference, predict(float_model, data, config.batch_size), data.labels,
                          data.indices).drop

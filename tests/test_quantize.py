@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
+from onnx_lowrank.graph import node_costs
 from onnx_lowrank.pipeline import compress, compress_file
 from onnx_lowrank.quality import predict, quality, session
 from onnx_lowrank.quantize import Quantizer, unfused, unit_errors, units
@@ -125,6 +126,11 @@ def test_matmul_model_is_quantized_dynamically(tmp_path):
     assert "dynamic" in report.quantization["mode"]
     assert "DynamicQuantizeLinear" in ops(out) and report.drop <= 0.02
     session(out)
+    # MatMulInteger counts as the MatMul it replaces
+    data = CalibrationSet({"x": np.zeros((1, 32), np.float32)})
+    whole = Quantizer(model, data, 1, data.sample_feed())(model)
+    assert "MatMulInteger" in ops(whole)
+    assert sum(c.macs for c in node_costs(whole, feed=data.sample_feed())) == 32 * 32
 
 
 def test_a_model_the_quantizer_refuses_is_one_line(tmp_path):

@@ -18,7 +18,7 @@ class NodeCost:
     name: str
     op_type: str
     params: int  # elements of the floating-point constants the node reads
-    macs: int    # multiply-accumulates of Conv / Gemm / MatMul, 0 for other ops
+    macs: int    # multiply-accumulates of Conv / Gemm / MatMul (and their integer forms), 0 for other ops
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
@@ -50,8 +50,8 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
         shapes = {k: v.shape for k, v in feed.items()}
     fixed = with_input_shapes(model, shapes)
     index = GraphIndex(fixed.graph)
-    wanted = [n for node in fixed.graph.node if node.op_type in ("Conv", "Gemm", "MatMul") or _fused_attention(node)
-              for n in (node.input[0], node.input[1], node.output[0])]
+    wanted = [n for node in fixed.graph.node if node.op_type in _OPERANDS or _fused_attention(node)
+              for n in (node.input[0], node.input[_OPERANDS.get(node.op_type, 1)], node.output[0])]
     unknown = [n for n in dict.fromkeys(wanted) if index.static_shape(n) is None]
     measured = runtime_shapes(model, unknown, feed) if unknown and feed is not None else {}
 
@@ -75,15 +75,15 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
             continue
         params = sum(size(n) for n in node.input if n)
         macs = 0
-        if node.op_type == "Conv":
-            w = dims(node.input[1])
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+            w = dims(node.input[_OPERANDS[node.op_type]])
             macs = math.prod(dims(node.output[0])) * math.prod(w[1:])
         elif node.op_type == "Gemm":
             trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
             a = dims(node.input[0])
             k = a[0] if trans_a else a[1]
             macs = math.prod(dims(node.output[0])) * k
-        elif node.op_type == "MatMul":
+        elif node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul"):
             a = dims(node.input[0])
             macs = math.prod(dims(node.output[0])) * a[-1]
         elif _fused_attention(node):
@@ -94,6 +94,12 @@ def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
             macs = batch * seq * width * packed + 2 * batch * seq * seq * (packed // 3)
         costs.append(NodeCost(node.name, node.op_type, params, macs))
     return costs
+
+
+# the ops counted, and where their second operand (the weight) is; the integer forms are what
+# onnxruntime's quantizer writes (dynamic: ConvInteger, MatMulInteger; QOperator: QLinear*)
+_OPERANDS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvInteger": 1, "MatMulInteger": 1, "QLinearConv": 3,
+             "QLinearMatMul": 3}
 
 
 def _fused_attention(node: onnx.NodeProto) -> bool:
