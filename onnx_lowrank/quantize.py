@@ -2,14 +2,14 @@
 written, so that the drop `--eps` bounds is the quantized model's.
 
 Convolution models get static QDQ: activation ranges from calibration runs (MinMax), uint8
-activations and int8 weights per output channel (U8S8: with int8 activations onnxruntime's CPU
-optimizer left convs that share an input, and the one on the graph input, as DequantizeLinear ->
-float Conv; with uint8 it fused every one into QLinearConv, measured on the default model). Models whose MACs are mostly MatMul/Gemm (transformer encoders) get
-dynamic quantization instead: their activations' ranges vary per input, and a fixed range costs
-more accuracy than the fixed scale saves time. Either way a layer can be kept in float: the
-verify stage backs off along a path of such moves and rank steps (verify.py). A layer here is a
-*unit*: the Conv/Gemm/MatMul nodes that came from one target (its whole factor chain), or one
-node of the rest of the model."""
+activations and int8 weights per output channel. (With int8 activations, onnxruntime's CPU
+optimizer left the conv on the graph input and the convs that share an input as
+DequantizeLinear -> float Conv; with uint8 it fused every one into QLinearConv, measured on the
+default model.) Models whose MACs are mostly MatMul/Gemm (transformer encoders) get dynamic
+quantization, onnxruntime's advice for them: activation ranges taken per input at run time.
+Either way a layer can be kept in float: the verify stage backs off along a path of such moves
+and rank steps (verify.py). A layer here is a *unit*: the Conv/Gemm/MatMul nodes that came from
+one target (its whole factor chain), or one such node with a weight elsewhere in the model."""
 
 from __future__ import annotations
 
