@@ -1,8 +1,8 @@
 """`onnx-lowrank bench ORIG COMP [COMP ...]`: models side by side, the way a deployment sees them
 (a float and an int8 result beside their original, for one): parameters, MACs, file size,
 latency in onnxruntime per batch size, and each one's quality drop against ORIG when data is
-given. The sessions run interleaved (one run of each in turn) so that a noisy, shared machine
-slows all alike and the speedups stay meaningful."""
+given. The sessions run interleaved (latency.interleaved: a block of runs of each in turn) so
+that a noisy, shared machine slows all alike and the speedups stay meaningful."""
 
 from __future__ import annotations
 
