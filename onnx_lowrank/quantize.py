@@ -6,7 +6,8 @@ activations and int8 weights per output channel. (With int8 activations, onnxrun
 optimizer left the conv on the graph input and the convs that share an input as
 DequantizeLinear -> float Conv; with uint8 it fused every one into QLinearConv, measured on the
 default model.) Models whose MACs are mostly MatMul/Gemm (transformer encoders) get dynamic
-quantization, onnxruntime's advice for them: activation ranges taken per input at run time.
+quantization, activation ranges taken per input at run time: on MiniLM-L6, static QDQ moved the
+sentence embeddings by r2 1.48 and dynamic by 0.018, and dynamic ran faster too.
 Either way a layer can be kept in float: the verify stage backs off along a path of such moves
 and rank steps (verify.py). A layer here is a *unit*: the Conv/Gemm/MatMul nodes that came from
 one target (its whole factor chain), or one such node with a weight elsewhere in the model."""
