@@ -30,6 +30,7 @@ from .errors import QuantizationError, first_line
 from .graph.cost import node_costs
 from .graph.downstream import with_outputs
 from .graph.rewrite import chain_prefix
+from .graph.targets import node_name
 from .quality import RUNTIME_ERRORS, runtime_message, session
 
 MODES = ("int8",)
@@ -120,18 +121,30 @@ def quantized_units(quantized: onnx.ModelProto, found: list[Unit]) -> set[str]:
                                          for name in u.nodes)}
 
 
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """Each node's name, as the quantizer is given it (it excludes nodes by name): an unnamed one
+    gets the name targets and the report know it by (op type and first output: the same whatever
+    else is factored)."""
+    used = {n.name for n in model.graph.node}
+    names = []
+    for node in model.graph.node:
+        name = node.name
+        if not name:
+            name = node_name(node)
+            while name in used:
+                name += "_"
+            used.add(name)
+        names.append(name)
+    return names
+
+
 def named_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which every node has a name (the quantizer excludes nodes by name): an unnamed one
-    is named after its first output, which stays the same whatever else is factored."""
+    """A copy of `model` with the names of node_names. Always a copy: onnxruntime's quantizer moves
+    the weights of the model it is given to external data."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    used = {n.name for n in out.graph.node}
-    for node in out.graph.node:
-        if not node.name:
-            node.name = f"{node.output[0]}/node"
-            while node.name in used:
-                node.name += "_"
-            used.add(node.name)
+    for node, name in zip(out.graph.node, node_names(model)):
+        node.name = name
     return out
 
 
@@ -139,25 +152,24 @@ def units(model: onnx.ModelProto, targets, feed: dict[str, np.ndarray] | None = 
     """The units of a built (float) model: each target's Conv/Gemm/MatMul nodes (the layer, or its
     factor chain) together, every other such layer alone. A layer reads a weight: the product
     of two activations (attention's) is no unit. Their MACs at `feed`'s shapes (0 without)."""
-    model = named_nodes(model)
-    macs = {c.name: c.macs for c in node_costs(model, feed=feed)} if feed is not None else {}
+    macs = {c.name: c.macs for c in node_costs(named_nodes(model), feed=feed)} if feed is not None else {}
     owner = {t.name: t.name for t in targets}
     prefixes = [(chain_prefix(t) + "/", t.name) for t in targets]
     weights = {t.name for t in model.graph.initializer}
-    groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
+    groups: dict[str, list[tuple[str, onnx.NodeProto]]] = {}
+    for node, node_name in zip(model.graph.node, node_names(model)):
         if node.op_type not in UNIT_OPS or not weights.intersection(node.input):
             continue
-        name = owner.get(node.name) or next((t for p, t in prefixes if node.name.startswith(p)), node.name)
-        groups.setdefault(name, []).append(node)
+        name = owner.get(node_name) or next((t for p, t in prefixes if node_name.startswith(p)), node_name)
+        groups.setdefault(name, []).append((node_name, node))
     result = []
-    for name, nodes in groups.items():
-        made = {o for n in nodes for o in n.output}
-        read = {i for n in nodes for i in n.input if i}
+    for name, members in groups.items():
+        made = {o for _, n in members for o in n.output}
+        read = {i for _, n in members for i in n.input if i}
         inputs = tuple(sorted(read - made - weights))
         outputs = tuple(sorted(made - read))
-        result.append(Unit(name, tuple(n.name for n in nodes), inputs, outputs,
-                           sum(macs.get(n.name, 0) for n in nodes)))
+        result.append(Unit(name, tuple(n for n, _ in members), inputs, outputs,
+                           sum(macs.get(n, 0) for n, _ in members)))
     return result
 
 

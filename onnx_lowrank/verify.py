@@ -18,6 +18,7 @@ from .graph.index import FLOAT_TYPES
 from .quality import DropMeter, predict
 from .quantize import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
 from .selection import Choice
+from .selection.candidates import cost_of
 
 
 def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True) -> onnx.ModelProto:
@@ -120,10 +121,8 @@ def joint_step(problems, choice: Choice, floats: frozenset[str], found: list[Uni
     return max(moves, key=lambda m: m[0])[1]
 
 
-def _macs(problem, candidate) -> int:
-    spatial = problem.stats.in_spatial
-    f = candidate.factors
-    return int(problem.target.layer.macs(spatial) if f is None else f.macs(spatial))
+def _macs(problem, candidate) -> float:
+    return cost_of(problem.target.layer, candidate.factors, problem.stats.in_spatial, "macs")
 
 
 def nonfinite(outputs: list[np.ndarray], samples: int) -> np.ndarray:

@@ -5,8 +5,8 @@
   measured here on the same samples; the report has a precision for every layer;
 - a conv model whose first layer reads one channel 500x larger than the others (per-tensor
   activation ranges then flatten the rest to zero): the back-off keeps that layer in float and
-  quantizes the other, within eps; with --no-verify the fully quantized model is written over
-  eps, and said so;
+  quantizes the other, within eps (unnamed, by the name the report gives it); with --no-verify
+  the fully quantized model is written over eps, and said so;
 - each unit's own quantization error is found where the quantizer leaves it to be read; the
   product of two activations is no unit;
 - a MatMul model is quantized dynamically;
@@ -91,6 +91,20 @@ def test_back_off_keeps_the_layer_quantization_breaks_in_float(tmp_path):
     with pytest.warns(UserWarning, match="exceeds eps"):
         _, unchecked = compress(model, CompressConfig(eps=eps, quantize="int8", verify=False), str(calib))
     assert unchecked.drop > 10 * eps and unchecked.quantization["float_layers"] == {}
+
+
+def test_unnamed_layers_are_kept_in_float_by_the_name_of_their_output(tmp_path):
+    model, x = outlier_model()
+    for node in model.graph.node:
+        node.name = ""
+    calib = tmp_path / "x.npy"
+    np.save(calib, x)
+    out, report = compress(model, CompressConfig(eps=0.01, quantize="int8"), str(calib))
+    assert report.drop <= 0.01 and set(report.quantization["float_layers"]) == {"Conv:h"}
+    assert {layer.name: layer.precision for layer in report.layers} == {"Conv:h": "float", "Conv:y": "int8"}
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    conv1 = next(n for n in out.graph.node if n.output[0] == "h")
+    assert producers.get(conv1.input[0]) != "DequantizeLinear"
 
 
 def test_unit_errors_find_the_layer_whose_quantization_breaks_the_model():
