@@ -3,6 +3,7 @@ spox exports) converted by the real CLI at one eps with the default options, and
 the converter never saw.
 
     .venv/bin/python benchmarks/zoo.py [--models ocr_rec,magika,...] [--eps 0.01] [--keep DIR] [--skip-slow]
+                                       [--quantize int8]
 
 Protocol, per model:
 - data: models/corpus_data.py's calibration and unseen parts (split by source: different photos,
@@ -138,7 +139,7 @@ def unseen_drop(key: str, src: Path, dst: Path, unseen: Path, metric: str) -> tu
     return quality(metric, reference, outputs, None).drop, TASKS[key][1](reference, outputs), "; ".join(notes)
 
 
-def convert(key: str, src: Path, folder: Path, eps: float) -> Row:
+def convert(key: str, src: Path, folder: Path, eps: float, extra: list[str]) -> Row:
     row = Row(key)
     calib, unseen_part, _ = corpus_data.data(key)
     work = folder / key
@@ -151,7 +152,7 @@ def convert(key: str, src: Path, folder: Path, eps: float) -> Row:
         stale.unlink(missing_ok=True)
     row.status, row.seconds, row.rss_mb = run_cli(
         ["convert", str(src), str(dst), "--eps", str(eps), "--calib", str(calib_file),
-         "--report", str(report_file)], log, TIMEOUT)
+         "--report", str(report_file), *extra], log, TIMEOUT)
     if row.status != 0:
         row.converted = error_line(log, row.status)
         if row.seconds > TIMEOUT:
@@ -185,7 +186,9 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.01)
     parser.add_argument("--keep", type=Path, default=None, help="keep the outputs (models, reports, logs) here")
     parser.add_argument("--skip-slow", action="store_true", help=f"skip {', '.join(SLOW)}")
+    parser.add_argument("--quantize", default=None, help="pass --quantize (int8) to every conversion")
     args = parser.parse_args()
+    extra = ["--quantize", args.quantize] if args.quantize else []
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in corpus.MODELS]
     if unknown:
@@ -204,7 +207,7 @@ def main() -> None:
                 rows.append(Row(key, converted="skipped (--skip-slow)"))
                 continue
             try:
-                row = convert(key, paths[key], folder, args.eps)
+                row = convert(key, paths[key], folder, args.eps, extra)
             except Exception as e:  # noqa: BLE001  (data building or writing, not the converter)
                 row = Row(key, converted=f"benchmark failed: {type(e).__name__}: {first_line(e)}")
             rows.append(row)
@@ -218,7 +221,8 @@ def main() -> None:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
 
-    table = Table(title=f"corpus models converted by `onnx-lowrank convert --eps {args.eps}` (default options), "
+    options = " ".join(extra) or "(default options)"
+    table = Table(title=f"corpus models converted by `onnx-lowrank convert --eps {args.eps}` {options}, "
                         "judged on unseen inputs")
     for col in ("model", "exporter", "converted", "MAC ratio", "param ratio", "factored", "metric", "checked drop",
                 "unseen drop", "within eps", "task metric", "unseen task drop", "convert time", "peak RSS"):
@@ -240,6 +244,9 @@ def main() -> None:
         task = "" if row.task_drop is None else f"{row.task_drop:.4f}"
         factored = (f"{sum(layer['method'] is not None for layer in r['layers'])} of "
                     f"{len(r['layers']) + len(r['skipped'])}")
+        if r.get("quantization"):  # --quantize: the layers written int8, and the file against the original's
+            factored += (f"; {r['quantization']['int8_layers']} int8, file "
+                         f"{r['file_size_before'] / max(r['file_size_after'], 1):.1f}x smaller")
         table.add_row(row.key, exporter, row.converted, f"{r['mac_ratio']:.2f}x", f"{r['param_ratio']:.2f}x",
                       factored, r["metric"], f"{r['drop']:.4f}", row.unseen, within, TASKS[row.key][0], task,
                       *timing)

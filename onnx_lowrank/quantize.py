@@ -24,16 +24,19 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import version_converter
 
 from .calibration.data import CalibrationSet
 from .errors import QuantizationError, first_line
 from .graph.cost import node_costs
 from .graph.downstream import with_outputs
+from .graph.index import opset_version
 from .graph.rewrite import chain_prefix
 from .graph.targets import node_name
 from .quality import RUNTIME_ERRORS, runtime_message, session
 
 MODES = ("int8",)
+PER_CHANNEL_OPSET = 13  # the first opset whose DequantizeLinear has a per-channel axis
 UNIT_OPS = ("Conv", "Gemm", "MatMul")  # what a back-off keeps in float, unit by unit
 RANGE_SAMPLES = 256    # calibration samples the activation ranges come from (MinMax: enough to settle)
 RANGE_BATCH = 16       # ... per run: the quantizer's session outputs every tensor's range, and keeps its arena
@@ -83,6 +86,14 @@ class Quantizer:
                 return next(self.runs, None)
 
         named = named_nodes(model)
+        if (opset_version(named) or PER_CHANNEL_OPSET) < PER_CHANNEL_OPSET:
+            # per-channel DequantizeLinear takes its `axis` from opset 13 on; the quantizer writes
+            # it into older models regardless (paddle2onnx's opset 12), which onnxruntime refuses
+            try:
+                named = version_converter.convert_version(named, PER_CHANNEL_OPSET)
+            except Exception as e:  # the converter raises what onnx's checks raise
+                raise _refused(f"per-channel int8 needs opset {PER_CHANNEL_OPSET}, and onnx could not convert "
+                               f"the model's opset {opset_version(named)} to it ({first_line(e)})") from None
         exclude = sorted(set(keep_float))
         with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
             out = Path(tmp) / "quantized.onnx"

@@ -9,6 +9,7 @@
   the fully quantized model is written over eps, and said so;
 - each unit's own quantization error is found where the quantizer leaves it to be read; the
   product of two activations is no unit;
+- an opset-12 model is quantized per channel at opset 13;
 - a MatMul model is quantized dynamically;
 - a model the quantizer refuses (float16) is one line and exit 2, nothing written;
 - --quantize with an option that works in float (--fp16), or an unknown mode: one line.
@@ -27,6 +28,7 @@ from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.graph import node_costs
+from onnx_lowrank.graph.index import opset_version
 from onnx_lowrank.pipeline import compress, compress_file
 from onnx_lowrank.quality import predict, quality, session
 from onnx_lowrank.quantize import Quantizer, unfused, unit_errors, units
@@ -117,6 +119,18 @@ def test_unit_errors_find_the_layer_whose_quantization_breaks_the_model():
     assert [(u.name, u.nodes) for u in found] == [("conv1", ("conv1",)), ("conv2", ("conv2",))]
     errors = unit_errors(model, quantizer(model), found, quantizer.probe)
     assert errors["conv1"] > 0.3 and errors["conv2"] < errors["conv1"] / 10
+
+
+def test_an_opset_12_model_is_quantized_per_channel_at_opset_13():
+    """paddle2onnx writes opset 12, whose DequantizeLinear has no axis: onnxruntime's quantizer
+    writes one anyway, and onnxruntime refused the result (PP-OCR's recognizer and classifier)."""
+    model, x = outlier_model()
+    model.opset_import[0].version = 12
+    data = CalibrationSet({"x": x})
+    quantized = Quantizer(model, data, 64, data.sample_feed())(model)
+    session(quantized)
+    assert opset_version(quantized) == 13
+    assert any(a.name == "axis" for n in quantized.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
 
 
 def test_a_product_of_two_activations_is_no_unit():
