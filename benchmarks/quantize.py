@@ -7,7 +7,10 @@ For each model, five versions side by side:
 - ours in float (`convert --eps`);
 - ours in float, then quantized by hand the same way as the second row (no budget: its drop is
   whatever it is);
-- ours `--quantize int8` (the same eps bounds the quantized model).
+- ours `--quantize int8` (the same eps bounds the quantized model);
+- ours `--quantize int8 --cost latency --latency-batch 32` (the two MNIST models): the search's
+  costs are each layer's and chain's int8 latency at batch 32 and onnxruntime's default threads,
+  measured here (a fresh latency cache), instead of MACs.
 Quality on inputs no conversion saw: MNIST test[2000:] (8000 digits; the calibration images are
 training images) for the default model and the ResNet-18-shaped one, accuracy; MobileNetV2: crops
 of photos the calibration never saw (split by photo), top-1 agreement with the original.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -46,6 +50,7 @@ from onnx_lowrank.quality import predict
 from onnx_lowrank.quantize import unfused
 
 BATCHES = (1, 32)
+LATENCY = "ours --quantize int8 --cost latency"
 THREADS = (1, 2)
 
 
@@ -53,7 +58,7 @@ def setups(folder: Path, names: list[str]) -> list[dict]:
     out = []
     _, _, (x, y) = mnist()
     digits = dict(inputs={"image": x[2000:]}, labels=y[2000:], calib=MODELS / "mnist_calib.npz", label_key="labels",
-                  eps=0.005, unseen="MNIST test[2000:], accuracy")
+                  eps=0.005, unseen="MNIST test[2000:], accuracy", latency=True)
     if "mnist_cnn" in names:
         out.append(dict(name="mnist_cnn", path=MODELS / "mnist_cnn.onnx", **digits))
     if "resnet18_mnist" in names:
@@ -66,7 +71,7 @@ def setups(folder: Path, names: list[str]) -> list[dict]:
         out.append(dict(name="mobilenet_v2", path=MODELS / "mobilenet_v2.onnx", calib=calib, label_key=None,
                         inputs={"input": photo_crops(64, seed=1, names=judged)}, labels=None, eps=0.01,
                         unseen=f"64 crops of each of {', '.join(judged)} (photos never calibrated on), "
-                               "top-1 agreement with the original"))
+                               "top-1 agreement with the original", latency=False))
     return out
 
 
@@ -103,17 +108,22 @@ def main() -> None:
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        os.environ["ONNX_LOWRANK_CACHE"] = str(folder)  # every latency measured in this run
         for s in setups(folder, args.models.split(",")):
             paths = {"original": s["path"], "ORT int8 alone": folder / f"{s['name']}.ort_int8.onnx",
                      "ours float": folder / f"{s['name']}.ours.onnx",
                      "ours float, then ORT int8": folder / f"{s['name']}.ours_int8_by_hand.onnx",
                      "ours --quantize int8": folder / f"{s['name']}.ours_quantized.onnx"}
+            configs = {"ours float": CompressConfig(eps=s["eps"]),
+                       "ours --quantize int8": CompressConfig(eps=s["eps"], quantize="int8")}
+            if s["latency"]:
+                paths[LATENCY] = folder / f"{s['name']}.ours_quantized_latency.onnx"
+                configs[LATENCY] = CompressConfig(eps=s["eps"], quantize="int8", cost="latency", latency_batch=32)
             ort_int8(s["path"], paths["ORT int8 alone"], s["calib"], folder)
             reports, seconds = {}, {}
-            for version, quantize in (("ours float", None), ("ours --quantize int8", "int8")):
+            for version, config in configs.items():
                 start = time.perf_counter()
-                reports[version] = compress_file(s["path"], paths[version], CompressConfig(eps=s["eps"], quantize=quantize),
-                                                 str(s["calib"]), s["label_key"])
+                reports[version] = compress_file(s["path"], paths[version], config, str(s["calib"]), s["label_key"])
                 seconds[version] = time.perf_counter() - start
             ort_int8(paths["ours float"], paths["ours float, then ORT int8"], s["calib"], folder)
             models = {v: onnx.load(str(p)) for v, p in paths.items()}
@@ -142,15 +152,18 @@ def main() -> None:
                               f"{size['original'] / size[v]:.1f}x",
                               "" if v in ("original", "ours float") else str(len(unfused(models[v]))),
                               f"{seconds[v]:.0f} s" if v in seconds else "")
-            q = reports["ours --quantize int8"]
-            console.print(f"{s['name']}: unseen = {s['unseen']}; --quantize int8: {q.quantization['mode']}; "
-                          f"{q.quantization['int8_layers']} layer(s) int8, {len(q.quantization['float_layers'])} "
-                          f"float; calibration drop {q.drop:.4f} (float, same ranks: "
-                          f"{q.quantization['float_drop']:.4f}), held-out part {q.heldout_drop:.4f}, "
-                          f"{q.backed_off} back-off step(s)" + "".join(f"\n  warning: {w}" for w in q.warnings),
-                          highlight=False)
+            for version in ("ours --quantize int8", LATENCY):
+                q = reports.get(version)
+                if q is None:
+                    continue
+                console.print(f"{s['name']}, {version}: unseen = {s['unseen']}; {q.quantization['mode']}; "
+                              f"{q.quantization['int8_layers']} layer(s) int8, {len(q.quantization['float_layers'])} "
+                              f"float; calibration drop {q.drop:.4f} (float, same ranks: "
+                              f"{q.quantization['float_drop']:.4f}), held-out part {q.heldout_drop:.4f}, "
+                              f"{q.backed_off} back-off step(s)" + "".join(f"\n  warning: {w}" for w in q.warnings),
+                              highlight=False)
             if s["name"] == "mnist_cnn":
-                console.print(q.tables()[0])
+                console.print(reports["ours --quantize int8"].tables()[0])
     console.print(table)
 
 

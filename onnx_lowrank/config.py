@@ -101,11 +101,10 @@ class CompressConfig:
             if self.quantize not in MODES:
                 raise ValueError(f"--quantize must be one of {', '.join(MODES)}; got {self.quantize!r}")
             clash = [flag for flag, on in (("--fp16", self.fp16), ("--optimize", self.optimize),
-                                           ("--finetune-epochs", self.finetune_epochs),
-                                           ("--cost latency", self.cost == "latency")) if on]
+                                           ("--finetune-epochs", self.finetune_epochs)) if on]
             if clash:
                 raise ValueError(f"--quantize does not go with {clash[0]} yet: the model is quantized last, "
-                                 "as it is written, and that option changes or times it in float")
+                                 "as it is written, and that option changes it in float")
         if self.iterative and not self.finetune_epochs:
             raise ValueError("--iterative is a way of fine-tuning: give --finetune-epochs too")
         if self.finetune_epochs and self.cost == "latency":

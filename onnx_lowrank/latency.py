@@ -31,6 +31,7 @@ from .graph.targets import LayerTarget, find_targets
 
 WARMUP = 3
 MIN_RUNS, MAX_RUNS, MIN_SECONDS = 10, 200, 0.05
+PAUSE = 0.1  # seconds between two sessions' blocks (interleaved): the workers of the one before stop spinning
 
 
 def require_provider(provider: str) -> None:
@@ -76,15 +77,19 @@ def interleaved(sessions, feed: dict[str, np.ndarray], min_runs: int = 20,
                 min_seconds: float = 1.0, block: int = 5) -> list[list[float]]:
     """Seconds per run of each session, in turn on the same feed: `block` timed runs of one, then
     of the next, over and over, so that a shared machine's load falls on all alike. Each block
-    starts with an untimed run: the session before leaves its worker threads spinning for a while
-    (onnxruntime's default), on the cores the next one's first run needs."""
+    starts with an untimed run, after a pause of PAUSE when a session runs more than one thread:
+    the session before leaves its worker threads spinning (onnxruntime's default), on the cores
+    the next one needs. One untimed run was not enough: at 2 threads, batch 32, every model of
+    benchmarks/quantize.py then timed at ~7 ms, against ~3 ms each with the pause (as alone)."""
     for sess in sessions:
         for _ in range(WARMUP):
             sess.run(None, feed)
+    pause = PAUSE if any(s.get_session_options().intra_op_num_threads != 1 for s in sessions) else 0.0
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     while len(times[0]) < min_runs or time.perf_counter() - start < min_seconds:
         for sess, store in zip(sessions, times):
+            time.sleep(pause)
             sess.run(None, feed)
             for _ in range(block):
                 t = time.perf_counter()
@@ -115,9 +120,12 @@ class LayerTimer:
     """Median latency of a layer, or of a factorization of it, in its own micro-model."""
 
     def __init__(self, model: onnx.ModelProto, provider: str = "CPUExecutionProvider", threads: int = 0,
-                 batch: int = 1, cache: str | os.PathLike | None = None) -> None:
-        """`model`: the prepared model the targets were found in."""
+                 batch: int = 1, cache: str | os.PathLike | None = None, quantizer=None) -> None:
+        """`model`: the prepared model the targets were found in. `quantizer` (--quantize): each
+        micro-model is timed quantized, as the layer will run (int8 kernels do not follow MACs the
+        way float ones do: a thin chain's extra pass costs more against its cheaper MACs)."""
         self.model = model
+        self.quantizer = quantizer
         self.provider, self.threads, self.batch = provider, threads, batch
         self.cache_path = Path(cache) if cache is not None else default_cache_path()
         self._cache: dict[str, float] = _read_cache(self.cache_path)
@@ -131,6 +139,8 @@ class LayerTimer:
         model, micro_target, feed = self._micro_model(target, input_shape)
         if factors is not None:
             model = replace_layers(model, [(micro_target, factors)], infer=False)
+        if self.quantizer is not None:
+            model = self.quantizer.for_timing(model, feed)
         key = self._key(model)
         if key not in self._cache:
             sess = runtime_session(model, self.provider, self.threads)

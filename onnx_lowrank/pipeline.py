@@ -92,12 +92,12 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
     config = replace(config, batch_size=cal.batch)
     if not config.finetune_epochs:  # only a fine-tune's teacher needs it after the reference outputs
         original = None
-    timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch) \
-        if config.cost == "latency" else None
     # ranges from the search part: the held-out part stays unseen by every choice
     quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
     if quantizer is not None:
         quantizer(prepared)  # a model the quantizer refuses fails now, before the search
+    timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch, quantizer=quantizer) \
+        if config.cost == "latency" else None
     with _timed(report, "decompose"):
         problems = _decompose(targets, cal, config, timer, progress)
     search = _search(prepared, problems, cal, config, timer, quantizer, progress)
@@ -250,8 +250,9 @@ def _search(prepared, problems, cal: _Calibrated, config: CompressConfig, timer:
         advance()
         return meter(model_)
 
-    if timer is not None:
-        sess = runtime_session(prepared, config.provider, config.threads)
+    if timer is not None:  # the whole model as it runs: quantized with --quantize
+        whole = quantizer(prepared) if quantizer is not None else prepared
+        sess = runtime_session(whole, config.provider, config.threads)
         total = time_session(sess, cal.data.sample_feed(config.latency_batch)).median
     else:
         total = cal.macs(prepared, config.cost)

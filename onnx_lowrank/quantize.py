@@ -75,6 +75,14 @@ class Quantizer:
 
     def __call__(self, model: onnx.ModelProto, keep_float: Iterable[str] = ()) -> onnx.ModelProto:
         """`model` quantized, the nodes named in `keep_float` left in float."""
+        return self._quantize(model, self.runs, keep_float)
+
+    def for_timing(self, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
+        """`model` (a layer's micro-model, --cost latency) quantized in the same mode, its ranges
+        from `feed` alone: a latency depends on the ops and shapes, not on the ranges."""
+        return self._quantize(model, [] if self.dynamic else [feed], ())
+
+    def _quantize(self, model: onnx.ModelProto, runs: list[dict], keep_float: Iterable[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
             quantize_static
 
@@ -102,7 +110,7 @@ class Quantizer:
                     quantize_dynamic(named, out, per_channel=True, weight_type=QuantType.QInt8,
                                      nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
                 else:
-                    quantize_static(named, out, Runs(self.runs), quant_format=QuantFormat.QDQ, per_channel=True,
+                    quantize_static(named, out, Runs(runs), quant_format=QuantFormat.QDQ, per_channel=True,
                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                     nodes_to_exclude=exclude)
             except Exception as e:  # the quantizer raises whatever its checks and onnx raise

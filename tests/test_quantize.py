@@ -11,6 +11,8 @@
   product of two activations is no unit;
 - an opset-12 model is quantized per channel at opset 13;
 - a MatMul model is quantized dynamically;
+- --cost latency times each layer and chain quantized, as it will run, and keeps only chains
+  faster than their layer in int8;
 - a model the quantizer refuses (float16) is one line and exit 2, nothing written;
 - --quantize with an option that works in float (--fp16), or an unknown mode: one line.
 """
@@ -27,7 +29,9 @@ from typer.testing import CliRunner
 from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
-from onnx_lowrank.graph import node_costs
+from onnx_lowrank.decompositions import decompose
+from onnx_lowrank.graph import find_targets, load_model, node_costs, prepare
+from onnx_lowrank.latency import LayerTimer
 from onnx_lowrank.graph.index import opset_version
 from onnx_lowrank.pipeline import compress, compress_file
 from onnx_lowrank.quality import predict, quality, session
@@ -36,6 +40,7 @@ from onnx_lowrank.quantize import Quantizer, unfused, unit_errors, units
 runner = CliRunner()
 DEFAULT = MODELS / "mnist_cnn.onnx"
 DEFAULT_CALIB = MODELS / "mnist_calib.npz"
+DIGIT = MODELS / "digit_cnn.onnx"
 
 
 def ops(model: onnx.ModelProto) -> set[str]:
@@ -159,6 +164,30 @@ def test_matmul_model_is_quantized_dynamically(tmp_path):
     whole = Quantizer(model, data, 1, data.sample_feed())(model)
     assert "MatMulInteger" in ops(whole)
     assert sum(c.macs for c in node_costs(whole, feed=data.sample_feed())) == 32 * 32
+
+
+def test_cost_latency_times_layers_and_chains_quantized(calib, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path))
+    model = prepare(load_model(DIGIT))
+    conv = find_targets(model)[0][1]
+    data = load_calibration(str(calib), model, "labels")
+    quantizer = Quantizer(model, data, 64, data.sample_feed(1))
+    shape = (1, 32, 13, 13)
+    in_float, in_int8 = LayerTimer(model), LayerTimer(model, quantizer=quantizer)
+    chain = decompose(conv.layer, "svd", rank=8)
+    for timer in (in_float, in_int8):
+        assert timer.seconds(conv, shape, None) > 0 and timer.seconds(conv, shape, chain) > 0
+    assert in_int8.timed == 2  # not the float timings (another structure: QuantizeLinear -> ...)
+    micro = in_int8._micro_model(conv, shape)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(quantizer.for_timing(micro[0], micro[2]))
+
+    config = CompressConfig(eps=0.01, cost="latency", quantize="int8")
+    out, report = compress(DIGIT, config, calibration=str(calib), labels="labels")
+    onnx.checker.check_model(out, full_check=True)
+    assert report.drop <= config.eps and unfused(out) == []
+    factored = [r for r in report.layers if r.method is not None]
+    assert factored and all(r.latency_after < r.latency_before for r in factored)
+    assert all(r.precision == "int8" for r in factored)
 
 
 def test_a_model_the_quantizer_refuses_is_one_line(tmp_path):
