@@ -31,6 +31,7 @@ from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.graph import find_targets, load_model, node_costs, prepare
+from onnx_lowrank import latency
 from onnx_lowrank.latency import LayerTimer
 from onnx_lowrank.graph.index import opset_version
 from onnx_lowrank.pipeline import compress, compress_file
@@ -181,13 +182,18 @@ def test_cost_latency_times_layers_and_chains_quantized(calib, tmp_path, monkeyp
     micro = in_int8._micro_model(conv, shape)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(quantizer.for_timing(micro[0], micro[2]))
 
+    # the conversion: every micro-model it times is quantized (which chains win is the machine's)
+    timed = []
+    real = latency.runtime_session
+    monkeypatch.setattr(latency, "runtime_session", lambda model, *a: timed.append(ops(model)) or real(model, *a))
     config = CompressConfig(eps=0.01, cost="latency", quantize="int8")
     out, report = compress(DIGIT, config, calibration=str(calib), labels="labels")
     onnx.checker.check_model(out, full_check=True)
     assert report.drop <= config.eps and unfused(out) == []
+    assert timed and all("QuantizeLinear" in o for o in timed)
+    assert all(r.latency_before is not None for r in report.layers)
     factored = [r for r in report.layers if r.method is not None]
-    assert factored and all(r.latency_after < r.latency_before for r in factored)
-    assert all(r.precision == "int8" for r in factored)
+    assert all(r.latency_after < r.latency_before and r.precision == "int8" for r in factored)
 
 
 def test_a_model_the_quantizer_refuses_is_one_line(tmp_path):
