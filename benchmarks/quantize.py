@@ -16,9 +16,9 @@ training images) for the default model and the ResNet-18-shaped one, accuracy; M
 of photos the calibration never saw (split by photo), top-1 agreement with the original.
 Latency: onnxruntime CPU at 1 thread and at 2 (both cores), batch 1 and 32, the five sessions
 run in turn (latency.interleaved: blocks of runs of each, over and over, since the machine is
-shared), median. At 2 threads the medians swing with the other tenants' load (one run put the
-int8 ResNet at 24 ms, the next at 16): the 1-thread columns are the steady ones. "unfused": quantized Conv/Gemm/MatMul that onnxruntime's
-optimizer leaves as DequantizeLinear -> float op.
+shared; at 2 threads with a pause before each block, so that the session before has stopped
+spinning), median. "unfused": quantized Conv/Gemm/MatMul that onnxruntime's optimizer leaves as
+DequantizeLinear -> float op.
 
     .venv/bin/python benchmarks/quantize.py [--models mnist_cnn,resnet18_mnist,mobilenet_v2]
     (make bench-models first: it builds the ResNet and MobileNetV2)

@@ -204,8 +204,8 @@ def convert(
     energy: Optional[float] = typer.Option(None, help="--select energy: output energy each layer keeps."),
     methods: str = typer.Option("auto", help=f"Comma-separated decompositions ({', '.join(METHODS)}) or auto."),
     cost: str = typer.Option("macs", help="macs | params | latency: what the search minimises. latency: each "
-                             "candidate timed in onnxruntime at the layer's real input shape, quantized with --quantize "
-                             "(cached on disk); no layer is replaced by a slower chain."),
+                             "candidate timed in onnxruntime at the layer's real input shape, quantized with "
+                             "--quantize (cached on disk); no layer is replaced by a slower chain."),
     rank_multiple: int = typer.Option(1, help="Round ranks to multiples of N (kernels like some widths)."),
     provider: str = typer.Option("CPUExecutionProvider", help="--cost latency: the execution provider."),
     threads: int = typer.Option(0, help="--cost latency: onnxruntime threads (0: its default)."),

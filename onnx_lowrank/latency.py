@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,6 +29,9 @@ from .decompositions.base import Factors
 from .graph.prepare import infer_shapes
 from .graph.rewrite import replace_layers, set_ir_version
 from .graph.targets import LayerTarget, find_targets
+
+if TYPE_CHECKING:  # quantize imports onnxruntime's quantizer: only --quantize needs it
+    from .quantize import Quantizer
 
 WARMUP = 3
 MIN_RUNS, MAX_RUNS, MIN_SECONDS = 10, 200, 0.05
@@ -120,7 +124,7 @@ class LayerTimer:
     """Median latency of a layer, or of a factorization of it, in its own micro-model."""
 
     def __init__(self, model: onnx.ModelProto, provider: str = "CPUExecutionProvider", threads: int = 0,
-                 batch: int = 1, cache: str | os.PathLike | None = None, quantizer=None) -> None:
+                 batch: int = 1, cache: str | os.PathLike | None = None, quantizer: Quantizer | None = None) -> None:
         """`model`: the prepared model the targets were found in. `quantizer` (--quantize): each
         micro-model is timed quantized, as the layer will run (int8 kernels do not follow MACs the
         way float ones do: a thin chain's extra pass costs more against its cheaper MACs)."""

@@ -26,14 +26,14 @@ from helpers import MODELS, init, make_model, tensor
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
+from onnx_lowrank import latency
 from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.graph import find_targets, load_model, node_costs, prepare
-from onnx_lowrank import latency
-from onnx_lowrank.latency import LayerTimer
 from onnx_lowrank.graph.index import opset_version
+from onnx_lowrank.latency import LayerTimer
 from onnx_lowrank.pipeline import compress, compress_file
 from onnx_lowrank.quality import predict, quality, session
 from onnx_lowrank.quantize import Quantizer, unfused, unit_errors, units
