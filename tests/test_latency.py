@@ -1,5 +1,5 @@
 """Latency: layer micro-models, the on-disk cache, `--cost latency` and `--rank-multiple` in a real
-conversion, and the `bench` command. Nothing here asserts a speed: only what was measured is
+conversion, interleaved timing, and the `bench` command. Nothing here asserts a speed: only what was measured is
 consistent (chosen chains measured faster than their layers, cached values reused)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import onnx
 import pytest
 from helpers import MODELS
@@ -16,7 +17,8 @@ from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.graph import find_targets, load_model, prepare
-from onnx_lowrank.latency import LayerTimer, micro_model
+from onnx_lowrank import latency
+from onnx_lowrank.latency import LayerTimer, interleaved, micro_model, runtime_session
 from onnx_lowrank.pipeline import compress
 
 DIGIT = MODELS / "digit_cnn.onnx"
@@ -82,6 +84,21 @@ def test_rank_multiple_rounds_every_rank(calib):
     ranks = [k for r in report.layers for k in r.ranks]
     assert max(ranks) >= 16
     assert all(k % 16 == 0 or k < 16 for k in ranks), ranks  # below 16 only where the full rank is
+
+
+def test_interleaved_pauses_between_blocks_only_for_threaded_sessions(digit, monkeypatch):
+    """A session of more than one thread leaves workers spinning after its block; the next block
+    waits them out. One-thread sessions have none, and are not slowed."""
+    model, _ = digit
+    feed = {model.graph.input[0].name: np.zeros((1, 1, 28, 28), np.float32)}
+    pauses = []
+    monkeypatch.setattr(latency.time, "sleep", pauses.append)
+    for threads, expected in ((1, 0.0), (2, latency.PAUSE), (0, latency.PAUSE)):  # 0: onnxruntime's default
+        pauses.clear()
+        sessions = [runtime_session(model, threads=threads) for _ in range(2)]
+        times = interleaved(sessions, feed, min_runs=10, min_seconds=0.0)
+        assert all(len(t) >= 10 for t in times)
+        assert pauses and set(pauses) == {expected} and len(pauses) == 2 * len(times[0]) // 5
 
 
 runner = CliRunner()
