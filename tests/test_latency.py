@@ -1,6 +1,7 @@
 """Latency: layer micro-models, the on-disk cache, `--cost latency` and `--rank-multiple` in a real
-conversion, interleaved timing, and the `bench` command. Nothing here asserts a speed: only what was measured is
-consistent (chosen chains measured faster than their layers, cached values reused)."""
+conversion, interleaved timing, and the `bench` command. Nothing here asserts a speed: only what
+was measured is consistent (chosen chains measured faster than their layers, cached values
+reused)."""
 
 from __future__ import annotations
 
