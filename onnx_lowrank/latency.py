@@ -143,10 +143,11 @@ class LayerTimer:
         model, micro_target, feed = self._micro_model(target, input_shape)
         if factors is not None:
             model = replace_layers(model, [(micro_target, factors)], infer=False)
-        if self.quantizer is not None:
-            model = self.quantizer.for_timing(model, feed)
-        key = self._key(model)
+        # keyed by the float structure and the quantizer's mode: a model found in the cache is not quantized
+        key = self._key(model, self.quantizer.mode if self.quantizer is not None else "float")
         if key not in self._cache:
+            if self.quantizer is not None:
+                model = self.quantizer.for_timing(model, feed)
             sess = runtime_session(model, self.provider, self.threads)
             self._cache[key] = time_session(sess, feed).median
             self._dirty = True
@@ -173,7 +174,7 @@ class LayerTimer:
             self._micro[target.name] = (model, found[0], feed)
         return self._micro[target.name]
 
-    def _key(self, model: onnx.ModelProto) -> str:
+    def _key(self, model: onnx.ModelProto, precision: str) -> str:
         # the structure (ops, attributes, shapes) without the weight values: latency does not
         # depend on them, and the key stays small
         skeleton = onnx.ModelProto()
@@ -183,7 +184,8 @@ class LayerTimer:
             t.ClearField("float_data")
         for n in skeleton.graph.node:
             n.name = ""
-        where = f"{self.provider}|{self.threads}|{ort.__version__}|{platform.machine()}|{_cpu_name()}|{os.cpu_count()}"
+        where = (f"{precision}|{self.provider}|{self.threads}|{ort.__version__}|{platform.machine()}|{_cpu_name()}|"
+                 f"{os.cpu_count()}")
         return hashlib.sha256(skeleton.SerializeToString(deterministic=True) + where.encode()).hexdigest()
 
 
