@@ -96,6 +96,12 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
     quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
     if quantizer is not None:
         quantizer(prepared)  # a model the quantizer refuses fails now, before the search
+        if quantizer.dynamic:
+            # dynamic int8 takes each activation's range over the whole run, so a sample's outputs
+            # depend on the samples batched with it: the search (fragile samples first) and the
+            # check (in order) measured different drops of one model. One sample per run, the drop
+            # is the model's own, as a batch-1 deployment gets it.
+            config = replace(config, batch_size=1)
     timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch, quantizer=quantizer) \
         if config.cost == "latency" else None
     with _timed(report, "decompose"):

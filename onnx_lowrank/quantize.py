@@ -70,7 +70,8 @@ class Quantizer:
     @property
     def mode(self) -> str:
         if self.dynamic:
-            return "int8 dynamic (weights per channel; activations quantized at run time: MatMul-heavy model)"
+            return ("int8 dynamic (weights per channel; activations quantized at run time: MatMul-heavy model; "
+                    "measured one sample per run)")
         return "int8 static QDQ (weights per channel; activation ranges from calibration: MinMax)"
 
     def __call__(self, model: onnx.ModelProto, keep_float: Iterable[str] = ()) -> onnx.ModelProto:

@@ -10,7 +10,8 @@
 - each unit's own quantization error is found where the quantizer leaves it to be read; the
   product of two activations is no unit;
 - an opset-12 model is quantized per channel at opset 13;
-- a MatMul model is quantized dynamically;
+- a MatMul model is quantized dynamically, and measured one sample per run (batching changes a
+  dynamically quantized model's outputs);
 - --cost latency times each layer and chain quantized, as it will run, and keeps only chains
   faster than their layer in int8;
 - a model the quantizer refuses (float16) is one line and exit 2, nothing written;
@@ -165,6 +166,29 @@ def test_matmul_model_is_quantized_dynamically(tmp_path):
     whole = Quantizer(model, data, 1, data.sample_feed())(model)
     assert "MatMulInteger" in ops(whole)
     assert sum(c.macs for c in node_costs(whole, feed=data.sample_feed())) == 32 * 32
+
+
+def test_dynamic_quantization_is_measured_one_sample_per_run(tmp_path):
+    """Dynamic int8 takes an activation's range over the whole run, so batching changes a sample's
+    outputs. Measured in different batches by the search and the check, this model was refused
+    ("drop 0.0233 exceeds eps 0.02") although the back-off ends at the original."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((256, 12)) @ rng.standard_normal((12, 256))).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+                       [tensor("x", [None, 256])], [tensor("y", [None, 256])], [init("w", w)])
+    x = rng.standard_normal((300, 256)).astype(np.float32)
+    calib = tmp_path / "x.npy"
+    np.save(calib, x)
+    out, report = compress(model, CompressConfig(eps=0.02, quantize="int8"), str(calib))
+    assert "one sample per run" in report.quantization["mode"] and report.drop <= 0.02
+    data = CalibrationSet({"x": x})
+    reference = predict(model, data, 1)
+
+    def drop(batch: int) -> float:
+        return quality(report.metric, reference, predict(out, data, batch), None).drop
+
+    assert report.drop == pytest.approx(drop(1), abs=1e-12)
+    assert drop(64) != drop(1)  # what made the measurements disagree
 
 
 def test_cost_latency_times_layers_and_chains_quantized(calib, tmp_path, monkeypatch):
