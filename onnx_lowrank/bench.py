@@ -16,7 +16,7 @@ import numpy as np
 from .calibration.data import load_calibration
 from .graph import load_model, node_costs
 from .latency import interleaved, random_feed, runtime_session
-from .quality import predict, quality, resolve_metric
+from .quality import measuring_batch, predict, quality, resolve_metric
 
 @dataclass
 class Latency:
@@ -77,7 +77,7 @@ def bench(original: str | os.PathLike, *compressed: str | os.PathLike, batches: 
                                       tuple(float(np.min(t)) for t in times),
                                       tuple(float(np.max(t)) for t in times), len(times[0])))
     if data is not None:
-        outputs = [predict(s, data) for s in sessions]
+        outputs = [predict(s, data, measuring_batch(m, 64)) for s, m in zip(sessions, models)]
         resolved = resolve_metric(metric, outputs[0], data.labels)
         result.metric = str(resolved)
         each = [quality(resolved, outputs[0], out, data.labels) for out in outputs]

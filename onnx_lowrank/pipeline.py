@@ -26,8 +26,8 @@ from .graph import find_targets, load_model, node_costs, prepare, save_model
 from .graph.index import WEIGHT_TYPES
 from .graph.targets import LayerTarget, Skipped, attention_projections
 from .latency import LayerTimer, interleaved, runtime_session, time_session
-from .quality import (RUNTIME_ERRORS, DropMeter, Quality, UserMetric, predict, quality, resolution, resolve_metric,
-                      runtime_message, session)
+from .quality import (RUNTIME_ERRORS, DropMeter, Quality, UserMetric, measuring_batch, predict, quality, resolution,
+                      resolve_metric, runtime_message, session)
 from .report import LayerReport, Report
 from .selection import Choice, Search
 from .selection.candidates import FACTORS, build_problems, price_latency
@@ -95,13 +95,10 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
     # ranges from the search part: the held-out part stays unseen by every choice
     quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
     if quantizer is not None:
-        quantizer(prepared)  # a model the quantizer refuses fails now, before the search
-        if quantizer.dynamic:
-            # dynamic int8 takes each activation's range over the whole run, so a sample's outputs
-            # depend on the samples batched with it: the search (fragile samples first) and the
-            # check (in order) measured different drops of one model. One sample per run, the drop
-            # is the model's own, as a batch-1 deployment gets it.
-            config = replace(config, batch_size=1)
+        quantized = quantizer(prepared)  # a model the quantizer refuses fails now, before the search
+        # batched, a dynamically quantized model's drop depends on the batching: the search
+        # (fragile samples first) and the check (in order) measured different drops of one model
+        config = replace(config, batch_size=measuring_batch(quantized, config.batch_size))
     timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch, quantizer=quantizer) \
         if config.cost == "latency" else None
     with _timed(report, "decompose"):

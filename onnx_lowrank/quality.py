@@ -89,6 +89,13 @@ def predict(model: onnx.ModelProto | ort.InferenceSession, data: CalibrationSet,
     return [data.join(r) for r in runs]
 
 
+def measuring_batch(model: onnx.ModelProto, batch_size: int) -> int:
+    """The batch a model's quality is measured in: one sample per run for a dynamically quantized
+    one. DynamicQuantizeLinear takes its range over the whole run, so a sample's outputs depend on
+    the samples batched with it; one per run, they are the sample's own (a batch-1 deployment's)."""
+    return 1 if any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node) else batch_size
+
+
 def is_classifier(outputs: list[np.ndarray]) -> bool:
     """One (samples, classes) output that is not an embedding. Rows of unit length are embeddings
     (a sentence embedder's L2-normalised pooling): their argmax is no class, so r2 measures them.

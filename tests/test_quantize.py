@@ -28,6 +28,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from onnx_lowrank import latency
+from onnx_lowrank.bench import bench
 from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
@@ -189,6 +190,11 @@ def test_dynamic_quantization_is_measured_one_sample_per_run(tmp_path):
 
     assert report.drop == pytest.approx(drop(1), abs=1e-12)
     assert drop(64) != drop(1)  # what made the measurements disagree
+    # bench measures it the same way
+    onnx.save(model, str(tmp_path / "orig.onnx"))
+    onnx.save(out, str(tmp_path / "int8.onnx"))
+    result = bench(tmp_path / "orig.onnx", tmp_path / "int8.onnx", calibration=str(calib), min_seconds=0.0)
+    assert result.drop == [pytest.approx(drop(1), abs=1e-12)]
 
 
 def test_cost_latency_times_layers_and_chains_quantized(calib, tmp_path, monkeypatch):
