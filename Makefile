@@ -70,6 +70,8 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/transformers.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/calibration_sets.py
+	$(PY) benchmarks/soft_drop.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
