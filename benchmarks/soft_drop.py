@@ -10,7 +10,9 @@ measures (DropMeter, wrapped here to see them) is also measured three ways:
 - unseen: the accuracy drop on MNIST test[5000:], which no set holds.
 Printed: every measured point, then, for each bound c, the point a rule "the cheapest measured
 point with soft <= c" would have taken, with its hard and unseen drops. Only the points this
-search measured are candidates: a search on the soft drop would measure others.
+search measured are candidates: a search on the soft drop would measure others. Last, the same
+for the default model's `--quantize int8` search (models/mnist_calib.npz), judged on MNIST
+test[2000:] as benchmarks/quantize.py judges it (docs/quantization.md's table).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # (after the environment is set)
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,8 @@ from data import mnist  # noqa: E402
 
 from onnx_lowrank import quality as Q  # noqa: E402
 from onnx_lowrank.calibration.data import CalibrationSet  # noqa: E402
+from onnx_lowrank.config import CompressConfig  # noqa: E402
+from onnx_lowrank.pipeline import compress_file  # noqa: E402
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -74,7 +79,7 @@ def main() -> None:
         out = Q.predict(sess, self.data, 256)[0]
         unseen = Q.predict(sess, state["unseen"], 500)[0]
         seen.append((soft_drop(self.reference[0], out, self.labels), hard_drop(self.reference[0], out, self.labels),
-                     hard_drop(state["reference"], unseen, unseen_y)))
+                     hard_drop(state["reference"], unseen, state["labels"])))
         return value
 
     Q.DropMeter.__call__ = wrapped
@@ -85,10 +90,13 @@ def main() -> None:
     rules = Table(title=f"the cheapest measured point with soft <= c (eps {args.eps}; unseen: test[5000:])")
     for col in ("model", "c", *sets, "max / min", "worst unseen"):
         rules.add_column(col, justify="right")
+    def judge_on(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> None:
+        state["unseen"], state["labels"] = CalibrationSet({model.graph.input[0].name: x}), y
+        state["reference"] = Q.predict(Q.session(model), state["unseen"], 500)[0]
+
     for name, path in MODELS.items():
         model = onnx.load(path)
-        state["unseen"] = CalibrationSet({model.graph.input[0].name: unseen_x})
-        state["reference"] = Q.predict(Q.session(model), state["unseen"], 500)[0]
+        judge_on(model, unseen_x, unseen_y)
         paths = {}
         for label, (x, y) in sets.items():
             seen.clear()
@@ -103,9 +111,23 @@ def main() -> None:
             ratios = [p[0] for p in picks.values()]
             rules.add_row(name, f"{c:g}", *(f"{r:.2f}x (hard {h:.4f}, unseen {u:.4f})" for r, _, h, u in picks.values()),
                           f"{max(ratios) / min(ratios):.2f}", f"{max(p[3] for p in picks.values()):.4f}")
+    # the default model's quantized search, judged on test[2000:] (benchmarks/quantize.py's unseen part)
+    path = MODELS["mnist_cnn"]
+    judge_on(onnx.load(path), test[0][2000:], test[1][2000:])
+    seen.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = compress_file(path, Path(tmp) / "q.onnx", CompressConfig(eps=args.eps, quantize="int8"),
+                               str(ROOT / "models" / "mnist_calib.npz"), "labels")
+    quantized = Table(title="mnist_cnn --quantize int8 (models/mnist_calib.npz): every model the search measured, "
+                            "unseen = test[2000:]")
+    for col in ("MACs", "soft", "hard", "unseen"):
+        quantized.add_column(col, justify="right")
+    for r, soft, hard, unseen in sorted((t.cost_ratio, *m) for t, m in zip(report.trace, seen)):
+        quantized.add_row(f"{r:.2f}x", f"{soft:.4f}", f"{hard:.4f}", f"{unseen:.4f}")
     console = Console(width=250)
     console.print(points)
     console.print(rules)
+    console.print(quantized)
 
 
 if __name__ == "__main__":
