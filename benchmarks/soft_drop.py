@@ -57,6 +57,13 @@ def hard_drop(reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray) ->
     return float(np.mean(reference.argmax(1) == labels) - np.mean(outputs.argmax(1) == labels))
 
 
+def measured(report) -> list:
+    """The search's trace points that ran a model, in the order it ran them (as the wrapped
+    DropMeter saw them; the check's runs come after): the float search takes keeping every layer
+    for the original, drop 0, without running it."""
+    return [t for t in report.trace if not (t.cost_ratio == 1.0 and t.drop == 0.0)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--eps", type=float, default=0.005)
@@ -90,6 +97,7 @@ def main() -> None:
     rules = Table(title=f"the cheapest measured point with soft <= c (eps {args.eps}; unseen: test[5000:])")
     for col in ("model", "c", *sets, "max / min", "worst unseen"):
         rules.add_column(col, justify="right")
+
     def judge_on(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> None:
         state["unseen"], state["labels"] = CalibrationSet({model.graph.input[0].name: x}), y
         state["reference"] = Q.predict(Q.session(model), state["unseen"], 500)[0]
@@ -101,8 +109,7 @@ def main() -> None:
         for label, (x, y) in sets.items():
             seen.clear()
             _, report = _convert(path, x, y, args.eps)
-            # the trace lists the search's measurements in the order it made them, as `seen` does
-            paths[label] = sorted((t.cost_ratio, *m) for t, m in zip(report.trace, seen))
+            paths[label] = sorted((t.cost_ratio, *m) for t, m in zip(measured(report), seen))
             points.add_row(name, label, f"{report.mac_ratio:.2f}x",
                            "  ".join(f"{r:.2f}x: {s:.4f}/{h:.4f}/{u:.4f}" for r, s, h, u in paths[label]))
         for c in bounds:
@@ -122,7 +129,7 @@ def main() -> None:
                             "unseen = test[2000:]")
     for col in ("MACs", "soft", "hard", "unseen"):
         quantized.add_column(col, justify="right")
-    for r, soft, hard, unseen in sorted((t.cost_ratio, *m) for t, m in zip(report.trace, seen)):
+    for r, soft, hard, unseen in sorted((t.cost_ratio, *m) for t, m in zip(measured(report), seen)):
         quantized.add_row(f"{r:.2f}x", f"{soft:.4f}", f"{hard:.4f}", f"{unseen:.4f}")
     console = Console(width=250)
     console.print(points)
