@@ -94,16 +94,17 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
         original = None
     # ranges from the search part: the held-out part stays unseen by every choice
     quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
+    runs_as = prepared  # the whole model as it runs
     if quantizer is not None:
-        quantized = quantizer(prepared)  # a model the quantizer refuses fails now, before the search
+        runs_as = quantizer(prepared)  # a model the quantizer refuses fails now, before the search
         # batched, a dynamically quantized model's drop depends on the batching: the search
         # (fragile samples first) and the check (in order) measured different drops of one model
-        config = replace(config, batch_size=measuring_batch(quantized, config.batch_size))
+        config = replace(config, batch_size=measuring_batch(runs_as, config.batch_size))
     timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch, quantizer=quantizer) \
         if config.cost == "latency" else None
     with _timed(report, "decompose"):
         problems = _decompose(targets, cal, config, timer, progress)
-    search = _search(prepared, problems, cal, config, timer, quantizer, progress)
+    search = _search(prepared, runs_as, problems, cal, config, timer, quantizer, progress)
     with _timed(report, "select"):
         choice, reasons = select(config, search, prepared, cal.search_set, targets)
         if timer is not None:
@@ -238,11 +239,12 @@ def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTi
     return problems
 
 
-def _search(prepared, problems, cal: _Calibrated, config: CompressConfig, timer: LayerTimer | None,
-            quantizer: Quantizer | None, progress: Progress) -> Search:
+def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, config: CompressConfig,
+            timer: LayerTimer | None, quantizer: Quantizer | None, progress: Progress) -> Search:
     """What the strategies search with: candidate models built and measured on the search part
     (quantized as written, with --quantize: selection spends eps on both), and the cost of the
-    rest of the model (skipped layers, activations, ...)."""
+    rest of the model (skipped layers, activations, ...). `runs_as`: the original as it runs
+    (quantized with --quantize), timed whole under --cost latency."""
     advance = progress("search", None)
     meter = DropMeter(cal.metric, cal.search_set, cal.search_ref, config.eps, config.batch_size)
 
@@ -253,9 +255,8 @@ def _search(prepared, problems, cal: _Calibrated, config: CompressConfig, timer:
         advance()
         return meter(model_)
 
-    if timer is not None:  # the whole model as it runs: quantized with --quantize
-        whole = quantizer(prepared) if quantizer is not None else prepared
-        sess = runtime_session(whole, config.provider, config.threads)
+    if timer is not None:
+        sess = runtime_session(runs_as, config.provider, config.threads)
         total = time_session(sess, cal.data.sample_feed(config.latency_batch)).median
     else:
         total = cal.macs(prepared, config.cost)
