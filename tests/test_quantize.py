@@ -223,7 +223,10 @@ def test_cost_latency_times_layers_and_chains_quantized(calib, tmp_path, monkeyp
     assert timed and all("QuantizeLinear" in o for o in timed)
     assert all(r.latency_before is not None for r in report.layers)
     factored = [r for r in report.layers if r.method is not None]
-    assert all(r.latency_after < r.latency_before and r.precision == "int8" for r in factored)
+    assert all(r.latency_after < r.latency_before for r in factored)
+    # the back-off may keep a factored layer in float (which chains it got is the machine's); nothing else may
+    floats = report.quantization["float_layers"]
+    assert all(r.precision == "int8" or "by the back-off" in floats[r.name] for r in factored)
 
 
 def test_a_model_the_quantizer_refuses_is_one_line(tmp_path):
