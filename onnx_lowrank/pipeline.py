@@ -230,7 +230,7 @@ def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTi
     """Each target's ladder of candidates, priced in MACs, parameters or measured time."""
     problems = build_problems(targets, cal.stats, config.methods or auto_methods(),
                               "macs" if timer is not None else config.cost, config.data_aware,
-                              config.rank_multiple, config.jobs, progress("decompose", len(targets)))
+                              config.multiple(), config.jobs, progress("decompose", len(targets)))
     if timer is not None:
         advance = progress("time", len(problems))
         for p in problems:

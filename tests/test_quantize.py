@@ -31,7 +31,7 @@ from onnx_lowrank import latency
 from onnx_lowrank.bench import bench
 from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
-from onnx_lowrank.config import CompressConfig
+from onnx_lowrank.config import INT8_RANK_MULTIPLE, CompressConfig
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.graph import find_targets, load_model, node_costs, prepare
 from onnx_lowrank.graph.index import opset_version
@@ -64,6 +64,13 @@ def test_default_model_quantized_within_eps_fused_and_drop_as_measured(tmp_path)
     assert report.file_size_after < report.quantization["float_file_size"] / 3  # int8 weights: a quarter
     assert {layer.precision for layer in report.layers} == {"int8"}
     assert "precision" in report.tables()[0].columns[6].header
+    ranks = [k for layer in report.layers for k in layer.ranks]
+    assert ranks and all(k % INT8_RANK_MULTIPLE == 0 for k in ranks), ranks  # int8 kernels' channel blocks
+
+
+def test_int8_ranks_default_to_multiples_the_int8_kernels_run_fast():
+    assert CompressConfig().multiple() == 1 and CompressConfig(quantize="int8").multiple() == INT8_RANK_MULTIPLE
+    assert CompressConfig(quantize="int8", rank_multiple=1).multiple() == 1  # the user's word stands
 
 
 def outlier_model() -> tuple[onnx.ModelProto, np.ndarray]:
