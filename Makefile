@@ -70,6 +70,7 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/transformers.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/int8_widths.py
 	$(PY) benchmarks/calibration_sets.py
 	$(PY) benchmarks/soft_drop.py
 

@@ -11,10 +11,9 @@ from .quality import METRICS
 from .selection import STRATEGIES
 
 COSTS = ("macs", "params", "latency")
-# onnxruntime's int8 conv kernels (MLAS, u8s8) run a channel count that is not a multiple of 4 slower
-# than the multiple above it: a QLinearConv pair with r middle channels, 32 -> r -> 64 at 28x28,
-# batch 32, took 0.97 / 1.15 / 1.10 ms at r = 13 / 14 / 15 against 0.67 at r = 16 (1.40 at 17,
-# 1.61 at 25, 1.87 at 53). Multiples of 8 also suit kernels that pack 8 or 16 columns.
+# onnxruntime's int8 conv kernels (MLAS, u8s8) run a width that is not a multiple of 4 slower than
+# the multiple above it. benchmarks/int8_widths.py, a factor chain 32 -> r -> 64 at 28x28, batch 32,
+# 1 thread: r = 13 / 14 / 15 took 1.29 / 1.24 / 1.25 ms, r = 16 0.68 ms (r = 8, 24, 32: 0.84-0.87).
 INT8_RANK_MULTIPLE = 8
 
 EPS_HELP = ("The largest allowed drop in model quality, measured end to end in onnxruntime on every "
