@@ -1,0 +1,118 @@
+"""Could a better search along the same path hold eps and spread less? (issue 13's goal.)
+
+    .venv/bin/python benchmarks/path_oracle.py [--models mnist_cnn,digit_cnn] [--eps 0.005]
+
+The conversions of benchmarks/calibration_sets.py (five 1000-image calibration sets, eps 0.005,
+accuracy). `auto` builds a path of choices from keeping every layer to the cheapest of all and
+bisects it on the search part. Here every point of that path is measured, in order, on the
+search part and on the whole 1000-image set (where the written model is checked), until the
+whole-set drop has stayed over 3 x eps for 8 points. Printed per set:
+- written: what the converter wrote (bisection, then the check and its back-off);
+- best on the search part: the cheapest path point within eps there (a search that measures
+  every point, checked nowhere else);
+- best on the whole set: the cheapest path point within eps on all 1000 images, the most any
+  search along this path can write while `--eps` means the drop on the data given;
+each with its drop on MNIST test[5000:], which no set holds. Slow (every point is a model run):
+about 30 min.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # (after the environment is set)
+import sys
+from pathlib import Path
+
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from calibration_sets import MODELS, UNSEEN, _convert, accuracy  # noqa: E402
+from data import mnist  # noqa: E402
+
+from onnx_lowrank import quality as Q  # noqa: E402
+from onnx_lowrank.selection import auto  # noqa: E402
+
+OVER, PATIENCE = 3, 8  # stop once the whole-set drop has stayed over OVER x eps for PATIENCE points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="mnist_cnn,digit_cnn")
+    parser.add_argument("--eps", type=float, default=0.005)
+    args = parser.parse_args()
+    eps, n = args.eps, 1000
+    train, _, test = mnist()
+    sets = {f"training[:{n}]": (train[0][:n], train[1][:n])}
+    for k in range(4):
+        sets[f"test[{k * n}:{(k + 1) * n}]"] = (test[0][k * n:(k + 1) * n], test[1][k * n:(k + 1) * n])
+    unseen_x, unseen_y = test[0][UNSEEN], test[1][UNSEEN]
+
+    state: dict = {}
+    measure = Q.DropMeter.__call__
+
+    def wrapped(self, model):  # the search part's drop, and the model kept for the whole-set one
+        state["model"] = model
+        return measure(self, model)
+
+    bisect = auto.cheapest_within
+
+    def every_point(search, path, knobs):
+        points, over = [], 0
+        for choice, knob in zip(path, knobs):
+            search._cache.clear()
+            state["model"] = None
+            drop = search.drop(choice, knob)
+            model = state["model"]  # None: keeping every layer, the original, not run
+            whole = 0.0 if model is None else state["whole_base"] - accuracy(model, *state["whole"])
+            points.append((search.cost_ratio(choice), drop, whole, model))
+            over = over + 1 if whole > OVER * eps else 0
+            if over >= PATIENCE:
+                break
+        state["points"] = points
+        search._cache.clear()
+        search.trace.clear()
+        return bisect(search, path, knobs)  # what the converter does, from a clean cache
+
+    Q.DropMeter.__call__ = wrapped
+    auto.cheapest_within = every_point
+    table = Table(title=f"the auto path measured point by point (eps {eps}; unseen: test[5000:], "
+                        f"{len(unseen_y)} images)")
+    for col in ("model", "calibration set", "path points", "written", "unseen", "best on search part",
+                "unseen", "best on whole set", "its whole-set drop", "unseen"):
+        table.add_column(col, justify="right")
+    for name in args.models.split(","):
+        path = MODELS[name]
+        base = accuracy(onnx.load(path), unseen_x, unseen_y)
+        picks = {"written": [], "search": [], "whole": []}
+        for label, (x, y) in sets.items():
+            state["whole"], state["whole_base"] = (x, y), accuracy(onnx.load(path), x, y)
+            model, report = _convert(path, x, y, eps)
+            points = state["points"]
+            on_search = max((p for p in points if p[1] <= eps), key=lambda p: p[0])
+            on_whole = max((p for p in points if p[2] <= eps), key=lambda p: p[0])
+
+            def unseen(m) -> float:
+                return 0.0 if m is None else base - accuracy(m, unseen_x, unseen_y)
+
+            picks["written"].append(report.mac_ratio)
+            picks["search"].append(on_search[0])
+            picks["whole"].append(on_whole[0])
+            table.add_row(name, label, str(len(points)), f"{report.mac_ratio:.2f}x", f"{unseen(model):.4f}",
+                          f"{on_search[0]:.2f}x", f"{unseen(on_search[3]):.4f}", f"{on_whole[0]:.2f}x",
+                          f"{on_whole[2]:.4f}", f"{unseen(on_whole[3]):.4f}")
+            print(f"{name} {label}: written {report.mac_ratio:.2f}x, search {on_search[0]:.2f}x, "
+                  f"whole {on_whole[0]:.2f}x", flush=True)
+        spread = {k: f"{max(v) / min(v):.2f} (min {min(v):.2f}x)" for k, v in picks.items()}
+        table.add_row(name, "max / min", "", spread["written"], "", spread["search"], "", spread["whole"], "", "",
+                      end_section=True)
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
