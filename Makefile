@@ -73,6 +73,7 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/int8_widths.py
 	$(PY) benchmarks/calibration_sets.py
 	$(PY) benchmarks/soft_drop.py
+	$(PY) benchmarks/path_oracle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -94,8 +94,9 @@ def main() -> None:
             state["whole"], state["whole_base"] = (x, y), accuracy(onnx.load(path), x, y)
             model, report = _convert(path, x, y, eps)
             points = state["points"]
-            on_search = max((p for p in points if p[1] <= eps), key=lambda p: p[0])
-            on_whole = max((p for p in points if p[2] <= eps), key=lambda p: p[0])
+            # (accuracies differ by whole samples: 0.9910 - 0.9860 is 0.005 up to rounding)
+            on_search = max((p for p in points if p[1] <= eps + 1e-9), key=lambda p: p[0])
+            on_whole = max((p for p in points if p[2] <= eps + 1e-9), key=lambda p: p[0])
 
             def unseen(m) -> float:
                 return 0.0 if m is None else base - accuracy(m, unseen_x, unseen_y)
