@@ -71,6 +71,7 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/transformers.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/int8_widths.py
+	$(PY) benchmarks/rank_multiple.py
 	$(PY) benchmarks/calibration_sets.py
 	$(PY) benchmarks/soft_drop.py
 	$(PY) benchmarks/path_oracle.py
