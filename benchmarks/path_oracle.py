@@ -13,7 +13,7 @@ whole-set drop has stayed over 3 x eps for 8 points. Printed per set:
 - best on the whole set: the cheapest path point within eps on all 1000 images, the most any
   search along this path can write while `--eps` means the drop on the data given;
 each with its drop on MNIST test[5000:], which no set holds. Slow (every point is a model run):
-about 30 min.
+about 15 min.
 """
 
 from __future__ import annotations
