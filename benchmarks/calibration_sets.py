@@ -41,6 +41,17 @@ MODELS = {"mnist_cnn": ROOT / "models" / "mnist_cnn.onnx", "digit_cnn": ROOT / "
 UNSEEN = slice(5000, None)
 
 
+def calibration_sets(n: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """The five n-image sets by name (training[:n], test[0:n], ... test[3n:4n]), images and labels,
+    and the unseen test images with their labels."""
+    assert 4 * n <= UNSEEN.start, "the sets must not reach the unseen images"
+    train, _, test = mnist()
+    sets = {f"training[:{n}]": (train[0][:n], train[1][:n])}
+    for k in range(4):
+        sets[f"test[{k * n}:{(k + 1) * n}]"] = (test[0][k * n:(k + 1) * n], test[1][k * n:(k + 1) * n])
+    return sets, (test[0][UNSEEN], test[1][UNSEEN])
+
+
 def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
     sess = session(model)
     name = sess.get_inputs()[0].name
@@ -55,13 +66,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--holdout", type=float, default=None, help="default: the converter's")
     args = parser.parse_args()
-    train, _, test = mnist()
     n = args.size
-    sets = {f"training[:{n}]": (train[0][:n], train[1][:n])}
-    for k in range(4):
-        sets[f"test[{k * n}:{(k + 1) * n}]"] = (test[0][k * n:(k + 1) * n], test[1][k * n:(k + 1) * n])
-    assert 4 * n <= UNSEEN.start, "the sets must not reach the unseen images"
-    unseen_x, unseen_y = test[0][UNSEEN], test[1][UNSEEN]
+    sets, (unseen_x, unseen_y) = calibration_sets(n)
 
     table = Table(title=f"MNIST at eps {args.eps}: five {n}-image calibration sets, judged on test[5000:] "
                         f"({len(unseen_y)} images no set holds)")

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from calibration_sets import Reader
 from onnx import helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from rich.console import Console
 from rich.table import Table
 
@@ -43,16 +44,9 @@ def chain(width: int, rng: np.random.Generator) -> onnx.ModelProto:
 
 
 def quantized(model: onnx.ModelProto, x: np.ndarray, folder: Path) -> onnx.ModelProto:
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.runs = iter([{"x": x}])
-
-        def get_next(self):
-            return next(self.runs, None)
-
     src, dst = folder / "float.onnx", folder / "int8.onnx"
     onnx.save(model, str(src))
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(src), str(dst), Reader("x", x), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return onnx.load(str(dst))
 

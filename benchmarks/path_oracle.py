@@ -32,8 +32,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from calibration_sets import MODELS, UNSEEN, _convert, accuracy  # noqa: E402
-from data import mnist  # noqa: E402
+from calibration_sets import MODELS, _convert, accuracy, calibration_sets  # noqa: E402
 
 from onnx_lowrank import quality as Q  # noqa: E402
 from onnx_lowrank.selection import auto  # noqa: E402
@@ -46,12 +45,8 @@ def main() -> None:
     parser.add_argument("--models", default="mnist_cnn,digit_cnn")
     parser.add_argument("--eps", type=float, default=0.005)
     args = parser.parse_args()
-    eps, n = args.eps, 1000
-    train, _, test = mnist()
-    sets = {f"training[:{n}]": (train[0][:n], train[1][:n])}
-    for k in range(4):
-        sets[f"test[{k * n}:{(k + 1) * n}]"] = (test[0][k * n:(k + 1) * n], test[1][k * n:(k + 1) * n])
-    unseen_x, unseen_y = test[0][UNSEEN], test[1][UNSEEN]
+    eps = args.eps
+    sets, (unseen_x, unseen_y) = calibration_sets(1000)
 
     state: dict = {}
     measure = Q.DropMeter.__call__

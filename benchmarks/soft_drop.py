@@ -33,7 +33,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from calibration_sets import MODELS, UNSEEN, _convert  # noqa: E402
+from calibration_sets import MODELS, _convert, calibration_sets  # noqa: E402
 from data import mnist  # noqa: E402
 
 from onnx_lowrank import quality as Q  # noqa: E402
@@ -69,12 +69,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.005)
     parser.add_argument("--bounds", default="0.01,0.015,0.02", help="soft-drop bounds c to try")
     args = parser.parse_args()
-    train, _, test = mnist()
-    n = 1000
-    sets = {f"training[:{n}]": (train[0][:n], train[1][:n])}
-    for k in range(4):
-        sets[f"test[{k * n}:{(k + 1) * n}]"] = (test[0][k * n:(k + 1) * n], test[1][k * n:(k + 1) * n])
-    unseen_x, unseen_y = test[0][UNSEEN], test[1][UNSEEN]
+    sets, (unseen_x, unseen_y) = calibration_sets(1000)
+    _, _, test = mnist()  # the quantized search below is judged on test[2000:]
 
     seen: list[tuple[float, float, float]] = []  # (soft, hard, unseen) of each model measured
     state = {}
