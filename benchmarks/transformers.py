@@ -2,7 +2,8 @@
 sentences of news articles the conversion never saw (models/minilm.py builds both).
 
     .venv/bin/python benchmarks/transformers.py [--eps 0.01] [--calib 512] [--finetune-epochs 0]
-                                                [--exports optimum,torch_legacy,...] [--no-ranks]
+                                                [--exports optimum,torch_legacy,...] [--ranks 288,192]
+                                                [--distill-ranks 192,128 --distill-epochs 8]
 
 Table 1, per export: converted (or the error), MAC and parameter ratios of the whole model at
 sequence length 128, the checked drop (every calibration sentence) and the held-out part's, on
@@ -17,6 +18,13 @@ weights, our data-aware SVD (whitened by the second moment of the layer's inputs
 tokens, shrunk toward its diagonal by width / rows), and SVD-LLM's truncation-aware whitening
 written out here from the paper (Wang et al. 2024: S = Cholesky(X X^T), SVD of W S, truncated,
 W' = U_r S_r V_r^T S^-1) on the same inputs without the shrinkage. Unseen r2 drop and 1 - cos.
+
+Table 3 (`--distill-ranks`), how far distillation takes those models: optimum's export with every
+projection at rank R (our factors), as a torch module (the converter's onnx2torch bridge),
+distilled token by token towards the original's `last_hidden_state` on all the calibration
+articles' sentences, each batch padded only to its longest sentence, with AdamW; the unseen r2 of
+the sentence embeddings after each epoch. This is a stronger loop than `--finetune-epochs` (SGD
+on the model's own output, sentences padded to 128), to bound what fine-tuning on this text can do.
 
 Sentence embeddings: the export's own `sentence_embedding` (torch exports, with
 sentence-transformers' pooling inside), or the mean of `last_hidden_state` over the attention
@@ -165,6 +173,69 @@ def rank_table(calib: Path, unseen: dict, ranks: tuple[int, ...]) -> None:
             f"{rows[h]['r2']:.4f} / {rows[h]['cos']:.4f}" for h in ("plain", "ours", "svd-llm")) + " |", flush=True)
 
 
+def distill_table(calib: Path, unseen: dict, ranks: tuple[int, ...], epochs: int, lr: float,
+                  batch: int = 32) -> None:
+    import torch
+    from onnx_lowrank.bridge.convert import to_torch
+
+    torch.manual_seed(0)
+    src = minilm.build("optimum")
+    model = prepare(onnx.load(str(src)))
+    targets, _ = find_targets(model)
+    stats, _ = capture(model, targets, load_calibration(str(calib), model))
+    ref = embed(src, unseen)
+    sentences, _ = minilm.text()
+    feed = minilm.encode(sentences)
+    names = list(minilm.INPUTS)
+    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    teacher = torch.from_numpy(np.concatenate([sess.run(["last_hidden_state"], {n: feed[n][i:i + 64] for n in names})[0]
+                                               for i in range(0, len(sentences), 64)]))
+    mask = torch.from_numpy(feed["attention_mask"]).bool()
+    scale = float(teacher[mask].pow(2).mean())  # the loss is relative to the states' own size
+    lengths = feed["attention_mask"].sum(1)
+    print(f"\n## distillation at equal ranks: optimum's export, AdamW lr {lr:g}, batch {batch}, "
+          f"{len(sentences)} sentences of the calibration articles (training loss / unseen r2 drop)\n")
+    print("| R | projections' MAC ratio | before | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | s/epoch |")
+    print("|---|---|---|" + "---|" * (epochs + 1))
+
+    def states(module, inputs):
+        out = module(*inputs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def unseen_r2(module) -> float:
+        with torch.no_grad():
+            runs = [states(module, [torch.from_numpy(unseen[n][i:i + 64]) for n in names]).numpy()
+                    for i in range(0, len(unseen["input_ids"]), 64)]
+        return judged(ref, minilm.embeddings({"last_hidden_state": np.concatenate(runs)}, unseen["attention_mask"]))["r2"]
+
+    for r in ranks:
+        chosen = [(t, decompose(dataclasses.replace(t.layer, input_cov=stats[t.name].second_moment()), "svd", rank=r))
+                  for t in targets]
+        spatial = {t.name: stats[t.name].in_spatial for t in targets}
+        macs = sum(t.layer.macs(spatial[t.name]) for t in targets) / sum(f.macs(spatial[t.name]) for t, f in chosen)
+        module = to_torch(replace_layers(model, chosen))  # eval mode: no dropout
+        cells = [f"{unseen_r2(module):.4f}"]
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        rng = np.random.default_rng(0)
+        start = time.perf_counter()
+        for _ in range(epochs):
+            total = 0.0
+            order = rng.permutation(len(sentences))
+            for i in range(0, len(sentences), batch):
+                idx = order[i:i + batch]
+                n = int(lengths[idx].max())
+                out = states(module, [torch.from_numpy(feed[k][idx, :n]) for k in names])
+                m = mask[idx, :n]
+                loss = (out[m] - teacher[idx, :n][m]).pow(2).mean() / scale
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(idx)
+            cells.append(f"{total / len(sentences):.4f} / {unseen_r2(module):.4f}")
+        per_epoch = (time.perf_counter() - start) / max(epochs, 1)
+        print(f"| {r} | {macs:.2f}x | " + " | ".join(cells) + f" | {per_epoch:.0f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--eps", type=float, default=0.01)
@@ -172,6 +243,9 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("--exports", default=",".join(minilm.EXPORTS), help="table 1's exports ('' to leave it out)")
     ap.add_argument("--ranks", default="288,192", help="table 2's ranks ('' to leave it out)")
+    ap.add_argument("--distill-ranks", default="", help="table 3's ranks, e.g. 192,128 (left out by default)")
+    ap.add_argument("--distill-epochs", type=int, default=8)
+    ap.add_argument("--distill-lr", type=float, default=2e-4)
     args = ap.parse_args()
     calib_sentences, unseen_sentences = minilm.text()
     unseen = minilm.encode(unseen_sentences)
@@ -187,6 +261,9 @@ def main() -> None:
             convert_table(names, args.eps, calib, unseen, args.finetune_epochs, work)
         if args.ranks:
             rank_table(calib, unseen, tuple(int(r) for r in args.ranks.split(",")))
+        if args.distill_ranks:
+            distill_table(calib, unseen, tuple(int(r) for r in args.distill_ranks.split(",")),
+                          args.distill_epochs, args.distill_lr)
 
 
 if __name__ == "__main__":
