@@ -65,13 +65,22 @@ def main() -> None:
 
     bisect = auto.cheapest_within
 
+    def whole_of(model) -> float:
+        """The drop on the whole set (None: keeping every layer, the original, not run)."""
+        return 0.0 if model is None else state["whole_base"] - accuracy(model, *state["whole"])
+
+    def cheapest(points, column: int):
+        """The cheapest point whose drop in `column` (1: search part, 2: whole set) is within eps."""
+        # (accuracies differ by whole samples: 0.9910 - 0.9860 is 0.005 up to rounding)
+        return max((p for p in points if p[column] <= eps + 1e-9), key=lambda p: p[0])
+
     def whole_drop(search, choice):
-        """The whole-set drop of `choice`'s model, and the model."""
+        """The whole-set drop of `choice`'s model, and the model. (The model is built by the
+        search's own measure, which also runs it on the search part: the one way to get it.)"""
         search._cache.clear()
         state["model"] = None
         search.measure(choice)
-        model = state["model"]
-        return (0.0 if model is None else state["whole_base"] - accuracy(model, *state["whole"])), model
+        return whole_of(state["model"]), state["model"]
 
     def off_path(search, start):
         """Greedy from `start` (cost ratio, whole drop, model, choice): the cheapest one-layer move
@@ -97,15 +106,15 @@ def main() -> None:
             search._cache.clear()
             state["model"] = None
             drop = search.drop(choice, knob)
-            model = state["model"]  # None: keeping every layer, the original, not run
-            whole = 0.0 if model is None else state["whole_base"] - accuracy(model, *state["whole"])
+            model = state["model"]
+            whole = whole_of(model)
             points.append((search.cost_ratio(choice), drop, whole, model, choice))
             over = over + 1 if whole > OVER * eps else 0
             if over >= PATIENCE:
                 break
         state["points"] = points
         if args.off_path:
-            best = max((p for p in points if p[2] <= eps + 1e-9), key=lambda p: p[0])
+            best = cheapest(points, 2)
             state["off"] = off_path(search, (best[0], best[2], best[3], best[4]))
         search._cache.clear()
         search.trace.clear()
@@ -127,9 +136,7 @@ def main() -> None:
             state["whole"], state["whole_base"] = (x, y), accuracy(onnx.load(path), x, y)
             model, report = _convert(path, x, y, eps)
             points = state["points"]
-            # (accuracies differ by whole samples: 0.9910 - 0.9860 is 0.005 up to rounding)
-            on_search = max((p for p in points if p[1] <= eps + 1e-9), key=lambda p: p[0])
-            on_whole = max((p for p in points if p[2] <= eps + 1e-9), key=lambda p: p[0])
+            on_search, on_whole = cheapest(points, 1), cheapest(points, 2)
 
             def unseen(m) -> float:
                 return 0.0 if m is None else base - accuracy(m, unseen_x, unseen_y)

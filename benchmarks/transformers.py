@@ -48,7 +48,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 import minilm  # noqa: E402
 from onnx_lowrank.calibration.capture import capture  # noqa: E402
-from onnx_lowrank.calibration.data import load_calibration  # noqa: E402
+from onnx_lowrank.calibration.data import CalibrationSet, load_calibration  # noqa: E402
 from onnx_lowrank.config import CompressConfig  # noqa: E402
 from onnx_lowrank.decompositions import decompose  # noqa: E402
 from onnx_lowrank.decompositions.svd import SVDFactors  # noqa: E402
@@ -56,7 +56,7 @@ from onnx_lowrank.errors import OnnxLowrankError  # noqa: E402
 from onnx_lowrank.graph import find_targets, prepare, replace_layers  # noqa: E402
 from onnx_lowrank.latency import interleaved, runtime_session  # noqa: E402
 from onnx_lowrank.pipeline import compress_file  # noqa: E402
-from onnx_lowrank.quality import quality  # noqa: E402
+from onnx_lowrank.quality import predict, quality  # noqa: E402
 
 
 def embed(model: str | Path | onnx.ModelProto, feed: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
@@ -142,6 +142,12 @@ def svd_llm(layer, moment: np.ndarray, rank: int) -> SVDFactors:
     return SVDFactors(layer, first.astype(layer.weight.dtype), second.astype(layer.weight.dtype))
 
 
+def projection_mac_ratio(chosen, stats) -> float:
+    """MACs of the projections before / after, at the captured length (128 rows)."""
+    spatial = {t.name: stats[t.name].in_spatial for t, _ in chosen}
+    return sum(t.layer.macs(spatial[t.name]) for t, _ in chosen) / sum(f.macs(spatial[t.name]) for t, f in chosen)
+
+
 def rank_table(calib: Path, unseen: dict, ranks: tuple[int, ...]) -> None:
     src = minilm.build("torch_legacy")
     model = prepare(onnx.load(str(src)))
@@ -167,8 +173,7 @@ def rank_table(calib: Path, unseen: dict, ranks: tuple[int, ...]) -> None:
                 chosen.append((t, f))
             out = replace_layers(model, chosen)
             rows[how] = judged(ref, embed(out, unseen))
-        spatial = {t.name: stats[t.name].in_spatial for t in targets}  # 128 rows: the captured length
-        macs = sum(t.layer.macs(spatial[t.name]) for t in targets) / sum(f.macs(spatial[t.name]) for t, f in chosen)
+        macs = projection_mac_ratio(chosen, stats)
         print(f"| {r} | {macs:.2f}x | " + " | ".join(
             f"{rows[h]['r2']:.4f} / {rows[h]['cos']:.4f}" for h in ("plain", "ours", "svd-llm")) + " |", flush=True)
 
@@ -187,16 +192,15 @@ def distill_table(calib: Path, unseen: dict, ranks: tuple[int, ...], epochs: int
     sentences, _ = minilm.text()
     feed = minilm.encode(sentences)
     names = list(minilm.INPUTS)
-    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-    teacher = torch.from_numpy(np.concatenate([sess.run(["last_hidden_state"], {n: feed[n][i:i + 64] for n in names})[0]
-                                               for i in range(0, len(sentences), 64)]))
+    teacher = torch.from_numpy(predict(model, CalibrationSet(feed), 64, ["last_hidden_state"])[0])
     mask = torch.from_numpy(feed["attention_mask"]).bool()
     scale = float(teacher[mask].pow(2).mean())  # the loss is relative to the states' own size
     lengths = feed["attention_mask"].sum(1)
     print(f"\n## distillation at equal ranks: optimum's export, AdamW lr {lr:g}, batch {batch}, "
           f"{len(sentences)} sentences of the calibration articles (training loss / unseen r2 drop)\n")
-    print("| R | projections' MAC ratio | before | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | s/epoch |")
-    print("|---|---|---|" + "---|" * (epochs + 1))
+    header = ["R", "projections' MAC ratio", "before"] + [f"epoch {e + 1}" for e in range(epochs)] + ["s/epoch"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
 
     def states(module, inputs):
         out = module(*inputs)
@@ -211,8 +215,7 @@ def distill_table(calib: Path, unseen: dict, ranks: tuple[int, ...], epochs: int
     for r in ranks:
         chosen = [(t, decompose(dataclasses.replace(t.layer, input_cov=stats[t.name].second_moment()), "svd", rank=r))
                   for t in targets]
-        spatial = {t.name: stats[t.name].in_spatial for t in targets}
-        macs = sum(t.layer.macs(spatial[t.name]) for t in targets) / sum(f.macs(spatial[t.name]) for t, f in chosen)
+        macs = projection_mac_ratio(chosen, stats)
         module = to_torch(replace_layers(model, chosen))  # eval mode: no dropout
         cells = [f"{unseen_r2(module):.4f}"]
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
