@@ -3,13 +3,16 @@ and the digit CNN at eps 0.005 (accuracy, labels), each calibrated on five diffe
 sets, judged on MNIST test images none of them saw.
 
     .venv/bin/python benchmarks/calibration_sets.py [--models mnist_cnn,digit_cnn] [--eps 0.005] [--size 1000]
+                                                   [--no-baseline]
 
 Sets: training[:size] and test[0:size], test[size:2 size], ... test[3 size:4 size] (the sets the
 issue measured); unseen: test[5000:] (5000 images no set holds). Each conversion is compress()
-with the default options in this process. Columns: the original's accuracy on the set (and,
-in the spread row, on the unseen images), the MAC ratio, the drop the converter measured on the
-whole set and on its held-out part alone, how far the check stepped back, and the drop on the
-unseen images (the written model against the original in onnxruntime).
+with the default options in this process. Columns: the original's accuracy on the set (and, in
+the spread row, on the unseen images), the MAC ratio, the drop the converter measured on the
+whole set (of the written model, and cross-fitted: compensate.py) and on its held-out part
+alone, how far the check stepped back, and the drop on the unseen images (the written model
+against the original in onnxruntime). The last two columns: the same conversion with
+--no-compensate, its MAC ratio and unseen drop, run beside it (--no-baseline leaves them out).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # (after the environment is set)
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,35 +69,45 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.005)
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--holdout", type=float, default=None, help="default: the converter's")
+    parser.add_argument("--no-baseline", action="store_true", help="not also with --no-compensate")
     args = parser.parse_args()
     n = args.size
     sets, (unseen_x, unseen_y) = calibration_sets(n)
 
     table = Table(title=f"MNIST at eps {args.eps}: five {n}-image calibration sets, judged on test[5000:] "
                         f"({len(unseen_y)} images no set holds)")
-    for col in ("model", "calibration set", "its accuracy", "MACs", "params", f"drop ({n})", "held-out part",
-                "stepped back", "unseen drop", "within eps", "time"):
+    for col in ("model", "calibration set", "its accuracy", "MACs", "params", f"drop ({n})", "cross-fitted", "held-out part",
+                "stepped back", "unseen drop", "within eps", "time") + (
+                () if args.no_baseline else ("MACs, not compensated", "its unseen drop")):
         table.add_column(col, justify="right")
     for name in args.models.split(","):
         path = MODELS[name]
         base = accuracy(onnx.load(path), unseen_x, unseen_y)
-        ratios = []
+        ratios, plain_ratios = [], []
         for label, (x, y) in sets.items():
             start = time.perf_counter()
             model, report = _convert(path, x, y, args.eps, args.holdout)
             seconds = time.perf_counter() - start
             unseen = base - accuracy(model, unseen_x, unseen_y)
             ratios.append(report.mac_ratio)
+            baseline = []
+            if not args.no_baseline:
+                plain, plain_report = _convert(path, x, y, args.eps, args.holdout, compensate=False)
+                plain_ratios.append(plain_report.mac_ratio)
+                baseline = [f"{plain_report.mac_ratio:.2f}x", f"{base - accuracy(plain, unseen_x, unseen_y):.4f}"]
             # one sample of slack: the unseen part counts in steps of 1/len(unseen)
             within = unseen <= args.eps + 1 / len(unseen_y)
             table.add_row(name, label, f"{report.quality_before:.4f}", f"{report.mac_ratio:.2f}x",
-                          f"{report.param_ratio:.2f}x", f"{report.drop:.4f}", f"{report.heldout_drop:.4f}",
-                          str(report.backed_off), f"{unseen:.4f}", "yes" if within else "NO", f"{seconds:.0f}s")
-            print(f"{name} {label}: {report.mac_ratio:.2f}x, held-out {report.drop:.4f}, unseen {unseen:.4f}",
-                  flush=True)
+                          f"{report.param_ratio:.2f}x", f"{report.drop:.4f}",
+                          "-" if report.crossfit_drop is None else f"{report.crossfit_drop:.4f}", f"{report.heldout_drop:.4f}",
+                          str(report.backed_off), f"{unseen:.4f}", "yes" if within else "NO", f"{seconds:.0f}s",
+                          *baseline)
+            print(f"{name} {label}: {report.mac_ratio:.2f}x, drop {report.drop:.4f}, held-out part "
+                  f"{report.heldout_drop:.4f}, unseen {unseen:.4f}", flush=True)
+        plain_spread = [f"{max(plain_ratios) / min(plain_ratios):.2f}", ""] if plain_ratios else []
         table.add_row(name, "spread (max / min)", f"unseen {base:.4f}", f"{max(ratios) / min(ratios):.2f}",
-                      *[""] * 7, end_section=True)
-    Console(width=160).print(table)
+                      *[""] * 8, *plain_spread, end_section=True)
+    Console(width=220).print(table)
 
 
 class Reader:
@@ -106,9 +120,12 @@ class Reader:
         return next(self.feeds, None)
 
 
-def _convert(path: Path, x: np.ndarray, y: np.ndarray, eps: float, holdout: float | None = None):
+def _convert(path: Path, x: np.ndarray, y: np.ndarray, eps: float, holdout: float | None = None,
+             compensate: bool = True):
     name = onnx.load(path, load_external_data=False).graph.input[0].name
-    config = CompressConfig(eps=eps) if holdout is None else CompressConfig(eps=eps, holdout=holdout)
+    config = CompressConfig(eps=eps, compensate=compensate)
+    if holdout is not None:
+        config = replace(config, holdout=holdout)
     return compress(str(path), config, Reader(name, x), y)
 
 

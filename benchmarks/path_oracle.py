@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/path_oracle.py [--models mnist_cnn,digit_cnn] [--eps 0.005]
 
 The conversions of benchmarks/calibration_sets.py (five 1000-image calibration sets, eps 0.005,
-accuracy). `auto` builds a path of choices from keeping every layer to the cheapest of all and
-bisects it on the search part. Here every point of that path is measured, in order, on the
+accuracy), without compensation (--no-compensate: this study and its tables in docs/selection.md
+came before it). `auto` builds a path of choices from keeping every layer to the cheapest of all
+and bisects it on the search part. Here every point of that path is measured, in order, on the
 search part and on the whole 1000-image set (where the written model is checked), until the
 whole-set drop has stayed over 3 x eps for 8 points. Printed per set:
 - written: what the converter wrote (bisection, then the check and its back-off);
@@ -134,7 +135,7 @@ def main() -> None:
         picks = {"written": [], "search": [], "whole": [], "off": []}
         for label, (x, y) in sets.items():
             state["whole"], state["whole_base"] = (x, y), accuracy(onnx.load(path), x, y)
-            model, report = _convert(path, x, y, eps)
+            model, report = _convert(path, x, y, eps, compensate=False)
             points = state["points"]
             on_search, on_whole = cheapest(points, 1), cheapest(points, 2)
 

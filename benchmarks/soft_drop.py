@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/soft_drop.py [--eps 0.005] [--bounds 0.01,0.015,0.02]
 
 The conversions of benchmarks/calibration_sets.py (the default MNIST model and the digit CNN,
-eps 0.005, accuracy, five 1000-image calibration sets), each run once. Every model the search
-measures (DropMeter, wrapped here to see them) is also measured three ways:
+eps 0.005, accuracy, five 1000-image calibration sets), each run once, without compensation
+(--no-compensate: this study and its tables in docs/selection.md came before it). Every model
+the search measures (DropMeter, wrapped here to see them) is also measured three ways:
 - hard: the accuracy drop on the search part, what the converter counts;
 - soft: the mean softmax probability of the label lost on the search part, a smooth surrogate;
 - unseen: the accuracy drop on MNIST test[5000:], which no set holds.
@@ -104,7 +105,7 @@ def main() -> None:
         paths = {}
         for label, (x, y) in sets.items():
             seen.clear()
-            _, report = _convert(path, x, y, args.eps)
+            _, report = _convert(path, x, y, args.eps, compensate=False)
             paths[label] = sorted((t.cost_ratio, *m) for t, m in zip(measured(report), seen))
             points.add_row(name, label, f"{report.mac_ratio:.2f}x",
                            "  ".join(f"{r:.2f}x: {s:.4f}/{h:.4f}/{u:.4f}" for r, s, h, u in paths[label]))

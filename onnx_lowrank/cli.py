@@ -238,6 +238,9 @@ def convert(
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
+    no_compensate: bool = typer.Option(False, "--no-compensate", help="Keep the factors as decomposed: do not refit "
+                                       "each factored layer's last step, by least squares on the search part, to "
+                                       "the original layer's outputs given the compressed model's own inputs."),
     holdout: float = typer.Option(0.2, help="Share of the calibration set the rank choice does not see (the "
                                   "result is checked on every sample; the held-out part alone is reported)."),
     verify: bool = typer.Option(True, help="Check the result on every calibration sample: step back where the drop "
@@ -266,7 +269,7 @@ def convert(
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
             merge=merge, quantize=quantize, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, iterative=iterative,
-            data_aware=not no_data_aware, holdout=holdout, seed=seed, batch_size=batch_size,
+            data_aware=not no_data_aware, compensate=not no_compensate, holdout=holdout, seed=seed, batch_size=batch_size,
             max_memory=_bytes("--max-memory", max_memory),
             image=ImageOptions(size=image_size, mean=_floats("--image-mean", image_mean),
                                std=_floats("--image-std", image_std), layout=image_layout,

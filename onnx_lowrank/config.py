@@ -39,6 +39,7 @@ class CompressConfig:
     latency_batch: int = 1                 # ... at this batch size
     exclude: tuple[str, ...] = ()          # node names or op types left alone
     data_aware: bool = True                # whiten by the input covariance (with calibration data)
+    compensate: bool = True                # refit each chain's last step to the original's outputs (compensate.py)
     holdout: float = 0.2                   # share of the calibration set the rank choice does not see
     verify: bool = True                    # step back and fail (VerificationError) when the held-out check fails
     merge: bool = True                     # merge adjacent linear layers where one costs less than two

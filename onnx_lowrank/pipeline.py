@@ -18,6 +18,7 @@ import onnx
 
 from .calibration.capture import capture, memory_batch, statistics_bytes
 from .calibration.data import CalibrationError, CalibrationSet, input_layout, load_calibration, model_inputs
+from .compensate import Compensation
 from .config import CompressConfig
 from .decompositions import reason_not_applicable
 from .errors import InvalidModel, OnnxLowrankError, OutOfMemory, OutputError, VerificationError
@@ -33,7 +34,7 @@ from .selection import Choice, Search
 from .selection.candidates import FACTORS, build_problems, price_latency
 from .selection.strategy import select
 from .quantize import Quantizer, quantized_units, unfused, units
-from .verify import build, check_model, export, nonfinite_samples, require_finite, tuned_to_eps, verify_choice
+from .verify import build, check_model, each, export, nonfinite_samples, require_finite, tuned_to_eps, verify_choice
 
 Progress = Callable[[str, int | None], Callable[[], None]]  # stage name, steps (None: open-ended) -> advance()
 
@@ -136,6 +137,7 @@ class _Calibrated:
     metric: str | UserMetric
     feed: dict[str, np.ndarray]  # one run of one sample (or of the model's fixed batch): costs are counted at it
     batch: int                   # samples per run asked for: --batch-size, or fewer to fit --max-memory
+    compensation: Compensation | None  # refits every model built (compensate.py); None: --no-compensate
 
     @property
     def check(self) -> tuple[CalibrationSet, list[np.ndarray]]:
@@ -222,7 +224,12 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
     metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices)
     report.metric = str(metric)
-    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, data.sample_feed(), batch)
+    compensation = None
+    if config.compensate and not data.synthetic and targets:
+        # on every sample, in two folds: each refit is measured on the fold it did not see
+        compensation = Compensation(prepared, targets, data, batch, config.seed, config.max_memory // 8)
+    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, data.sample_feed(), batch,
+                       compensation)
 
 
 def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTimer | None,
@@ -249,9 +256,9 @@ def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, conf
     meter = DropMeter(cal.metric, cal.search_set, cal.search_ref, config.eps, config.batch_size)
 
     def measure(choice: Choice) -> float:
-        model_ = build(prepared, problems, choice, infer=False)
+        model_ = build(prepared, problems, choice, False, cal.compensation, measured=True)
         if quantizer is not None:
-            model_ = quantizer(export(model_, config))
+            model_ = each(model_, lambda m: quantizer(export(m, config)))
         advance()
         return meter(model_)
 
@@ -274,9 +281,10 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     before_backoff = choice
     confirm = (lambda c: _confirm_latency(timer, problems, c, reasons)) if timer is not None else None
     data, reference = cal.check
-    compressed, choice, floats, outputs, steps = verify_choice(
+    compressed, choice, floats, outputs, crossfit, steps = verify_choice(
         prepared, problems, choice, cal.metric, data, reference, config,
-        back_off=config.verify and tuned_to_eps(config), confirm=confirm, quantizer=quantizer, feed=cal.feed)
+        back_off=config.verify and tuned_to_eps(config), confirm=confirm, quantizer=quantizer, feed=cal.feed,
+        compensation=cal.compensation)
     if timer is not None:
         timer.save()
     drop_q = quality(cal.metric, reference, outputs, data.labels, data.indices)
@@ -293,8 +301,11 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     if nonfinite:
         failures.append(f"the compressed model outputs NaN or Inf on {nonfinite} of {len(data)} calibration "
                         "samples where the original does not")
-    if drop_q.drop > config.eps:
-        exceeds = f"the {cal.metric} drop {drop_q.drop:.4f} exceeds eps {config.eps}"
+    if crossfit is not None:
+        report.crossfit_drop = quality(cal.metric, reference, crossfit, data.labels, data.indices).drop
+    if max(drop_q.drop, report.crossfit_drop or 0.0) > config.eps:
+        exceeds = (f"the {cal.metric} drop {drop_q.drop:.4f} exceeds eps {config.eps}" if drop_q.drop > config.eps
+                   else f"the cross-fitted {cal.metric} drop {report.crossfit_drop:.4f} exceeds eps {config.eps}")
         if not tuned_to_eps(config):
             notes.append(f"{exceeds}: the ranks were fixed by --select {config.select} options, "
                          "not chosen to fit eps")
@@ -337,6 +348,7 @@ def _finetune(original, prepared, problems, choice: Choice, reasons, compressed,
                                         cal.held.indices).value
         report.quality_after, report.drop, report.heldout_drop = drop_q.value, drop_q.drop, drop_q.drop
         report.check_samples = len(cal.held)
+        report.crossfit_drop = None  # the fine-tuned model was trained, not refit
         report.resolution, _ = resolution(cal.metric, len(cal.held), config.eps)
     check_model(compressed, prepared)
     return compressed, choice, reasons
@@ -366,7 +378,7 @@ def _quantization_report(report: Report, prepared, compressed, problems, choice:
     """--quantize: which layers are int8 and which float, and why; the same choice in float beside
     it (its drop and size: what quantization cost and gave); quantized ops onnxruntime would still
     run in float."""
-    float_model = export(build(prepared, problems, choice), config)
+    float_model = export(build(prepared, problems, choice, compensation=cal.compensation), config)
     data, reference = cal.check
     float_drop = quality(cal.metric, reference, predict(float_model, data, config.batch_size), data.labels,
                          data.indices).drop

@@ -75,10 +75,47 @@ def session(model: onnx.ModelProto | bytes, threads: int = 0,
     return sess
 
 
-def predict(model: onnx.ModelProto | ort.InferenceSession, data: CalibrationSet, batch_size: int = 64,
+class FoldedModel:
+    """Models that each answer for part of the calibration set: sample i (by its index in the
+    whole set) is run by models[fold[i]]. A model refit on the calibration data is measured so
+    on samples it was not fitted on (compensate.py: two refits, each on the other's fold)."""
+
+    def __init__(self, models: list[onnx.ModelProto], fold: np.ndarray):
+        self.models, self.fold = models, fold
+        self._sessions: list[ort.InferenceSession] | None = None
+
+    def map(self, f: Callable[[onnx.ModelProto], onnx.ModelProto]) -> "FoldedModel":
+        """Each model passed through `f` (export touches, quantization)."""
+        return FoldedModel([f(m) for m in self.models], self.fold)
+
+    def get_outputs(self):
+        return self.sessions()[0].get_outputs()
+
+    def sessions(self) -> list[ort.InferenceSession]:
+        if self._sessions is None:
+            self._sessions = [session(m) for m in self.models]
+        return self._sessions
+
+    def predict(self, data: CalibrationSet, batch_size: int, names: list[str]) -> list[np.ndarray]:
+        fold = self.fold[data.indices]
+        parts = [(np.flatnonzero(fold == k), sess) for k, sess in enumerate(self.sessions())]
+        parts = [(idx, predict(sess, data.take(idx), batch_size, names)) for idx, sess in parts if len(idx)]
+        joined = []
+        for j in range(len(names)):
+            first = parts[0][1][j]
+            out = np.empty((len(data),) + first.shape[1:], first.dtype)
+            for idx, outs in parts:
+                out[idx] = outs[j]
+            joined.append(out)
+        return joined
+
+
+def predict(model: onnx.ModelProto | ort.InferenceSession | FoldedModel, data: CalibrationSet, batch_size: int = 64,
             outputs: list[str] | None = None) -> list[np.ndarray]:
     """The named outputs (default: the graph's) over the whole set, in the batches the model takes;
     a transformer's token outputs zero at padding (calibration.data.without_padding)."""
+    if isinstance(model, FoldedModel):
+        return model.predict(data, batch_size, outputs or [o.name for o in model.get_outputs()])
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = outputs or [o.name for o in sess.get_outputs()]
     runs: list[list[tuple[np.ndarray, int]]] = [[] for _ in names]
@@ -318,8 +355,8 @@ class DropMeter:
         self.n = len(self.data)
         self.exact = True
 
-    def __call__(self, model: onnx.ModelProto | ort.InferenceSession) -> float:
-        sess = model if isinstance(model, ort.InferenceSession) else session(model)
+    def __call__(self, model: onnx.ModelProto | ort.InferenceSession | FoldedModel) -> float:
+        sess = model if isinstance(model, (ort.InferenceSession, FoldedModel)) else session(model)
         names = [o.name for o in sess.get_outputs()]
         if isinstance(self.metric, UserMetric):  # no bound to stop at: every sample, every time
             return self.metric(self.reference, predict(sess, self.data, self.batch_size, names), self.data.indices)

@@ -55,6 +55,9 @@ class Report:
     #                               part alone with --finetune-epochs, which trains on the search part)
     check_samples: int = 0        # how many samples `drop` was measured on
     heldout_drop: float = 0.0     # the held-out part alone: the choice did not see it
+    # compensated (compensate.py): every sample measured on a refit that did not see it, the
+    # estimate for other data; within eps like `drop` (None: --no-compensate, or nothing factored)
+    crossfit_drop: float | None = None
     resolution: str = ""          # what the check can resolve ("1000 samples: one changed sample is ...")
     search_drop: float = 0.0
     backed_off: int = 0           # steps taken back because the drop exceeded eps
@@ -101,7 +104,8 @@ class Report:
         data["mac_ratio"] = self.mac_ratio
         data["param_ratio"] = self.param_ratio
         data["eps_meaning"] = ("largest allowed quality drop (see metric) on every calibration input, measured in "
-                               "onnxruntime; the held-out part alone is heldout_drop")
+                               "onnxruntime; the held-out part alone is heldout_drop; crossfit_drop, each sample on "
+                               "a compensation refit that did not see it")
         return data
 
     def write_json(self, path: str | Path) -> None:
@@ -154,7 +158,8 @@ class Report:
         whole.add_row(f"{self.metric} ({self.check_samples} samples)", f"{self.quality_before:.4f}",
                       f"{self.quality_after:.4f}", f"drop {self.drop:.4f} (eps {self.eps})")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
-        whole.caption = (f"search-set drop {self.search_drop:.4f}, held-out part {self.heldout_drop:.4f}; "
+        crossfit = "" if self.crossfit_drop is None else f", cross-fitted {self.crossfit_drop:.4f}"
+        whole.caption = (f"search-set drop {self.search_drop:.4f}, held-out part {self.heldout_drop:.4f}{crossfit}; "
                          f"{self.resolution}\ntime: {timing}")
         if quantized:
             whole.caption += (f"\n{self.quantization['mode']}: {self.quantization['int8_layers']} layer(s) int8, "

@@ -10,20 +10,38 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .compensate import Compensation
 from .config import CompressConfig
 from .errors import InvalidModel, first_line
 from .graph import replace_layers
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.index import FLOAT_TYPES
-from .quality import DropMeter, predict
+from .graph.prepare import infer_shapes
+from .quality import DropMeter, FoldedModel, predict
 from .quantize import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
 from .selection import Choice
 from .selection.candidates import cost_of
 
 
-def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True) -> onnx.ModelProto:
+def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True,
+          compensation: Compensation | None = None, measured: bool = False) -> onnx.ModelProto | FoldedModel:
+    """The prepared model with the chosen candidates. With `compensation` their chains' last steps
+    are refit to the original's outputs (compensate.py): on the whole calibration set for the
+    model written, or, `measured`, as two refits each answering for the fold it was not fitted on
+    (a FoldedModel, not shape-inferred): what the drop of a refit model is measured on."""
     chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factored]
-    return replace_layers(prepared, chosen, infer)
+    model = replace_layers(prepared, chosen, infer=False)
+    if compensation is not None and chosen:
+        names = [t.name for t, _ in chosen]
+        if measured:
+            return compensation.crossfit(model, names)
+        compensation.refit(model, names)
+    return infer_shapes(model) if infer else model
+
+
+def each(model: onnx.ModelProto | FoldedModel, f: Callable[[onnx.ModelProto], onnx.ModelProto]):
+    """`f` applied to a model, or to each model of a FoldedModel."""
+    return model.map(f) if isinstance(model, FoldedModel) else f(model)
 
 
 def export(model: onnx.ModelProto, config: CompressConfig) -> onnx.ModelProto:
@@ -46,7 +64,7 @@ def tuned_to_eps(config: CompressConfig) -> bool:
 
 def verify_choice(prepared, problems, choice: Choice, metric, data, reference, config, back_off: bool,
                   confirm: Callable[[Choice], Choice] | None = None, quantizer: Quantizer | None = None,
-                  feed: dict[str, np.ndarray] | None = None):
+                  feed: dict[str, np.ndarray] | None = None, compensation: Compensation | None = None):
     """The chosen model's drop on `data` (the whole calibration set: _Calibrated.check). If it
     exceeds eps and the ranks were chosen to fit eps, step back: a step moves the factored layer
     with the largest error to its next more accurate candidate, and the steps from the choice to
@@ -54,20 +72,26 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
     step-by-step walk tries, in about log2 of their number of runs; the last, keeping every layer,
     is taken to hold). `confirm` checks each choice measured (--cost latency). With `quantizer`
     (--quantize) the models are quantized, and a step may instead keep a unit in float
-    (joint_step); the path ends at the original, unquantized. Returns the model as written, its
-    choice, the units kept in float (None: not quantized), its outputs on `data`, and how many
-    steps back it is."""
+    (joint_step); the path ends at the original, unquantized. With `compensation` a model holds
+    when both its cross-fitted refits (build) and the model as written are within eps. Returns the
+    model as written, its choice, the units kept in float (None: not quantized), its outputs on
+    `data`, the cross-fitted ones (None: not compensated), and how many steps back it is."""
     meter = DropMeter(metric, data, reference, config.eps, config.batch_size)
     targets = [p.target for p in problems]
 
-    def model_of(c: Choice, floats: frozenset[str] | None, infer: bool) -> onnx.ModelProto:
-        model = export(build(prepared, problems, c, infer=infer), config)
-        if floats is None:
-            return model
-        return quantizer(model, [n for u in units(model, targets) if u.name in floats for n in u.nodes])
+    def model_of(c: Choice, floats: frozenset[str] | None, infer: bool, measured: bool = False):
+        def touched(model: onnx.ModelProto) -> onnx.ModelProto:
+            model = export(model, config)
+            if floats is None:
+                return model
+            return quantizer(model, [n for u in units(model, targets) if u.name in floats for n in u.nodes])
+        return each(build(prepared, problems, c, infer, compensation, measured), touched)
 
     def holds(state) -> bool:  # no shape inference while searching: once, on the model kept
-        return meter(model_of(*state, infer=False)) <= config.eps
+        if meter(model_of(*state, infer=False, measured=True)) > config.eps:
+            return False  # refit models, measured on samples their refit did not see (compensate.py)
+        # and the model as written, refit on every sample, on them all
+        return compensation is None or meter(model_of(*state, infer=False)) <= config.eps
 
     path = [(dict(choice), frozenset() if quantizer is not None else None)]
     if confirm is not None:
@@ -96,7 +120,10 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
         steps = holding
     choice, floats = path[steps]
     compressed = model_of(choice, floats, infer=True)
-    return compressed, choice, floats, predict(compressed, data, config.batch_size), steps
+    outputs = predict(compressed, data, config.batch_size)
+    crossfit = None if compensation is None else predict(model_of(choice, floats, infer=False, measured=True), data,
+                                                         config.batch_size)
+    return compressed, choice, floats, outputs, crossfit, steps
 
 
 def joint_step(problems, choice: Choice, floats: frozenset[str], found: list[Unit], errors: dict[str, float]):

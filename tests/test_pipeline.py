@@ -120,7 +120,8 @@ def test_back_off_stops_at_the_first_step_that_holds(calib):
     cheapest = {p.name: p.candidates[0] for p in problems}
     held_ref = predict(prepared, held)
     config = CompressConfig(eps=0.01)
-    _, choice, _, outputs, steps = verify_choice(prepared, problems, cheapest, "accuracy", held, held_ref, config, True)
+    _, choice, _, outputs, _, steps = verify_choice(prepared, problems, cheapest, "accuracy", held, held_ref, config,
+                                                    True)
     q = quality("accuracy", held_ref, outputs, held.labels)
     assert steps > 1 and q.drop <= config.eps and nonfinite_samples(held_ref, outputs, len(held)) == 0
     walk = [cheapest]

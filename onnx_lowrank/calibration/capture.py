@@ -29,25 +29,50 @@ def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int
             columns: bool = False) -> np.ndarray:
     """Rows the layer's weight multiplies, (rows, groups, in_per_group * prod(kernel)): a conv's
     im2col patches, a dense layer's input vectors; at most `max_rows` of them, drawn at random."""
+    total = row_count(x, layer, columns)
+    pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
+    return rows_at(x, layer, pick, columns)
+
+
+def row_count(x: np.ndarray, layer: Layer, columns: bool = False) -> int:
+    """How many rows `x` gives the layer: a conv's output positions over the batch, a dense
+    layer's input vectors."""
+    if not layer.is_conv:
+        return x.size // x.shape[-2 if columns else -1]
+    return x.shape[0] * int(np.prod(_positions(x, layer)))
+
+
+def _positions(x: np.ndarray, layer: Layer) -> tuple[int, ...]:
+    g = layer.geometry
+    pads = _pads(x, layer)
+    n, size = g.ndim, x.shape[2:]
+    return tuple((size[i] + pads[i] + pads[n + i] - g.dilations[i] * (g.kernel[i] - 1) - 1) // g.strides[i] + 1
+                 for i in range(n))
+
+
+def _pads(x: np.ndarray, layer: Layer) -> tuple[int, ...]:
+    g = layer.geometry
+    if g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return same_pads(x.shape[2:], g.kernel, g.strides, g.dilations, g.auto_pad)
+    return g.pads
+
+
+def rows_at(x: np.ndarray, layer: Layer, pick: np.ndarray, columns: bool = False) -> np.ndarray:
+    """The rows numbered `pick` (of row_count): (rows, groups, in_per_group * prod(kernel)). A
+    conv's row k is the patch of output position k in (batch, *positions) order."""
     if not layer.is_conv:
         if columns:  # W @ X, or Gemm's transposed A: the columns of X are the inputs
             rows = np.moveaxis(x, -1, -2).reshape(-1, x.shape[-2])
         else:
             rows = x.reshape(-1, x.shape[-1])
-        if len(rows) > max_rows:
-            rows = rows[rng.choice(len(rows), max_rows, replace=False)]
+        if len(pick) < len(rows):
+            rows = rows[pick]
         return rows[:, None, :].astype(np.float32, copy=False)
     g = layer.geometry
     n = g.ndim
-    pads = g.pads
-    if g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = same_pads(x.shape[2:], g.kernel, g.strides, g.dilations, g.auto_pad)
+    pads = _pads(x, layer)
     size = x.shape[2:]
-    positions = tuple((size[i] + pads[i] + pads[n + i] - g.dilations[i] * (g.kernel[i] - 1) - 1) // g.strides[i] + 1
-                      for i in range(n))
-    total = x.shape[0] * int(np.prod(positions))
-    pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
-    idx = np.unravel_index(pick, (x.shape[0],) + positions)
+    idx = np.unravel_index(pick, (x.shape[0],) + _positions(x, layer))
     # gather the taps of the picked positions only (padding the whole batch would copy all of
     # it): per axis, tap coordinates in the input, those in the padding read as zero
     coords, valid = [], np.ones((len(pick),) + tuple(g.kernel), dtype=bool)

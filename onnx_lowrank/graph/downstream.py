@@ -111,7 +111,7 @@ def downstream(graph: onnx.GraphProto, start: onnx.NodeProto) -> Downstream:
 
 def downstream_model(model: onnx.ModelProto, part: Downstream, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
     """The model of `part`'s nodes alone: its frontier becomes the inputs (typed from `feeds`,
-    values of them), its outputs those of the whole graph it computes."""
+    values of them), its outputs `part.outputs` (typed where they are the graph's)."""
     # built up, not copied and pruned: a copy of a VGG-16 would be 550 MB of weights per layer probed
     out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
                           producer_version=model.producer_version, domain=model.domain)
@@ -125,5 +125,30 @@ def downstream_model(model: onnx.ModelProto, part: Downstream, feeds: dict[str, 
     graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
     graph.input.extend(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype),
                                                      [None] * feeds[n].ndim) for n in part.frontier)
-    graph.output.extend(o for o in model.graph.output if o.name in part.outputs)
+    typed = {o.name: o for o in model.graph.output}  # an inner tensor's type onnxruntime infers
+    graph.output.extend(typed.get(n, onnx.ValueInfoProto(name=n)) for n in part.outputs)
     return out
+
+
+def upstream(graph: onnx.GraphProto, output: str, given: set[str]) -> Downstream:
+    """What computes `output`, back to the tensors in `given` (their values fed at the frontier,
+    with the graph inputs it reads). Shapes and indices are computed inside even when given: fed
+    at a frontier, they are unknown when onnxruntime builds the session (downstream)."""
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    initializers = {t.name for t in graph.initializer}
+    given = given - _integer_tensors(graph)
+    nodes: set[int] = set()
+    frontier: dict[str, None] = {}
+    needed = [output]
+    while needed:
+        name = needed.pop()
+        if not name or name in initializers:
+            continue
+        i = producer.get(name)
+        if name in given or i is None:
+            frontier[name] = None
+        elif i not in nodes:
+            nodes.add(i)
+            node = graph.node[i]
+            needed.extend([n for n in node.input if n] + sorted(subgraph_inputs(node)))
+    return Downstream(sorted(nodes), list(frontier), [output])
