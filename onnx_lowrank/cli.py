@@ -239,8 +239,9 @@ def convert(
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),
     no_compensate: bool = typer.Option(False, "--no-compensate", help="Keep the factors as decomposed: do not refit "
-                                       "each factored layer's last step, by least squares on the search part, to "
-                                       "the original layer's outputs given the compressed model's own inputs."),
+                                       "each factored layer's last step by least squares to the original layer's "
+                                       "outputs, given the compressed model's own inputs on the calibration data "
+                                       "(measured on two halves, each refit on the other)."),
     holdout: float = typer.Option(0.2, help="Share of the calibration set the rank choice does not see (the "
                                   "result is checked on every sample; the held-out part alone is reported)."),
     verify: bool = typer.Option(True, help="Check the result on every calibration sample: step back where the drop "
@@ -294,9 +295,10 @@ def convert(
         console.print(table)
     if plots is not None:
         console.print(f"plots: {plots}/trade_off.png, {plots}/layers.png", highlight=False)
+    crossfit = "" if result.crossfit_drop is None else f", cross-fitted {result.crossfit_drop:.4f}"
     console.print(f"wrote {dst}: {result.mac_ratio:.2f}x fewer MACs, {result.param_ratio:.2f}x fewer parameters, "
                   f"{result.metric} drop {result.drop:.4f} on {result.check_samples} samples, held-out part "
-                  f"{result.heldout_drop:.4f} (eps {result.eps})", highlight=False)
+                  f"{result.heldout_drop:.4f}{crossfit} (eps {result.eps})", highlight=False)
 
 
 @app.command("finetune")
