@@ -54,7 +54,8 @@ class Report:
     drop: float = 0.0             # what --eps bounds: on every calibration sample (on the held-out
     #                               part alone with --finetune-epochs, which trains on the search part)
     check_samples: int = 0        # how many samples `drop` was measured on
-    heldout_drop: float = 0.0     # the held-out part alone: the choice did not see it
+    heldout_drop: float = 0.0     # the held-out part alone: the choice did not see it (a compensation
+    #                               refit of the written model did: crossfit_drop did not)
     # compensated (compensate.py): every sample measured on a refit that did not see it, the
     # estimate for other data; within eps like `drop` (None: --no-compensate, or nothing factored)
     crossfit_drop: float | None = None
