@@ -50,9 +50,9 @@ def test_refit_brings_every_layer_closer_to_the_original_on_unseen_digits():
     for label, model in (("plain", plain), ("refit", refit)):
         got = _outputs(model, x, names)
         errors[label] = [np.linalg.norm(g - o) / np.linalg.norm(o) for g, o in zip(got, original)]
-    # the first layer sees the original's input: only its bias and the ridge move it, a little
+    # plain (not data-aware) factors: even the first layer, fed the original's input, gains
     for k, (p, r) in enumerate(zip(errors["plain"], errors["refit"])):
-        assert r < p * (1.02 if k == 0 else 0.9), (k, errors)
+        assert r < 0.9 * p, (k, errors)
     logits = {label: run(m, {"image": x})[0] for label, m in (("plain", plain), ("refit", refit))}
     accuracy = {label: float(np.mean(v.argmax(1) == labels)) for label, v in logits.items()}
     assert accuracy["refit"] > accuracy["plain"] + 0.01, accuracy
