@@ -270,8 +270,8 @@ def convert(
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
             merge=merge, quantize=quantize, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, iterative=iterative,
-            data_aware=not no_data_aware, compensate=not no_compensate, holdout=holdout, seed=seed, batch_size=batch_size,
-            max_memory=_bytes("--max-memory", max_memory),
+            data_aware=not no_data_aware, compensate=not no_compensate, holdout=holdout, seed=seed,
+            batch_size=batch_size, max_memory=_bytes("--max-memory", max_memory),
             image=ImageOptions(size=image_size, mean=_floats("--image-mean", image_mean),
                                std=_floats("--image-std", image_std), layout=image_layout,
                                scale=image_scale))

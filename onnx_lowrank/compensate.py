@@ -77,7 +77,9 @@ class Compensation:
                 mask = token_mask(feed)
                 for (name, t), y in zip(self.targets.items(), sess.run(names, feed)):
                     y = self._rows(self._cut(part, y, count), mask, t)
-                    pick = np.sort(rng.choice(len(y), per_run, replace=False)) if len(y) > per_run else np.arange(len(y))
+                    pick = np.arange(len(y))
+                    if len(y) > per_run:
+                        pick = np.sort(rng.choice(len(y), per_run, replace=False))
                     picks[name].append(pick)
                     totals[name].append(len(y))
                     found[name].append(y[pick].astype(np.float32))
