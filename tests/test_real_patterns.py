@@ -2,7 +2,8 @@
 small model built here: sizes computed from the input (Shape -> Slice -> Concat -> Resize, as
 `F.interpolate(size=x.shape[2:])` exports), inputs of a fixed batch, state and scalar inputs,
 shapes onnx's inference cannot follow (paddle2onnx), and layers too wide to hold a full second
-moment of their inputs."""
+moment of their inputs; and the pieces of a graph the tool runs alone compute the shapes they
+read."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import OutOfMemory
 from onnx_lowrank.graph import find_targets, node_costs, prepare
-from onnx_lowrank.graph.downstream import downstream, downstream_model, with_outputs
+from onnx_lowrank.graph.downstream import downstream, downstream_model, upstream, with_outputs
 from onnx_lowrank.pipeline import compress
 from onnx_lowrank.quality import predict, session
 
@@ -70,6 +71,21 @@ def test_part_downstream_of_a_layer_computes_the_shapes_it_reads():
     sub = session(downstream_model(model, part, values))
     (y,) = sub.run(None, values)
     np.testing.assert_allclose(y, session(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_part_upstream_of_a_tensor_computes_the_shapes_it_reads():
+    """A compensation piece (compensate.py) starts from what earlier pieces computed; the shapes
+    among those are computed again inside it, from the data they come from, never fed."""
+    model = prepare(resize_model(np.random.default_rng(0)))
+    given = {"a", "b", "sa", "hw", "nc", "sizes", "s0", "s1", "z0"}
+    part = upstream(model.graph, "cat", given)
+    ran = {o for i in part.nodes for o in model.graph.node[i].output}
+    assert {"sizes", "up"} <= ran and set(part.frontier) == {"a", "b"}
+    x = np.random.default_rng(1).standard_normal((2, 3, 12, 10)).astype(np.float32)
+    values = dict(zip(["a", "b", "cat"], session(with_outputs(model, ["a", "b", "cat"])).run(["a", "b", "cat"],
+                                                                                          {"x": x})))
+    (cat,) = session(downstream_model(model, part, values)).run(None, {n: values[n] for n in part.frontier})
+    np.testing.assert_allclose(cat, values["cat"], rtol=1e-6)
 
 
 def test_model_with_sizes_computed_from_the_input_converts():
