@@ -76,9 +76,9 @@ def main() -> None:
 
     table = Table(title=f"MNIST at eps {args.eps}: five {n}-image calibration sets, judged on test[5000:] "
                         f"({len(unseen_y)} images no set holds)")
-    for col in ("model", "calibration set", "its accuracy", "MACs", "params", f"drop ({n})", "cross-fitted", "held-out part",
-                "stepped back", "unseen drop", "within eps", "time") + (
-                () if args.no_baseline else ("MACs, not compensated", "its unseen drop")):
+    columns = ("model", "calibration set", "its accuracy", "MACs", "params", f"drop ({n})", "cross-fitted",
+               "held-out part", "stepped back", "unseen drop", "within eps", "time")
+    for col in columns + (() if args.no_baseline else ("MACs, not compensated", "its unseen drop")):
         table.add_column(col, justify="right")
     for name in args.models.split(","):
         path = MODELS[name]
@@ -99,7 +99,8 @@ def main() -> None:
             within = unseen <= args.eps + 1 / len(unseen_y)
             table.add_row(name, label, f"{report.quality_before:.4f}", f"{report.mac_ratio:.2f}x",
                           f"{report.param_ratio:.2f}x", f"{report.drop:.4f}",
-                          "-" if report.crossfit_drop is None else f"{report.crossfit_drop:.4f}", f"{report.heldout_drop:.4f}",
+                          "-" if report.crossfit_drop is None else f"{report.crossfit_drop:.4f}",
+                          f"{report.heldout_drop:.4f}",
                           str(report.backed_off), f"{unseen:.4f}", "yes" if within else "NO", f"{seconds:.0f}s",
                           *baseline)
             print(f"{name} {label}: {report.mac_ratio:.2f}x, drop {report.drop:.4f}, held-out part "

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from .calibration.capture import activation_name, real_tokens, row_count, rows_at
 from .calibration.data import CalibrationSet, token_mask
 from .decompositions.base import ConvGeometry, Layer
-from .graph.downstream import downstream_model, upstream, with_outputs
+from .graph.downstream import downstream_model, pieces, with_outputs
 from .graph.index import node_attrs
 from .graph.targets import LayerTarget
 from .quality import FoldedModel, session
@@ -63,20 +63,23 @@ class Compensation:
         per_fold = max(1, min(SAMPLES // 2, budget // 2 // max(_kept_per_sample(prepared, targets, data), 1)))
         self.parts = [data.take(np.sort(h[:per_fold])) for h in halves]
         # the rows every layer keeps, within `budget` bytes: wide outputs read fewer positions
-        width = sum(_out_channels(t) for t in self.targets.values())
+        width = sum(t.layer.out_channels for t in self.targets.values())
         rows = max(64, min(ROWS, budget // max(4 * width, 1))) // 2
         names = [t.output for t in self.targets.values()]
         sess = session(with_outputs(prepared, names))
         self.reference: list[dict[str, _Reference]] = []
+        self.runs: list[list[tuple[int, np.ndarray | None]]] = []  # per fold, per run: samples, token mask
         for part in self.parts:
             per_run = -(-rows // -(-len(part) // part.batch_for(batch)))
             picks: dict[str, list[np.ndarray]] = {n: [] for n in self.targets}
             totals: dict[str, list[int]] = {n: [] for n in self.targets}
             found: dict[str, list[np.ndarray]] = {n: [] for n in self.targets}
+            self.runs.append([])
             for feed, count in part.batches(batch):
                 mask = token_mask(feed)
+                self.runs[-1].append((count, mask))
                 for (name, t), y in zip(self.targets.items(), sess.run(names, feed)):
-                    y = self._rows(self._cut(part, y, count), mask, t)
+                    y = self._rows(part.own(y, count), mask, t)
                     pick = np.arange(len(y))
                     if len(y) > per_run:
                         pick = np.sort(rng.choice(len(y), per_run, replace=False))
@@ -121,17 +124,11 @@ class Compensation:
                 steps.append((name, fit, node.input[0]))
         # every tensor a piece computes is final (its steps upstream are refit by then): later
         # pieces start from it, rather than from the model's input again through a residual path
-        pieces, computed = [], set()
-        for _, _, z in steps:
-            pieces.append(upstream(graph, z, computed))
-            computed.update(o for i in pieces[-1].nodes for o in graph.node[i].output)
-        last_use = {n: k for k, piece in enumerate(pieces) for n in piece.frontier}
-        for k, piece in enumerate(pieces):  # what each piece hands on to later ones
-            made = {o for i in piece.nodes for o in graph.node[i].output}
-            piece.outputs += [n for n in made if last_use.get(n, -1) > k and n != piece.outputs[0]]
-        # per fold, per run: the values pieces start from (the run's feed, the steps' inputs so far)
+        cut = pieces(graph, [z for _, _, z in steps])
+        last_use = {n: k for k, piece in enumerate(cut) for n in piece.frontier}
+        # per fold, per run: the values pieces start from (the run's feed, what pieces computed)
         values = {k: [dict(feed) for feed, _ in self.parts[k].batches(self.batch)] for k in parts}
-        for k, ((name, fit, z), piece) in enumerate(zip(steps, pieces)):
+        for k, ((name, fit, z), piece) in enumerate(zip(steps, cut)):
             first = values[parts[0]][0]
             sess = session(downstream_model(model, piece, {n: first[n] for n in piece.frontier}))
             done = [n for n in piece.frontier if last_use[n] == k]
@@ -158,9 +155,9 @@ class Compensation:
             samples += len(part)
             ysum += ref.rows.sum(0, dtype=np.float64)
             start = 0
-            for run, ((feed, count), value) in enumerate(zip(part.batches(self.batch), runs)):
-                z = self._cut(part, value[z_name], count)
-                real = real_tokens(z, token_mask(feed), t)
+            for run, ((count, mask), value) in enumerate(zip(self.runs[k], runs)):
+                z = part.own(value[z_name], count)
+                real = real_tokens(z, mask, t)
                 z = z if real is None else z[real]
                 if row_count(z, fit.layer) != ref.totals[run]:
                     return  # the step's positions are not the layer's: left as factored
@@ -179,11 +176,6 @@ class Compensation:
         lam = max(RIDGE, d / min(m, samples)) * max(np.trace(zz), 1e-12) / d
         w = np.linalg.solve(zz + lam * np.eye(d), zy + lam * fit.weight.T).T
         fit.write(w, (ysum - w @ zsum) / m if fit.bias is not None else None)
-
-    @staticmethod
-    def _cut(data: CalibrationSet, y: np.ndarray, count: int) -> np.ndarray:
-        """A fixed batch filled up with repeats: those are not counted twice."""
-        return y[:count] if data.run_batch and count < data.run_batch and not data.whole else y
 
     @staticmethod
     def _rows(y: np.ndarray, mask, t: LayerTarget) -> np.ndarray:
@@ -207,10 +199,6 @@ def _supported(t: LayerTarget) -> bool:
     """Layers whose output rows line up with their input rows: convs, and dense layers taking
     their samples along the rows (not W @ X, nor Gemm's transposed A)."""
     return not t.inputs_in_columns
-
-
-def _out_channels(t: LayerTarget) -> int:
-    return t.layer.out_channels
 
 
 @dataclass
@@ -244,14 +232,20 @@ def _last_step(node: onnx.NodeProto, bias_add, inits: dict, graph: onnx.GraphPro
             inits[init_name].CopyFrom(numpy_helper.from_array(value.astype(dtype), init_name))
         return write
 
-    def new_bias(base: str, count: int):
-        """A bias input added to `node` (Conv and Gemm take one), zero until written."""
-        name = f"{base}/refit_bias"
-        graph.initializer.append(numpy_helper.from_array(np.zeros(count, dtype), name))
-        inits[name] = graph.initializer[-1]
-        node.input.append(name)
-        return name
+    def fit(weight: np.ndarray, layer: Layer, write_weight, bias_name: str | None) -> _Fit:
+        """`weight` as (out, in); the bias is refit where it is a constant vector, one per output
+        (a Conv or Gemm without one gets one, zero until written)."""
+        if bias_name == "":
+            bias_name = f"{node.output[0]}/refit_bias"
+            graph.initializer.append(numpy_helper.from_array(np.zeros(len(weight), dtype), bias_name))
+            inits[bias_name] = graph.initializer[-1]
+            node.input.append(bias_name)
+        bias = numpy_helper.to_array(inits[bias_name]) if bias_name in inits else None
+        if bias is None or bias.shape != (len(weight),):  # a broadcast or computed C: left as it is
+            return _Fit(weight.astype(np.float64), None, layer, write_weight, None)
+        return _Fit(weight.astype(np.float64), bias.astype(np.float64), layer, write_weight, setter(bias_name))
 
+    third = node.input[2] if len(node.input) > 2 else ""
     if node.op_type == "Conv":
         if attrs.get("group", 1) != 1:
             return None
@@ -262,33 +256,13 @@ def _last_step(node: onnx.NodeProto, bias_add, inits: dict, graph: onnx.GraphPro
                                 tuple(attrs.get("dilations", (1,) * ndim)),
                                 tuple(attrs.get("pads", (0,) * (2 * ndim))),
                                 "NOTSET" if auto_pad == "VALID" else auto_pad)
-        shape = w.shape
-        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else new_bias(node.output[0], shape[0])
-        return _Fit(w.reshape(shape[0], -1).astype(np.float64),
-                    numpy_helper.to_array(inits[bias_name]).astype(np.float64),
-                    Layer(w, None, geometry), lambda v: setter(node.input[1])(v.reshape(shape)),
-                    setter(bias_name))
+        return fit(w.reshape(len(w), -1), Layer(w, None, geometry),
+                   lambda v: setter(node.input[1])(v.reshape(w.shape)), third)
     if node.op_type == "Gemm":
         if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0:
             return None
-        if len(node.input) > 2 and node.input[2]:
-            if node.input[2] not in inits or attrs.get("beta", 1.0) != 1.0:
-                return _Fit(w.astype(np.float64), None, Layer(w), setter(node.input[1]), None)
-            bias_name = node.input[2]
-        else:
-            bias_name = new_bias(node.output[0], w.shape[0])
-        bias = numpy_helper.to_array(inits[bias_name])
-        if bias.shape != (w.shape[0],):  # a broadcast C: left as it is
-            return _Fit(w.astype(np.float64), None, Layer(w), setter(node.input[1]), None)
-        return _Fit(w.astype(np.float64), bias.astype(np.float64), Layer(w), setter(node.input[1]),
-                    setter(bias_name))
-    if node.op_type == "MatMul" and w.ndim == 2:  # X @ W, W (in, out)
-        write_w = lambda v: setter(node.input[1])(v.T)  # noqa: E731
-        if bias_add is None:
-            return _Fit(w.T.astype(np.float64), None, Layer(w.T), write_w, None)
-        b_name = next((n for n in bias_add.input if n in inits), None)
-        if b_name is None or numpy_helper.to_array(inits[b_name]).shape != (w.shape[1],):
-            return _Fit(w.T.astype(np.float64), None, Layer(w.T), write_w, None)
-        return _Fit(w.T.astype(np.float64), numpy_helper.to_array(inits[b_name]).astype(np.float64), Layer(w.T),
-                    write_w, setter(b_name))
+        return fit(w, Layer(w), setter(node.input[1]), third if attrs.get("beta", 1.0) == 1.0 else None)
+    if node.op_type == "MatMul" and w.ndim == 2:  # X @ W, W (in, out); the bias in the Add after it
+        bias_name = None if bias_add is None else next((n for n in bias_add.input if n in inits), None)
+        return fit(w.T, Layer(w.T), lambda v: setter(node.input[1])(v.T), bias_name)
     return None

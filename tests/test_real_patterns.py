@@ -19,7 +19,7 @@ from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import OutOfMemory
 from onnx_lowrank.graph import find_targets, node_costs, prepare
-from onnx_lowrank.graph.downstream import downstream, downstream_model, upstream, with_outputs
+from onnx_lowrank.graph.downstream import downstream, downstream_model, pieces, with_outputs
 from onnx_lowrank.pipeline import compress
 from onnx_lowrank.quality import predict, session
 
@@ -73,19 +73,22 @@ def test_part_downstream_of_a_layer_computes_the_shapes_it_reads():
     np.testing.assert_allclose(y, session(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
-def test_part_upstream_of_a_tensor_computes_the_shapes_it_reads():
-    """A compensation piece (compensate.py) starts from what earlier pieces computed; the shapes
-    among those are computed again inside it, from the data they come from, never fed."""
+def test_pieces_compute_the_shapes_they_read_and_hand_on_the_data():
+    """Compensation's pieces (compensate.py) start from what earlier pieces computed; a shape an
+    earlier piece computed (the Resize's sizes) is computed again inside, from the data it comes
+    from, never fed; the data a later piece reads is among the earlier piece's outputs."""
     model = prepare(resize_model(np.random.default_rng(0)))
-    given = {"a", "b", "sa", "hw", "nc", "sizes", "s0", "s1", "z0"}
-    part = upstream(model.graph, "cat", given)
-    ran = {o for i in part.nodes for o in model.graph.node[i].output}
-    assert {"sizes", "up"} <= ran and set(part.frontier) == {"a", "b"}
+    first, second = pieces(model.graph, ["sizes", "cat"])
+    assert first.outputs[0] == "sizes" and set(first.outputs[1:]) == {"a", "b"}
+    ran = {o for i in second.nodes for o in model.graph.node[i].output}
+    assert {"sizes", "up"} <= ran and set(second.frontier) == {"a", "b"}
     x = np.random.default_rng(1).standard_normal((2, 3, 12, 10)).astype(np.float32)
-    values = dict(zip(["a", "b", "cat"], session(with_outputs(model, ["a", "b", "cat"])).run(["a", "b", "cat"],
-                                                                                          {"x": x})))
-    (cat,) = session(downstream_model(model, part, values)).run(None, {n: values[n] for n in part.frontier})
-    np.testing.assert_allclose(cat, values["cat"], rtol=1e-6)
+    values = {"x": x}
+    for piece in (first, second):
+        sess = session(downstream_model(model, piece, values))
+        values.update(zip(piece.outputs, sess.run(piece.outputs, {n: values[n] for n in piece.frontier})))
+    np.testing.assert_allclose(values["cat"], session(with_outputs(model, ["cat"])).run(["cat"], {"x": x})[0],
+                               rtol=1e-6)
 
 
 def test_model_with_sizes_computed_from_the_input_converts():

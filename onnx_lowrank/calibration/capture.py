@@ -39,22 +39,7 @@ def row_count(x: np.ndarray, layer: Layer, columns: bool = False) -> int:
     layer's input vectors."""
     if not layer.is_conv:
         return x.size // x.shape[-2 if columns else -1]
-    return x.shape[0] * int(np.prod(_positions(x, layer)))
-
-
-def _positions(x: np.ndarray, layer: Layer) -> tuple[int, ...]:
-    g = layer.geometry
-    pads = _pads(x, layer)
-    n, size = g.ndim, x.shape[2:]
-    return tuple((size[i] + pads[i] + pads[n + i] - g.dilations[i] * (g.kernel[i] - 1) - 1) // g.strides[i] + 1
-                 for i in range(n))
-
-
-def _pads(x: np.ndarray, layer: Layer) -> tuple[int, ...]:
-    g = layer.geometry
-    if g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return same_pads(x.shape[2:], g.kernel, g.strides, g.dilations, g.auto_pad)
-    return g.pads
+    return x.shape[0] * int(np.prod(layer.geometry.out_size(x.shape[2:])))
 
 
 def rows_at(x: np.ndarray, layer: Layer, pick: np.ndarray, columns: bool = False) -> np.ndarray:
@@ -70,9 +55,11 @@ def rows_at(x: np.ndarray, layer: Layer, pick: np.ndarray, columns: bool = False
         return rows[:, None, :].astype(np.float32, copy=False)
     g = layer.geometry
     n = g.ndim
-    pads = _pads(x, layer)
     size = x.shape[2:]
-    idx = np.unravel_index(pick, (x.shape[0],) + _positions(x, layer))
+    pads = g.pads
+    if g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = same_pads(size, g.kernel, g.strides, g.dilations, g.auto_pad)
+    idx = np.unravel_index(pick, (x.shape[0],) + g.out_size(size))
     # gather the taps of the picked positions only (padding the whole batch would copy all of
     # it): per axis, tap coordinates in the input, those in the padding read as zero
     coords, valid = [], np.ones((len(pick),) + tuple(g.kernel), dtype=bool)
@@ -224,8 +211,8 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             _check_budget(targets, values, count, len(data), keep, stats_budget)
         for t in targets:
             x = values[activation_name(t)]
-            if data.run_batch and count < data.run_batch and not data.whole and not t.inputs_in_columns:
-                x = x[:count]  # a fixed batch filled up with repeats: those are not seen twice
+            if not t.inputs_in_columns:
+                x = data.own(x, count)
             budget = row_budget(t)
             real = real_tokens(x, mask, t)
             rows = patches(x if real is None else x[real], t.layer, rng, -(-budget // batches), t.inputs_in_columns)

@@ -111,6 +111,11 @@ class CalibrationSet:
             take = np.arange(start, start + step).clip(max=n - 1) if self.run_batch else np.arange(start, start + count)
             yield {k: np.asarray(v[take[0]]) if k in self.whole else v[take] for k, v in self.inputs.items()}, count
 
+    def own(self, value: np.ndarray, count: int) -> np.ndarray:
+        """A run's value (samples along axis 0) without the repeats that filled up a fixed batch's
+        last run (`batches`): those are not counted twice."""
+        return value[:count] if self.run_batch and count < self.run_batch and not self.whole else value
+
     def join(self, runs: list[tuple[np.ndarray, int]]) -> np.ndarray:
         """One output over the set from its values per run (with each run's sample count):
         stacked when each run is one whole sample, else joined along the batch axis."""

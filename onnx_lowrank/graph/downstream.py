@@ -130,25 +130,36 @@ def downstream_model(model: onnx.ModelProto, part: Downstream, feeds: dict[str, 
     return out
 
 
-def upstream(graph: onnx.GraphProto, output: str, given: set[str]) -> Downstream:
-    """What computes `output`, back to the tensors in `given` (their values fed at the frontier,
-    with the graph inputs it reads). Shapes and indices are computed inside even when given: fed
-    at a frontier, they are unknown when onnxruntime builds the session (downstream)."""
+def pieces(graph: onnx.GraphProto, outputs: list[str]) -> list[Downstream]:
+    """The graph cut into pieces that compute `outputs` in turn, for a caller that changes weights
+    between them (compensate.py): each piece computes its output back to the graph inputs and to
+    what earlier pieces computed (fed at its frontier), and outputs, after its own, what later
+    pieces start from. Shapes and indices are computed again inside each piece that reads them:
+    fed at a frontier, they are unknown when onnxruntime builds the session (downstream)."""
     producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
     initializers = {t.name for t in graph.initializer}
-    given = given - _integer_tensors(graph)
-    nodes: set[int] = set()
-    frontier: dict[str, None] = {}
-    needed = [output]
-    while needed:
-        name = needed.pop()
-        if not name or name in initializers:
-            continue
-        i = producer.get(name)
-        if name in given or i is None:
-            frontier[name] = None
-        elif i not in nodes:
-            nodes.add(i)
-            node = graph.node[i]
-            needed.extend([n for n in node.input if n] + sorted(subgraph_inputs(node)))
-    return Downstream(sorted(nodes), list(frontier), [output])
+    integer = _integer_tensors(graph)
+    found: list[Downstream] = []
+    computed: set[str] = set()  # data tensors an earlier piece computed
+    for output in outputs:
+        nodes: set[int] = set()
+        frontier: dict[str, None] = {}
+        needed = [output]
+        while needed:
+            name = needed.pop()
+            if not name or name in initializers:
+                continue
+            i = producer.get(name)
+            if name in computed or i is None:
+                frontier[name] = None
+            elif i not in nodes:
+                nodes.add(i)
+                node = graph.node[i]
+                needed.extend([n for n in node.input if n] + sorted(subgraph_inputs(node)))
+        found.append(Downstream(sorted(nodes), list(frontier), [output]))
+        computed.update(o for i in nodes for o in graph.node[i].output if o not in integer)
+    last_use = {n: k for k, piece in enumerate(found) for n in piece.frontier}
+    for k, piece in enumerate(found):
+        made = [o for i in piece.nodes for o in graph.node[i].output]
+        piece.outputs += [n for n in made if last_use.get(n, -1) > k and n != piece.outputs[0]]
+    return found
