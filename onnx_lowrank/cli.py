@@ -242,10 +242,16 @@ def convert(
                                        "each factored layer's last step by least squares to the original layer's "
                                        "outputs, given the compressed model's own inputs on the calibration data "
                                        "(measured on two halves, each refit on the other)."),
-    holdout: float = typer.Option(0.2, help="Share of the calibration set the rank choice does not see (the "
-                                  "result is checked on every sample; the held-out part alone is reported)."),
-    verify: bool = typer.Option(True, help="Check the result on every calibration sample: step back where the drop "
-                                "exceeds eps, fail (nothing written) if it still does or if outputs are NaN/Inf. "
+    holdout: float = typer.Option(0.7, help="Share of the calibration set held out of every fit and every choice: "
+                                  "it alone decides what is written (--confidence)."),
+    confidence: float = typer.Option(0.9, help="The level of the upper confidence bound on the drop for new data "
+                                     "(one-sided) that must be within --eps, measured on the held-out part."),
+    groups: Optional[str] = typer.Option(None, help="Each calibration sample's source (photo, file, speaker, "
+                                         "document): an .npy file, or the name of a key in the --calib .npz. Every "
+                                         "split keeps a group on one side; without, samples are taken as "
+                                         "independent."),
+    verify: bool = typer.Option(True, help="Decide on the held-out part: step back where the drop's bound exceeds "
+                                "eps, fail (nothing written) if it still does or if outputs are NaN/Inf. "
                                 "--no-verify reports it and writes the model anyway."),
     batch_size: int = typer.Option(64, help="Batch size of the onnxruntime runs (at most; --max-memory may run "
                                    "fewer, a model with a fixed batch runs in its own)."),
@@ -270,7 +276,8 @@ def convert(
             rank_multiple=rank_multiple, provider=provider, threads=threads, latency_batch=latency_batch,
             merge=merge, quantize=quantize, fp16=fp16, optimize=optimize, jobs=jobs, verify=verify,
             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, iterative=iterative,
-            data_aware=not no_data_aware, compensate=not no_compensate, holdout=holdout, seed=seed,
+            data_aware=not no_data_aware, compensate=not no_compensate, holdout=holdout, confidence=confidence,
+            seed=seed,
             batch_size=batch_size, max_memory=_bytes("--max-memory", max_memory),
             image=ImageOptions(size=image_size, mean=_floats("--image-mean", image_mean),
                                std=_floats("--image-std", image_std), layout=image_layout,
@@ -280,7 +287,8 @@ def convert(
             _require_matplotlib()
         with warnings.catch_warnings(record=True) as caught, _progress() as stage:
             warnings.simplefilter("always", UserWarning)
-            result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage, plots)
+            result = compress_file(src, dst, config, str(calib) if calib else None, labels, report, stage, plots,
+                                   groups)
         if process_rank() != 0:  # under torchrun: rank 0 writes and speaks for all
             return
         for w in caught:
@@ -295,10 +303,8 @@ def convert(
         console.print(table)
     if plots is not None:
         console.print(f"plots: {plots}/trade_off.png, {plots}/layers.png", highlight=False)
-    crossfit = "" if result.crossfit_drop is None else f", cross-fitted {result.crossfit_drop:.4f}"
-    console.print(f"wrote {dst}: {result.mac_ratio:.2f}x fewer MACs, {result.param_ratio:.2f}x fewer parameters, "
-                  f"{result.metric} drop {result.drop:.4f} on {result.check_samples} samples, held-out part "
-                  f"{result.heldout_drop:.4f}{crossfit} (eps {result.eps})", highlight=False)
+    console.print(f"wrote {dst}: {result.mac_ratio:.2f}x fewer MACs, {result.param_ratio:.2f}x fewer parameters; "
+                  f"{result.promise()}", highlight=False)
 
 
 @app.command("finetune")

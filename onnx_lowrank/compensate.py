@@ -54,8 +54,7 @@ class Compensation:
         self.targets = {t.name: t for t in targets if _supported(t)}
         self.batch = batch
         rng = np.random.default_rng(seed)
-        order = rng.permutation(len(data))
-        halves = [order[:len(data) // 2], order[len(data) // 2:]]
+        halves = [rng.permutation(h) for h in data.split_positions(0.5, seed)]  # a group on one side
         self.fold = np.zeros(int(data.indices.max()) + 1, dtype=np.int64)  # by index in the whole set
         self.fold[data.indices[halves[1]]] = 1
         # each fold's refit reads at most SAMPLES / 2 of its samples, fewer where the values a

@@ -16,10 +16,11 @@ COSTS = ("macs", "params", "latency")
 # 1 thread: r = 13 / 14 / 15 took 1.29 / 1.24 / 1.25 ms, r = 16 0.68 ms (r = 8, 24, 32: 0.84-0.87).
 INT8_RANK_MULTIPLE = 8
 
-EPS_HELP = ("The largest allowed drop in model quality, measured end to end in onnxruntime on every "
-            "calibration input: with labels, the drop in top-1 accuracy (0.005 = half a point); without, "
-            "the fraction of samples whose top-1 class changes; for other outputs, 1 - R^2 per output "
-            "channel, averaged (the worst output counts); or your own --metric.")
+EPS_HELP = ("The largest allowed drop in model quality on new data like the calibration set: the drop's "
+            "upper confidence bound (--confidence), measured end to end in onnxruntime on calibration inputs "
+            "that no fit and no choice saw, must be within it. With labels, the drop in top-1 accuracy (0.005 "
+            "= half a point); without, the fraction of samples whose top-1 class changes; for other outputs, "
+            "1 - R^2 per output channel, averaged (the worst output counts); or your own --metric.")
 
 
 @dataclass
@@ -40,7 +41,8 @@ class CompressConfig:
     exclude: tuple[str, ...] = ()          # node names or op types left alone
     data_aware: bool = True                # whiten by the input covariance (with calibration data)
     compensate: bool = True                # refit each chain's last step to the original's outputs (compensate.py)
-    holdout: float = 0.2                   # share of the calibration set the rank choice does not see
+    holdout: float = 0.7                   # share of the calibration set no fit and no choice sees: it decides
+    confidence: float = 0.9                # level of the drop's upper bound for new data that eps holds
     verify: bool = True                    # step back and fail (VerificationError) when the held-out check fails
     merge: bool = True                     # merge adjacent linear layers where one costs less than two
     quantize: str | None = None            # "int8": quantize the result too (quantize.py), within the same eps
@@ -99,6 +101,8 @@ class CompressConfig:
             raise ValueError("--energy goes with --select energy")
         if not 0 < self.holdout < 1:
             raise ValueError(f"--holdout is a share in (0, 1); got {self.holdout}")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"--confidence is a level in [0.5, 1); got {self.confidence}")
         if self.max_memory < 2**28:
             raise ValueError(f"--max-memory must be at least 256M; got {self.max_memory} bytes")
         if self.batch_size < 1:

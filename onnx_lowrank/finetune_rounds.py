@@ -11,7 +11,7 @@ from .calibration.data import CalibrationSet
 from .decompositions import decompose
 from .errors import FinetuneDiverged
 from .graph import node_costs
-from .quality import DropMeter, predict, quality
+from .quality import DropMeter, drop_bound, predict, quality
 from .selection import Choice, Search, cosine, hessian
 from .selection.strategy import select
 from .verify import build, export, nonfinite_samples, tuned_to_eps
@@ -20,9 +20,11 @@ from .verify import build, export, nonfinite_samples, tuned_to_eps
 FINETUNE_ROUNDS = 6  # fine-tunes after the first: compressing further, then raising ranks
 
 
-def finetune_rounds(original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
-                    train, train_ref, held, held_ref, metric, report):
-    """004's loop. The model selection chose is fine-tuned and measured on the held-out part.
+def finetune_rounds(original, prepared, problems, choice, reasons, compressed, bound, search, config,
+                    train, train_ref, held, held_ref, metric, level, report):
+    """004's loop. The model selection chose is fine-tuned on the search part (`train`) and
+    measured on the held-out part, where a model fits when the upper confidence bound of its drop
+    at `level` is within eps (quality.drop_bound).
     From it (it holds without fine-tuning), and while the fine-tuned models fit eps, compress
     further: select again for twice the drop (doubled again while the selection does not change),
     fine-tune and measure. When a fine-tuned model misses eps, 004's similarity analysis names the
@@ -40,7 +42,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
                               batch_size=config.batch_size, seed=config.seed)
     feed = train.sample_feed()
     base = sum(c.macs for c in node_costs(prepared, feed=feed))
-    best = (compressed, choice, drop_q, reasons)
+    best = (compressed, choice, bound, reasons)
     order = sensitivity_order(prepared, problems, train, config.seed) if config.iterative else None
 
     def attempt(how: str, budget_: float | None, choice_: Choice, reasons_: dict) -> bool:
@@ -56,15 +58,16 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, d
             else:
                 tuned, log = finetune_iteratively(original, prepared, problems, choice_, order, train, options)
         except FinetuneDiverged:  # a miss like any other: the rounds before it, or the selection, hold
-            entry.update(drop_after=None, losses=[], lr=None, stopped=True, processes=None)
+            entry.update(drop_after=None, bound_after=None, losses=[], lr=None, stopped=True, processes=None)
             same_as_rank0(False)
             return False
         outputs = predict(tuned, held, config.batch_size)
-        q = quality(metric, held_ref, outputs, held.labels, held.indices)
-        entry.update(drop_after=q.drop, losses=log.losses, lr=log.lr, stopped=log.stopped, processes=log.processes)
+        q = drop_bound(metric, held_ref, outputs, held.labels, held.indices, held.groups, level, config.seed)
+        entry.update(drop_after=q.drop, bound_after=q.upper, losses=log.losses, lr=log.lr, stopped=log.stopped,
+                     processes=log.processes)
         # under torchrun every process measured the same model; rank 0's verdict binds them all,
         # so that none runs a fine-tune the others do not (they would wait for it forever)
-        fits = same_as_rank0(q.drop <= config.eps and not nonfinite_samples(held_ref, outputs, len(held)))
+        fits = same_as_rank0(q.upper <= config.eps and not nonfinite_samples(held_ref, outputs, len(held)))
         if fits and search.cost(choice_) <= search.cost(best[1]):
             best = (export(tuned, config), choice_, q, {k: v + " (fine-tuned)" for k, v in reasons_.items()})
         return fits

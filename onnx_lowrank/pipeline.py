@@ -27,8 +27,9 @@ from .graph import find_targets, load_model, node_costs, prepare, save_model
 from .graph.index import WEIGHT_TYPES
 from .graph.targets import LayerTarget, Skipped, attention_projections
 from .latency import LayerTimer, interleaved, runtime_session, time_session
-from .quality import (RUNTIME_ERRORS, DropMeter, Quality, UserMetric, measuring_batch, predict, quality, resolution,
-                      resolve_metric, runtime_message, session)
+from .confidence import Bound
+from .quality import (RUNTIME_ERRORS, DropMeter, UserMetric, drop_bound, measuring_batch, predict, quality,
+                      resolution, resolve_metric, runtime_message, session)
 from .report import LayerReport, Report
 from .selection import Choice, Search
 from .selection.candidates import FACTORS, build_problems, price_latency
@@ -60,13 +61,15 @@ def _warn(report: Report, message: str) -> None:
 
 def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig | None = None,
              calibration: Any = None, labels: Any = None,
-             progress: Progress = _quiet_progress, metric: Callable | str | None = None
+             progress: Progress = _quiet_progress, metric: Callable | str | None = None, groups: Any = None
              ) -> tuple[onnx.ModelProto, Report]:
     """Compress `model` within `config.eps`. `calibration`: an .npz/.npy path, a folder of
     images, an object with get_next() (onnxruntime's CalibrationDataReader), or None for
     synthetic inputs (with a warning). `labels`: an .npy path, an npz key, or an array.
     `metric`: what eps bounds, in place of config.metric: your own function
-    `fn(reference, outputs[, indices]) -> drop` (quality.UserMetric) or a metric's name."""
+    `fn(reference, outputs[, indices]) -> drop` (quality.UserMetric) or a metric's name.
+    `groups`: each sample's source (photo, file, speaker, document) as an .npy path, an npz key
+    or an array: every split keeps a group on one side (without, samples are taken as independent)."""
     config = config or CompressConfig()
     if metric is not None:
         config = replace(config, metric=metric)
@@ -74,14 +77,14 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     report = Report(config.eps, str(config.metric), config.select, config.cost, config.data_aware, {})
     FACTORS.limit = config.max_memory // 32
     try:
-        return _compress(model, config, calibration, labels, progress, report)
+        return _compress(model, config, calibration, labels, groups, progress, report)
     except MemoryError:
         stage = next(reversed(report.timings), "load")
         raise OutOfMemory(f"out of memory in the {stage} stage (--max-memory {config.max_memory / 2**30:.1f} GiB): "
                           "give --max-memory what the machine can spare, or fewer calibration samples") from None
 
 
-def _compress(model, config: CompressConfig, calibration, labels, progress: Progress,
+def _compress(model, config: CompressConfig, calibration, labels, groups, progress: Progress,
               report: Report) -> tuple[onnx.ModelProto, Report]:
     with _timed(report, "load"):
         original, prepared, targets = _load(model, config, report)
@@ -89,11 +92,11 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
             from .bridge.convert import to_torch
             to_torch(prepared)  # a model onnx2torch cannot take fails now, not after the search
     with _timed(report, "calibrate"):
-        cal = _calibrate(original, prepared, targets, calibration, labels, config, report, progress)
+        cal = _calibrate(original, prepared, targets, calibration, labels, groups, config, report, progress)
     config = replace(config, batch_size=cal.batch)
     if not config.finetune_epochs:  # only a fine-tune's teacher needs it after the reference outputs
         original = None
-    # ranges from the search part: the held-out part stays unseen by every choice
+    # ranges from the search part: the held-out part stays unseen by every fit and every choice
     quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
     runs_as = prepared  # the whole model as it runs
     if quantizer is not None:
@@ -112,8 +115,10 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
             choice = _confirm_latency(timer, problems, choice, reasons)
         report.search_drop = search.drop(choice)
     with _timed(report, "verify"):
+        # auto's own path back, unless --cost latency's confirmation changed the choice
+        way_back = search.path if search.path and all(search.path[-1][k] is c for k, c in choice.items()) else None
         compressed, choice, floats = _verify(prepared, problems, choice, reasons, cal, config, timer, quantizer,
-                                             report)
+                                             report, way_back)
     if config.finetune_epochs:
         with _timed(report, "finetune"):
             compressed, choice, reasons = _finetune(original, prepared, problems, choice, reasons, compressed,
@@ -126,27 +131,22 @@ def _compress(model, config: CompressConfig, calibration, labels, progress: Prog
 
 @dataclass
 class _Calibrated:
-    """What the calibration stage gives the stages after it."""
+    """What the calibration stage gives the stages after it. The set is split (whole groups to a
+    side): the search part is what everything is fitted and chosen on (layer statistics,
+    compensation, quantization ranges, the search, fine-tuning); the held-out part decides what is
+    written, and nothing else reads it."""
 
     data: CalibrationSet
-    search_set: CalibrationSet   # ranks are chosen on it ...
-    held: CalibrationSet         # ... and it is held out of the choice
+    search_set: CalibrationSet
+    held: CalibrationSet
     stats: dict                  # per target: its input statistics
     search_ref: list[np.ndarray]  # the original's outputs on each part
     held_ref: list[np.ndarray]
     metric: str | UserMetric
+    level: float                 # the confidence the held-out bound is taken at (quality.resolution)
     feed: dict[str, np.ndarray]  # one run of one sample (or of the model's fixed batch): costs are counted at it
     batch: int                   # samples per run asked for: --batch-size, or fewer to fit --max-memory
     compensation: Compensation | None  # refits every model built (compensate.py); None: --no-compensate
-
-    @property
-    def check(self) -> tuple[CalibrationSet, list[np.ndarray]]:
-        """What a selection is checked on, held-out part last, and the original's outputs on it:
-        every sample (DESIGN: a count on a held-out part of 300 samples resolves 1/300, and its
-        noise threw away compression the unseen data allowed). A fine-tuned model is
-        checked on the held-out part alone: it trained on the search part."""
-        both = self.data.take(np.concatenate([self.search_set.indices, self.held.indices]))
-        return both, [np.concatenate([s, h]) for s, h in zip(self.search_ref, self.held_ref)]
 
     def macs(self, model: onnx.ModelProto, kind: str = "macs") -> float:
         """The model's MACs (or parameters) per sample."""
@@ -193,11 +193,12 @@ def _layers_in_subgraphs(graph: onnx.GraphProto) -> int:
     return count
 
 
-def _calibrate(original, prepared, targets, calibration, labels, config: CompressConfig, report: Report,
+def _calibrate(original, prepared, targets, calibration, labels, groups, config: CompressConfig, report: Report,
                progress: Progress) -> _Calibrated:
     """The calibration set read and split; one run of the original over each part, capturing
-    every target's input statistics on the search part; the metric the outputs call for."""
-    data = load_calibration(calibration, prepared, labels, config.image, config.seed)
+    every target's input statistics on the search part; the metric the outputs call for, and the
+    confidence the held-out part can bound eps at."""
+    data = load_calibration(calibration, prepared, labels, config.image, config.seed, groups)
     if data.synthetic:
         message = ("no calibration data: ranks are chosen on synthetic N(0,1) inputs, which say little "
                    "about real ones; give --calib for a result you can trust")
@@ -219,16 +220,20 @@ def _calibrate(original, prepared, targets, calibration, labels, config: Compres
     advance()
     report.calibration = {"source": data.source, "samples": len(data), "search": len(search_set),
                           "heldout": len(held), "synthetic": data.synthetic, "labels": data.labels is not None,
+                          "groups": None if data.groups is None else len(np.unique(data.groups)),
                           "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch)}
     report.memory = {"max_memory": config.max_memory, "statistics_bytes": statistics_bytes(stats)}
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
     metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices)
     report.metric = str(metric)
+    report.resolution, level, coarse = resolution(metric, len(held), config.eps, config.confidence, config.holdout)
+    if coarse:
+        _warn(report, coarse)
     compensation = None
     if config.compensate and not data.synthetic and targets:
-        # on every sample, in two folds: each refit is measured on the fold it did not see
-        compensation = Compensation(prepared, targets, data, batch, config.seed, config.max_memory // 8)
-    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, data.sample_feed(), batch,
+        # on the search part, in two folds: the search measures each refit on the fold it did not see
+        compensation = Compensation(prepared, targets, search_set, batch, config.seed, config.max_memory // 8)
+    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, level, data.sample_feed(), batch,
                        compensation)
 
 
@@ -273,39 +278,31 @@ def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, conf
 
 
 def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _Calibrated, config: CompressConfig,
-            timer: LayerTimer | None, quantizer: Quantizer | None, report: Report
-            ) -> tuple[onnx.ModelProto, Choice, frozenset[str] | None]:
-    """The chosen model measured on every calibration sample, stepped back if it exceeds eps
-    (strategies tuned to eps); a failure raises VerificationError unless --no-verify. The
-    held-out part alone is reported beside it: it says whether the choice fitted the search part."""
+            timer: LayerTimer | None, quantizer: Quantizer | None, report: Report,
+            way_back: list[Choice] | None = None) -> tuple[onnx.ModelProto, Choice, frozenset[str] | None]:
+    """The chosen model decided on the held-out part: the upper confidence bound of its drop there
+    within eps, else a step back (strategies tuned to eps: verify.verify_choice); a failure raises
+    VerificationError unless --no-verify."""
     before_backoff = choice
     confirm = (lambda c: _confirm_latency(timer, problems, c, reasons)) if timer is not None else None
-    data, reference = cal.check
-    compressed, choice, floats, outputs, crossfit, steps = verify_choice(
-        prepared, problems, choice, cal.metric, data, reference, config,
-        back_off=config.verify and tuned_to_eps(config), confirm=confirm, quantizer=quantizer, feed=cal.feed,
-        compensation=cal.compensation)
+    data, reference = cal.held, cal.held_ref
+    verified = verify_choice(prepared, problems, choice, cal.metric, data, reference, config,
+                             back_off=config.verify and tuned_to_eps(config), level=cal.level, confirm=confirm,
+                             quantizer=quantizer, feed=cal.feed, compensation=cal.compensation,
+                             way_back=way_back)
+    compressed, choice, outputs, bound = verified.model, verified.choice, verified.outputs, verified.bound
     if timer is not None:
         timer.save()
-    drop_q = quality(cal.metric, reference, outputs, data.labels, data.indices)
-    held = slice(len(data) - len(cal.held), None)
-    report.heldout_drop = quality(cal.metric, cal.held_ref, [o[held] for o in outputs], cal.held.labels,
-                                  cal.held.indices).drop
-    report.check_samples = len(data)
-    report.resolution, coarse = resolution(cal.metric, len(data), config.eps)
-    if coarse and tuned_to_eps(config):  # fixed ranks promised no eps to resolve
-        _warn(report, coarse)
-    report.backed_off = steps
+    _bound_report(report, cal, bound)
+    report.backed_off, report.tested = verified.steps, verified.tested
     failures, notes = [], []  # failures fail verification; fixed ranks promised nothing
     nonfinite = nonfinite_samples(reference, outputs, len(data))
     if nonfinite:
-        failures.append(f"the compressed model outputs NaN or Inf on {nonfinite} of {len(data)} calibration "
+        failures.append(f"the compressed model outputs NaN or Inf on {nonfinite} of {len(data)} held-out "
                         "samples where the original does not")
-    if crossfit is not None:
-        report.crossfit_drop = quality(cal.metric, reference, crossfit, data.labels, data.indices).drop
-    if max(drop_q.drop, report.crossfit_drop or 0.0) > config.eps:
-        exceeds = (f"the {cal.metric} drop {drop_q.drop:.4f} exceeds eps {config.eps}" if drop_q.drop > config.eps
-                   else f"the cross-fitted {cal.metric} drop {report.crossfit_drop:.4f} exceeds eps {config.eps}")
+    if bound.upper > config.eps:
+        exceeds = (f"the {cal.metric} drop's bound {bound.upper:.4f} at confidence {bound.level:g} exceeds eps "
+                   f"{config.eps} (measured drop {bound.drop:.4f} on {bound.samples} held-out samples)")
         if not tuned_to_eps(config):
             notes.append(f"{exceeds}: the ranks were fixed by --select {config.select} options, "
                          "not chosen to fit eps")
@@ -317,26 +314,33 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
         _warn(report, message)
     for p in problems:
         if choice[p.name] is not before_backoff[p.name]:
-            reasons[p.name] += " (backed off: the drop on the calibration set exceeded eps)"
-    before_q = quality(cal.metric, reference, reference, data.labels, data.indices)
-    report.quality_before, report.quality_after, report.drop = before_q.value, drop_q.value, drop_q.drop
+            reasons[p.name] += " (backed off: the held-out bound exceeded eps)"
+    report.quality_before = quality(cal.metric, reference, reference, data.labels, data.indices).value
+    report.quality_after = quality(cal.metric, reference, outputs, data.labels, data.indices).value
     check_model(compressed, prepared)
     if timer is not None:
         sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
         report.latency_before, report.latency_after = (
             float(np.median(t)) for t in interleaved(sessions, cal.data.sample_feed(config.latency_batch)))
-    return compressed, choice, floats
+    return compressed, choice, verified.floats
+
+
+def _bound_report(report: Report, cal: _Calibrated, bound: Bound) -> None:
+    """The held-out part's verdict on the written model, into the report."""
+    report.drop, report.bound, report.confidence = bound.drop, bound.upper, bound.level
+    report.bound_method, report.groups, report.check_samples = bound.method, bound.groups, bound.samples
 
 
 def _finetune(original, prepared, problems, choice: Choice, reasons, compressed, search: Search, cal: _Calibrated,
               config: CompressConfig, report: Report) -> tuple[onnx.ModelProto, Choice, dict[str, str]]:
-    """--finetune-epochs: the rounds of finetune_rounds.py; the best model within eps is kept. A
-    fine-tuned one is measured on the held-out part alone (it trained on the search part)."""
-    drop_q = Quality(cal.metric, report.quality_after, report.drop)
+    """--finetune-epochs: the rounds of finetune_rounds.py, trained on the search part; the
+    cheapest model whose held-out bound is within eps is kept."""
+    verified = Bound(report.drop, report.bound, report.confidence, report.check_samples, report.groups,
+                     report.bound_method)
     selected = compressed
-    compressed, choice, drop_q, reasons = finetune_rounds(
-        original, prepared, problems, choice, reasons, compressed, drop_q, search, config,
-        cal.search_set, cal.search_ref, cal.held, cal.held_ref, cal.metric, report)
+    compressed, choice, bound, reasons = finetune_rounds(
+        original, prepared, problems, choice, reasons, compressed, verified, search, config,
+        cal.search_set, cal.search_ref, cal.held, cal.held_ref, cal.metric, cal.level, report)
     stopped = sum(r["stopped"] for r in report.finetune)
     if stopped:
         message = (f"fine-tuning stopped early in {stopped} of {len(report.finetune)} round(s): no learning "
@@ -344,12 +348,9 @@ def _finetune(original, prepared, problems, choice: Choice, reasons, compressed,
                    "training loss (or the model diverged)")
         _warn(report, message)
     if compressed is not selected:
-        report.quality_before = quality(cal.metric, cal.held_ref, cal.held_ref, cal.held.labels,
-                                        cal.held.indices).value
-        report.quality_after, report.drop, report.heldout_drop = drop_q.value, drop_q.drop, drop_q.drop
-        report.check_samples = len(cal.held)
-        report.crossfit_drop = None  # the fine-tuned model was trained, not refit
-        report.resolution, _ = resolution(cal.metric, len(cal.held), config.eps)
+        _bound_report(report, cal, bound)
+        report.quality_after = quality(cal.metric, cal.held_ref, predict(compressed, cal.held, config.batch_size),
+                                       cal.held.labels, cal.held.indices).value
     check_model(compressed, prepared)
     return compressed, choice, reasons
 
@@ -379,7 +380,7 @@ def _quantization_report(report: Report, prepared, compressed, problems, choice:
     it (its drop and size: what quantization cost and gave); quantized ops onnxruntime would still
     run in float."""
     float_model = export(build(prepared, problems, choice, compensation=cal.compensation), config)
-    data, reference = cal.check
+    data, reference = cal.held, cal.held_ref
     float_drop = quality(cal.metric, reference, predict(float_model, data, config.batch_size), data.labels,
                          data.indices).drop
     found = units(float_model, [p.target for p in problems])
@@ -429,14 +430,15 @@ def _runtime_failure(what: str, error: Exception) -> OnnxLowrankError:
 
 def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: CompressConfig | None = None,
                   calibration: Any = None, labels: Any = None, report_path: str | os.PathLike | None = None,
-                  progress: Progress = _quiet_progress, plots: str | os.PathLike | None = None) -> Report:
+                  progress: Progress = _quiet_progress, plots: str | os.PathLike | None = None,
+                  groups: Any = None) -> Report:
     """Path to path. `src` and the calibration files are never modified: an output naming one of
     them is refused before any work. The model, the report and the plots are written all or
     nothing, each file atomically, by rank 0 of a torchrun job only."""
     from .bridge.finetune import process_rank
 
-    _check_paths(src, dst, calibration, labels, report_path)
-    out, report = compress(src, config, calibration, labels, progress)
+    _check_paths(src, dst, calibration, labels, report_path, groups=groups)
+    out, report = compress(src, config, calibration, labels, progress, groups=groups)
     if process_rank() != 0:  # under torchrun (--finetune-epochs): every process holds the same model
         return report
     written: list[Path] = []
@@ -458,7 +460,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
     return report
 
 
-def _check_paths(src, dst, calibration, labels, report_path, teacher=None) -> None:
+def _check_paths(src, dst, calibration, labels, report_path, teacher=None, groups=None) -> None:
     """Before any work: no output may name an input (the model, its external data, the calibration
     data, the labels, a fine-tune's teacher), directly or through a symbolic link, nor the other
     output; each output's folder must exist. (A hard link to an input is safe: outputs are renamed into place, which
@@ -466,8 +468,9 @@ def _check_paths(src, dst, calibration, labels, report_path, teacher=None) -> No
     inputs = [("the input model", src)] + [("the input model's external data", p) for p in _external_data(src)]
     if isinstance(calibration, (str, os.PathLike)):
         inputs.append(("the calibration data", calibration))
-    if isinstance(labels, (str, os.PathLike)) and Path(labels).is_file():  # else an npz key
-        inputs.append(("the labels", labels))
+    for what, side in (("the labels", labels), ("the groups", groups)):
+        if isinstance(side, (str, os.PathLike)) and Path(side).is_file():  # else an npz key
+            inputs.append((what, side))
     if teacher is not None:
         inputs.append(("the teacher", teacher))
     outputs = [("the output", dst)] + ([("the report", report_path)] if report_path is not None else [])

@@ -30,6 +30,8 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .calibration.data import CalibrationSet, token_mask, without_padding
+from .confidence import (BOOTSTRAP, USER_BOOTSTRAP, Bound, bootstrap_bound, counts_bound, level_in_force,
+                         no_change_bound, samples_for)
 from .errors import MetricError, first_line
 from .graph.io import weights_apart
 
@@ -243,23 +245,27 @@ def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: 
 
 
 COUNTS = ("accuracy", "agreement")  # metrics that count samples: they resolve 1 / samples at best
-RESOLVED = 3  # changed samples eps must allow before a count says much (its own noise: 1/sqrt(3), 58%)
 
 
-def resolution(metric: str, samples: int, eps: float) -> tuple[str, str | None]:
-    """What a check of `samples` can resolve under `metric`, as a line; and a warning when eps
-    allows fewer than RESOLVED of them to change, naming how many samples would resolve it."""
+def resolution(metric: str, samples: int, eps: float, level: float, holdout: float) -> tuple[str, float, str | None]:
+    """What a check of `samples` held-out samples can resolve under `metric`, as a line; the level
+    its bound is taken at (`level`, or lower where a count on so few cannot bound eps at `level`
+    even with no sample changed: confidence.level_in_force); and then a warning naming how many
+    samples would."""
     if metric not in COUNTS:
-        return f"{samples} samples", None
-    allowed = int(np.floor(eps * samples + 1e-9))
-    line = (f"{samples} samples: one changed sample is {1 / samples:.4f}; eps {eps:g} allows "
-            f"{allowed} of them")
-    if allowed >= RESOLVED or eps == 0:  # eps 0 asks for no change at all, which any count resolves
-        return line, None
-    need = int(np.ceil(RESOLVED / eps))
-    return line, (f"eps {eps:g} is below what {samples} samples resolve under {metric} (it allows {allowed} "
-                  f"changed sample{'s' if allowed != 1 else ''}): about {need} calibration samples would "
-                  f"resolve it ({RESOLVED} changes)")
+        return f"{samples} held-out samples", level, None
+    least = no_change_bound(samples, level)
+    line = (f"{samples} held-out samples: one changed sample is {1 / samples:.4f}; with none changed the drop is "
+            f"at most {least:.4f} at confidence {level:g}")
+    in_force = level_in_force(eps, samples, level)
+    if in_force == level:
+        return line, level, None
+    need = samples_for(eps, level)
+    return line, in_force, (
+        f"eps {eps:g} cannot be bounded at confidence {level:g} on {samples} held-out samples under {metric} (with "
+        f"no sample changed the bound is {least:.4f}): {need} held-out samples would (about "
+        f"{int(np.ceil(need / holdout))} calibration samples at --holdout {holdout:g}); the model written is "
+        f"bounded at confidence {in_force:g}")
 
 
 @dataclass(frozen=True)
@@ -290,6 +296,30 @@ def quality(metric: str | UserMetric, reference: list[np.ndarray], outputs: list
     scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
     drop = max(float(np.mean(_per_sample(metric, r, o, v))) for r, o, v in zip(reference, outputs, scales))
     return Quality(metric, 1.0 - drop, drop)
+
+
+def drop_bound(metric: str | UserMetric, reference: list[np.ndarray], outputs: list[np.ndarray],
+               labels: np.ndarray | None, indices: np.ndarray | None, groups: np.ndarray | None, level: float,
+               seed: int = 0) -> Bound:
+    """The drop of `outputs` against `reference` and its upper confidence bound at `level` for new
+    samples from the same distribution (confidence.py): paired counts for accuracy and agreement,
+    a bootstrap over samples (whole groups, with `groups`) for the others."""
+    n = len(labels if metric == "accuracy" else reference[0])
+    if metric == "accuracy":
+        before, after = reference[0].argmax(1) == labels, outputs[0].argmax(1) == labels
+        return counts_bound(before & ~after, after & ~before, level, groups)
+    if metric == "agreement":
+        changed = reference[0].argmax(1) != outputs[0].argmax(1)
+        return counts_bound(changed, np.zeros(n, dtype=bool), level, groups)
+    if isinstance(metric, UserMetric):
+        idx = np.arange(n) if indices is None else indices
+
+        def drop_of(p: np.ndarray) -> float:
+            return metric([r[p] for r in reference], [o[p] for o in outputs], idx[p])
+        return bootstrap_bound(drop_of, n, level, groups, seed, USER_BOOTSTRAP)
+    scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
+    per_sample = np.stack([_per_sample(metric, r, o, v) for r, o, v in zip(reference, outputs, scales)], axis=1)
+    return bootstrap_bound(lambda p: float(per_sample[p].mean(axis=0).max()), n, level, groups, seed, BOOTSTRAP)
 
 
 OWN_FLOOR = 1e-4  # a channel's variance is taken as at least this share of its mean square: one

@@ -51,17 +51,19 @@ class Report:
     file_size_after: int = 0
     quality_before: float = 0.0   # on the check_samples
     quality_after: float = 0.0
-    drop: float = 0.0             # what --eps bounds: on every calibration sample (on the held-out
-    #                               part alone with --finetune-epochs, which trains on the search part)
-    check_samples: int = 0        # how many samples `drop` was measured on
-    heldout_drop: float = 0.0     # the held-out part alone: the choice did not see it (a compensation
-    #                               refit of the written model did: crossfit_drop did not)
-    # compensated (compensate.py): every sample measured on a refit that did not see it, the
-    # estimate for other data; within eps like `drop` (None: --no-compensate, or nothing factored)
-    crossfit_drop: float | None = None
-    resolution: str = ""          # what the check can resolve ("1000 samples: one changed sample is ...")
+    # what --eps bounds: the held-out part of the calibration set (check_samples of them), which no
+    # fitting (statistics, compensation, fine-tuning) and no choice (search) touched, decides
+    drop: float = 0.0             # the drop measured there
+    bound: float = 0.0            # its upper confidence bound for new data from the same distribution
+    confidence: float = 0.0       # at this level (one-sided): --confidence, or lower where the held-out
+    #                               part is too small to bound eps at it (warnings say so)
+    bound_method: str = ""        # "score" (paired counts) or "bootstrap"
+    groups: int | None = None     # groups the held-out samples came from (None: taken as independent)
+    check_samples: int = 0
+    resolution: str = ""          # what the check can resolve ("500 held-out samples: one changed sample is ...")
+    tested: int = 0               # models of the back-off path measured on the held-out part
     search_drop: float = 0.0
-    backed_off: int = 0           # steps taken back because the drop exceeded eps
+    backed_off: int = 0           # steps taken back along the path because the bound exceeded eps
     latency_before: float | None = None  # --cost latency: seconds per run of the whole model, measured
     latency_after: float | None = None   # (the two models in turn) at --latency-batch
     timings: dict = field(default_factory=dict)
@@ -69,7 +71,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     # --finetune-epochs: one entry per round: round (what it tried), search_eps (the drop selection
     # was given; null for raised ranks), mac_ratio, drop_before, drop_after (null: the fine-tune
-    # diverged), losses, lr (the rate it ended at), stopped (before its epochs), processes
+    # diverged) and bound_after (its upper confidence bound, what must be within eps), losses,
+    # lr (the rate it ended at), stopped (before its epochs), processes
     finetune: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # max_memory, statistics_bytes, peak_rss_bytes
     # --quantize: mode, float_drop (the same choice unquantized, on the check samples),
@@ -100,13 +103,20 @@ class Report:
             line += f"; peak RSS {m['peak_rss_bytes'] / 2**20:,.0f} MiB"
         return line
 
+    def promise(self) -> str:
+        """What the written model's bound says, in one line."""
+        source = (f"{self.groups} groups" if self.groups is not None else "samples taken as independent")
+        return (f"{self.metric} drop at most {self.bound:.4f} on new data at confidence {self.confidence:g} "
+                f"(eps {self.eps:g}; {self.check_samples} held-out samples, {source})")
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["mac_ratio"] = self.mac_ratio
         data["param_ratio"] = self.param_ratio
-        data["eps_meaning"] = ("largest allowed quality drop (see metric) on every calibration input, measured in "
-                               "onnxruntime; the held-out part alone is heldout_drop; crossfit_drop, each sample on "
-                               "a compensation refit that did not see it")
+        data["eps_meaning"] = ("largest allowed quality drop (see metric) for new inputs from the calibration "
+                               "set's distribution: `bound`, the upper confidence bound at `confidence` of the drop "
+                               "measured in onnxruntime on the held-out part, which no fitting and no choice saw, "
+                               "is within eps")
         return data
 
     def write_json(self, path: str | Path) -> None:
@@ -156,12 +166,11 @@ class Report:
             whole.add_row("file size, float", f"{self.file_size_before:,} B", f"{q['float_file_size']:,} B",
                           f"{self.file_size_before / max(q['float_file_size'], 1):.2f}x")
             whole.add_row(f"{self.metric} drop, float", "", "", f"drop {q['float_drop']:.4f}")
-        whole.add_row(f"{self.metric} ({self.check_samples} samples)", f"{self.quality_before:.4f}",
-                      f"{self.quality_after:.4f}", f"drop {self.drop:.4f} (eps {self.eps})")
+        whole.add_row(f"{self.metric} ({self.check_samples} held-out)", f"{self.quality_before:.4f}",
+                      f"{self.quality_after:.4f}", f"drop {self.drop:.4f}, at most {self.bound:.4f}")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
-        crossfit = "" if self.crossfit_drop is None else f", cross-fitted {self.crossfit_drop:.4f}"
-        whole.caption = (f"search-set drop {self.search_drop:.4f}, held-out part {self.heldout_drop:.4f}{crossfit}; "
-                         f"{self.resolution}\ntime: {timing}")
+        whole.caption = (f"{self.promise()}\nsearch-part drop {self.search_drop:.4f}; {self.resolution}\n"
+                         f"time: {timing}")
         if quantized:
             whole.caption += (f"\n{self.quantization['mode']}: {self.quantization['int8_layers']} layer(s) int8, "
                               f"{len(floats)} kept in float")
@@ -170,13 +179,14 @@ class Report:
         if not self.finetune:
             return [layers, whole]
         rounds = Table(title="fine-tuning rounds (held-out drop before and after each fine-tune)")
-        for col in ("round", "MACs", "drop before", "drop after", f"within eps {self.eps}"):
+        for col in ("round", "MACs", "drop before", "drop after", "its bound", f"bound within eps {self.eps}"):
             rounds.add_column(col, justify="right")
         for r in self.finetune:
             after = r["drop_after"]  # None: the fine-tune diverged
             rounds.add_row(r["round"], f"{r['mac_ratio']:.2f}x", f"{r['drop_before']:.4f}",
                            "diverged" if after is None else f"{after:.4f}",
-                           "yes" if after is not None and after <= self.eps else "no")
+                           "" if after is None else f"{r['bound_after']:.4f}",
+                           "yes" if after is not None and r["bound_after"] <= self.eps else "no")
         return [layers, rounds, whole]
 
     def plots(self, folder: str | Path) -> list[Path]:

@@ -1,9 +1,10 @@
 """The result as written, and the check that it holds: a choice of candidates built into a model
-(with the touches a deployment wants), its drop measured on every calibration sample, and the
-step back along the path towards keeping every layer when that drop exceeds eps."""
+(with the touches a deployment wants), the upper confidence bound of its drop on the held-out
+part, and the steps back along the path towards keeping every layer when that bound exceeds eps."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,7 +18,8 @@ from .graph import replace_layers
 from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from .graph.index import FLOAT_TYPES
 from .graph.prepare import infer_shapes
-from .quality import DropMeter, FoldedModel, predict
+from .confidence import Bound
+from .quality import FoldedModel, drop_bound, predict
 from .quantize import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
 from .selection import Choice
 from .selection.candidates import cost_of
@@ -62,43 +64,66 @@ def tuned_to_eps(config: CompressConfig) -> bool:
     return not fixed
 
 
+SEQUENCE = 8  # models of the path the held-out part measures at most (verify_choice)
+
+
+@dataclass
+class Verified:
+    """The model to write and what the held-out part says of it."""
+
+    model: onnx.ModelProto
+    choice: Choice
+    floats: frozenset[str] | None  # units kept in float (None: not quantized)
+    outputs: list[np.ndarray]      # its outputs on the held-out part
+    bound: Bound
+    steps: int                     # how far back along the path from the choice
+    tested: int                    # models of the path measured
+
+
 def verify_choice(prepared, problems, choice: Choice, metric, data, reference, config, back_off: bool,
-                  confirm: Callable[[Choice], Choice] | None = None, quantizer: Quantizer | None = None,
-                  feed: dict[str, np.ndarray] | None = None, compensation: Compensation | None = None):
-    """The chosen model's drop on `data` (the whole calibration set: _Calibrated.check). If it
-    exceeds eps and the ranks were chosen to fit eps, step back: a step moves the factored layer
-    with the largest error to its next more accurate candidate, and the steps from the choice to
-    keeping every layer form a path that is bisected for the first model that holds (the models a
-    step-by-step walk tries, in about log2 of their number of runs; the last, keeping every layer,
-    is taken to hold). `confirm` checks each choice measured (--cost latency). With `quantizer`
-    (--quantize) the models are quantized, and a step may instead keep a unit in float
-    (joint_step); the path ends at the original, unquantized. With `compensation` a model holds
-    when both its cross-fitted refits (build) and the model as written are within eps. Returns the
-    model as written, its choice, the units kept in float (None: not quantized), its outputs on
-    `data`, the cross-fitted ones (None: not compensated), and how many steps back it is."""
-    meter = DropMeter(metric, data, reference, config.eps, config.batch_size)
+                  level: float, confirm: Callable[[Choice], Choice] | None = None,
+                  quantizer: Quantizer | None = None, feed: dict[str, np.ndarray] | None = None,
+                  compensation: Compensation | None = None, way_back: list[Choice] | None = None) -> Verified:
+    """What is written, decided on `data`, the held-out part: samples that no fitting (statistics,
+    compensation) and no choice touched. A model holds when the upper confidence bound of its drop
+    there, at `level`, is within eps (quality.drop_bound) and it outputs no NaN or Inf where the
+    original does not.
+
+    When the ranks were chosen to fit eps (`back_off`), the steps from the choice back to keeping
+    every layer form a path (`way_back`, the strategy's own from keeping every layer to the choice:
+    auto's lambda path; else a step moves the factored layer with the largest error to its next
+    more accurate candidate; with `quantizer` it may instead keep a unit in float, joint_step), and
+    up to SEQUENCE of its models, spaced evenly in log cost from the safest to the choice, are
+    measured in that order until one fails: the last that held is written (keeping every layer,
+    the original, when none does). Tested in a fixed order and stopped at the first failure, the
+    chance that any model which exceeds eps is passed stays at 1 - level whatever the number
+    tested (a fixed-sequence test; Learn then Test, Angelopoulos et al. 2021): no sample decides
+    twice in a way that favours the model written. `confirm` checks each choice measured
+    (--cost latency)."""
     targets = [p.target for p in problems]
 
-    def model_of(c: Choice, floats: frozenset[str] | None, infer: bool, measured: bool = False):
-        def touched(model: onnx.ModelProto) -> onnx.ModelProto:
-            model = export(model, config)
-            if floats is None:
-                return model
-            return quantizer(model, [n for u in units(model, targets) if u.name in floats for n in u.nodes])
-        return each(build(prepared, problems, c, infer, compensation, measured), touched)
+    def model_of(c: Choice, floats: frozenset[str] | None, infer: bool) -> onnx.ModelProto:
+        model = export(build(prepared, problems, c, infer, compensation), config)
+        if floats is None:
+            return model
+        return quantizer(model, [n for u in units(model, targets) if u.name in floats for n in u.nodes])
 
-    def holds(state) -> bool:  # no shape inference while searching: once, on the model kept
-        if meter(model_of(*state, infer=False, measured=True)) > config.eps:
-            return False  # refit models, measured on samples their refit did not see (compensate.py)
-        # and the model as written, refit on every sample, on them all
-        return compensation is None or meter(model_of(*state, infer=False)) <= config.eps
+    def measured(state) -> tuple[onnx.ModelProto, list[np.ndarray], Bound, bool]:
+        model = model_of(*state, infer=False)  # no shape inference while deciding: once, on the model kept
+        outputs = predict(model, data, config.batch_size)
+        bound = drop_bound(metric, reference, outputs, data.labels, data.indices, data.groups, level, config.seed)
+        finite = not nonfinite_samples(reference, outputs, len(data))
+        return model, outputs, bound, finite and bound.upper <= config.eps
 
     path = [(dict(choice), frozenset() if quantizer is not None else None)]
     if confirm is not None:
         path[0] = (confirm(path[0][0]), path[0][1])
-    steps = 0
-    if back_off and not holds(path[0]):
-        if quantizer is None:
+    if back_off:
+        if quantizer is None and way_back is not None:
+            path += [(dict(c), None) for c in reversed(way_back[:-1])]
+            if any(c.factored for c in path[-1][0].values()):
+                path.append(({p.name: p.keep for p in problems}, None))
+        elif quantizer is None:
             while any(c.factored for c in path[-1][0].values()):
                 path.append((step_back(problems, path[-1][0]), None))
         else:
@@ -108,22 +133,44 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
             while (state := joint_step(problems, *path[-1], found, errors)) is not None:
                 path.append(state)
             path.append(({p.name: p.keep for p in problems}, None))
-        failing, holding = 0, len(path) - 1
-        while holding - failing > 1:
-            mid = (failing + holding) // 2
-            if confirm is not None:
-                path[mid] = (confirm(path[mid][0]), path[mid][1])
-            if holds(path[mid]):
-                holding = mid
-            else:
-                failing = mid
-        steps = holding
-    choice, floats = path[steps]
-    compressed = model_of(choice, floats, infer=True)
-    outputs = predict(compressed, data, config.batch_size)
-    crossfit = None if compensation is None else predict(model_of(choice, floats, infer=False, measured=True), data,
-                                                         config.batch_size)
-    return compressed, choice, floats, outputs, crossfit, steps
+    order = _sequence(problems, [c for c, _ in path]) if back_off else [0]
+    kept, tested = None, 0
+    for k in order:
+        if confirm is not None:
+            path[k] = (confirm(path[k][0]), path[k][1])
+        result = measured(path[k])
+        tested += 1
+        if not result[3] and back_off:
+            break
+        kept = (k, result)
+    if kept is None:  # nothing held: every layer kept, the original (its drop is 0 exactly)
+        k = len(path) - 1
+        kept = (k, measured(path[k]))
+    k, (_, outputs, bound, _) = kept
+    choice, floats = path[k]
+    return Verified(model_of(choice, floats, infer=True), choice, floats, outputs, bound, k, tested)
+
+
+def _sequence(problems, choices: list[Choice]) -> list[int]:
+    """Positions on the path (0: the choice, last: keep every layer) to measure, safest first: the
+    safest model at each of SEQUENCE costs spaced evenly in log cost from keeping every layer to
+    the choice, the choice last."""
+    def cost(c: Choice) -> float:
+        return sum(c[p.name].cost for p in problems)
+
+    full, chosen = cost(choices[-1]), cost(choices[0])
+    if len(choices) == 1 or chosen >= full:
+        return [0]
+    ratios = [full / max(cost(c), 1e-300) for c in choices]
+    top = ratios[0]
+    order: list[int] = []
+    for j in range(1, SEQUENCE + 1):
+        target = top ** (j / SEQUENCE)
+        # the safest model reaching the target: the last on the path whose ratio is at least it
+        k = max(i for i, r in enumerate(ratios) if r >= target * (1 - 1e-9)) if j < SEQUENCE else 0
+        if k not in order and k != len(choices) - 1:
+            order.append(k)
+    return sorted(set(order), reverse=True)
 
 
 def joint_step(problems, choice: Choice, floats: frozenset[str], found: list[Unit], errors: dict[str, float]):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from helpers import MODELS, make_model, run
 from onnx_lowrank import CompressConfig, compress
 from onnx_lowrank.cli import app
-from onnx_lowrank.quality import quality, resolution
+from onnx_lowrank.quality import quality
 
 sys.path.insert(0, str(MODELS))
 import corpus  # noqa: E402
@@ -177,18 +177,14 @@ def test_a_user_metric_raising_mid_search_is_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_resolution_of_a_count():
-    line, warning = resolution("accuracy", 300, 0.005)
-    assert line == "300 samples: one changed sample is 0.0033; eps 0.005 allows 1 of them"
-    assert "about 600 calibration samples would resolve it" in warning
-    assert resolution("accuracy", 1000, 0.005)[1] is None
-    assert resolution("r2", 30, 0.005) == ("30 samples", None)
-
-
-def test_a_coarse_check_warns(tmp_path):
+def test_a_held_out_part_too_small_to_bound_eps_warns(tmp_path):
+    """200 samples, 140 held out: no count on 140 bounds eps 0.005 at 0.9 (with none changed, the
+    bound is 0.0116); the warning says how many would, and the model written is bounded at the
+    lower confidence in force, within eps."""
     x, y = np.load(MODELS / "mnist_test.npz")["image"][:200], np.load(MODELS / "mnist_test.npz")["labels"][:200]
     calib = tmp_path / "calib.npz"
     np.savez(calib, image=x, labels=y)
-    with pytest.warns(UserWarning, match="about 600 calibration samples would resolve it"):
+    with pytest.warns(UserWarning, match="cannot be bounded at confidence 0.9 on 140 held-out samples"):
         _, report = compress(str(MODELS / "digit_cnn.onnx"), CompressConfig(eps=0.005), str(calib), "labels")
-    assert report.resolution.startswith("200 samples: one changed sample is 0.0050")
+    assert report.resolution.startswith("140 held-out samples: one changed sample is 0.0071")
+    assert report.confidence < 0.9 and report.bound <= 0.005

@@ -44,14 +44,15 @@ def test_auto_compresses_within_eps_and_reports(calib, tmp_path):
     data = json.loads(report_path.read_text())
     for key in ("eps", "metric", "layers", "skipped", "params_before", "params_after", "macs_before", "macs_after",
                 "file_size_before", "file_size_after", "quality_before", "quality_after", "drop", "timings",
-                "calibration", "trace", "mac_ratio", "check_samples", "heldout_drop", "resolution"):
+                "calibration", "trace", "mac_ratio", "check_samples", "bound", "confidence", "resolution"):
         assert key in data
     layer = data["layers"][0]
     assert set(layer) == {"name", "op_type", "method", "ranks", "params_before", "params_after", "macs_before",
                           "macs_after", "error", "reason", "latency_before", "latency_after", "precision"}
     assert layer["latency_before"] is None and data["latency_before"] is None  # timed only with --cost latency
-    assert data["calibration"]["heldout"] == 80 and not data["calibration"]["synthetic"]  # --holdout 0.2 of 400
-    assert data["check_samples"] == 400  # the result is checked on every sample
+    assert data["calibration"]["heldout"] == 280 and not data["calibration"]["synthetic"]  # --holdout 0.7 of 400
+    assert data["check_samples"] == 280  # the held-out part decides
+    assert data["bound"] <= 0.01 and data["confidence"] == 0.9 and data["bound_method"] == "score"
     # the whole-model counts agree with the per-layer ones
     saved = sum(r["macs_before"] - r["macs_after"] for r in data["layers"])
     assert data["macs_before"] - data["macs_after"] == saved
@@ -102,34 +103,43 @@ def test_fp16_and_optimized_export_are_verified_like_the_rest(calib, tmp_path):
     assert logits.shape == (7, 10) and np.all(np.isfinite(logits))
 
 
-def test_back_off_stops_at_the_first_step_that_holds(calib):
-    """From the cheapest candidate everywhere, the bisected back-off ends on a boundary of the
-    step-by-step walk: its model holds on the data it checks and the one a step before does not."""
+def test_back_off_writes_the_last_model_of_the_sequence_that_holds(calib):
+    """From the cheapest candidate everywhere, the held-out part measures models of the step-back
+    path safest first and stops at the first whose bound exceeds eps: the model written is the one
+    before it, its bound within eps on the held-out part."""
     from onnx_lowrank.calibration.capture import capture
     from onnx_lowrank.calibration.data import load_calibration
     from onnx_lowrank.graph import find_targets, load_model, prepare
-    from onnx_lowrank.verify import build, nonfinite_samples, step_back, verify_choice
-    from onnx_lowrank.quality import predict, quality
+    from onnx_lowrank.quality import drop_bound, predict
     from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
+    from onnx_lowrank.verify import _sequence, build, nonfinite_samples, step_back, verify_choice
 
     prepared = prepare(load_model(DIGIT))
     targets, _ = find_targets(prepared)
-    search, held = load_calibration(str(calib), prepared, "labels").split(0.3, 0)
+    search, held = load_calibration(str(calib), prepared, "labels").split(0.7, 0)
     stats, _ = capture(prepared, targets, search)
     problems = build_problems(targets, stats, AUTO_METHODS, "macs", True)
     cheapest = {p.name: p.candidates[0] for p in problems}
     held_ref = predict(prepared, held)
     config = CompressConfig(eps=0.01)
-    _, choice, _, outputs, _, steps = verify_choice(prepared, problems, cheapest, "accuracy", held, held_ref, config,
-                                                    True)
-    q = quality("accuracy", held_ref, outputs, held.labels)
-    assert steps > 1 and q.drop <= config.eps and nonfinite_samples(held_ref, outputs, len(held)) == 0
+    verified = verify_choice(prepared, problems, cheapest, "accuracy", held, held_ref, config, True, level=0.9)
+    assert verified.steps > 0 and verified.bound.upper <= config.eps
+    assert nonfinite_samples(held_ref, verified.outputs, len(held)) == 0
+
+    def bound(choice):
+        outputs = predict(build(prepared, problems, choice), held)
+        return drop_bound("accuracy", held_ref, outputs, held.labels, None, None, 0.9).upper
+
     walk = [cheapest]
-    for _ in range(steps):
+    while any(c.factored for c in walk[-1].values()):
         walk.append(step_back(problems, walk[-1]))
-    assert all(walk[-1][p.name] is choice[p.name] for p in problems)
-    before = predict(build(prepared, problems, walk[-2]), held)
-    assert quality("accuracy", held_ref, before, held.labels).drop > config.eps
+    assert all(walk[verified.steps][p.name] is verified.choice[p.name] for p in problems)
+    order = _sequence(problems, walk)
+    assert verified.steps in order or verified.steps == len(walk) - 1
+    tested = order[:verified.tested]
+    assert all(bound(walk[k]) <= config.eps for k in tested[:-1])  # each held, in turn ...
+    if tested[-1] != verified.steps:  # ... until one did not
+        assert bound(walk[tested[-1]]) > config.eps
 
 
 def test_gemm_with_transposed_activation_gets_its_rank(tmp_path):

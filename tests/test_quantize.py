@@ -57,8 +57,10 @@ def test_default_model_quantized_within_eps_fused_and_drop_as_measured(tmp_path)
     onnx.checker.check_model(model, full_check=True)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(model)
     assert unfused(model) == [] and report.quantization["unfused"] == []
-    data = load_calibration(str(DEFAULT_CALIB), model, "labels")
+    config = CompressConfig()
+    _, data = load_calibration(str(DEFAULT_CALIB), model, "labels").split(config.holdout, config.seed)
     measured = quality("accuracy", predict(onnx.load(str(DEFAULT)), data), predict(model, data), data.labels)
+    # decided on the held-out part, as written
     assert report.check_samples == len(data) and report.drop == pytest.approx(measured.drop, abs=1e-12)
     assert report.drop <= 0.005 and report.mac_ratio > 2
     assert report.file_size_after < report.quantization["float_file_size"] / 3  # int8 weights: a quarter
@@ -189,7 +191,7 @@ def test_dynamic_quantization_is_measured_one_sample_per_run(tmp_path):
     np.save(calib, x)
     out, report = compress(model, CompressConfig(eps=0.02, quantize="int8"), str(calib))
     assert "one sample per run" in report.quantization["mode"] and report.drop <= 0.02
-    data = CalibrationSet({"x": x})
+    _, data = CalibrationSet({"x": x}).split(CompressConfig().holdout, 0)  # what decides
     reference = predict(model, data, 1)
 
     def drop(batch: int) -> float:
@@ -200,6 +202,7 @@ def test_dynamic_quantization_is_measured_one_sample_per_run(tmp_path):
     # bench measures it the same way
     onnx.save(model, str(tmp_path / "orig.onnx"))
     onnx.save(out, str(tmp_path / "int8.onnx"))
+    np.save(calib, data.inputs["x"])
     result = bench(tmp_path / "orig.onnx", tmp_path / "int8.onnx", calibration=str(calib), min_seconds=0.0)
     assert result.drop == [pytest.approx(drop(1), abs=1e-12)]
 

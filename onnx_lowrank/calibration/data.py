@@ -72,6 +72,8 @@ class CalibrationSet:
     indices: np.ndarray = field(default=None)  # positions in the set it was taken from
     whole: frozenset[str] = frozenset()        # inputs given one whole model input per sample
     run_batch: int | None = None
+    groups: np.ndarray | None = None           # per sample, its source (photo, file, speaker) as an
+    #                                            integer code; None: the samples are independent
 
     def __post_init__(self) -> None:
         if self.indices is None:
@@ -83,18 +85,38 @@ class CalibrationSet:
 
     def take(self, idx: np.ndarray) -> "CalibrationSet":
         labels = None if self.labels is None else self.labels[idx]
+        groups = None if self.groups is None else self.groups[idx]
         return CalibrationSet({k: v[idx] for k, v in self.inputs.items()}, labels, self.source,
-                              self.synthetic, self.indices[idx], self.whole, self.run_batch)
+                              self.synthetic, self.indices[idx], self.whole, self.run_batch, groups)
 
-    def split(self, holdout: float, seed: int) -> tuple["CalibrationSet", "CalibrationSet"]:
-        """Search and held-out parts, disjoint, drawn with `seed`."""
+    def group_codes(self) -> np.ndarray:
+        """Per sample, its group: the groups given, or each sample its own."""
+        return np.arange(len(self)) if self.groups is None else self.groups
+
+    def split(self, share: float, seed: int) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """Two disjoint parts, the second about `share` of the samples, drawn with `seed`; every
+        group wholly on one side (whole groups are drawn until the second part has its share)."""
+        first, second = self.split_positions(share, seed)
+        return self.take(first), self.take(second)
+
+    def split_positions(self, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """`split`, as the positions of each part in this set."""
         n = len(self)
         if n < 2:
             raise CalibrationError(f"calibration data has {n} sample; at least 2 are needed "
                                    "(a search part and a held-out part)")
-        order = np.random.default_rng(seed).permutation(n)
-        n_held = min(max(1, round(n * holdout)), n - 1)
-        return self.take(np.sort(order[n_held:])), self.take(np.sort(order[:n_held]))
+        codes = self.group_codes()
+        unique = np.unique(codes)
+        if len(unique) < 2:
+            raise CalibrationError(f"the calibration samples come from {len(unique)} group (--groups); at least 2 "
+                                   "are needed (a search part and a held-out part)")
+        order = np.random.default_rng(seed).permutation(unique)
+        sizes = np.bincount(np.searchsorted(unique, codes), minlength=len(unique))[np.searchsorted(unique, order)]
+        want = min(max(1, round(n * share)), n - 1)
+        # the fewest whole groups that reach the share, never all of them
+        count = min(int(np.searchsorted(np.cumsum(sizes), want)) + 1, len(unique) - 1)
+        second = np.isin(codes, order[:count])
+        return np.flatnonzero(~second), np.flatnonzero(second)
 
     def batch_for(self, size: int) -> int:
         """The samples one run takes when `size` are asked for."""
@@ -164,9 +186,10 @@ def input_layout(model: onnx.ModelProto, data: CalibrationSet | None = None) -> 
 
 
 def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
-                     image: ImageOptions = ImageOptions(), seed: int = 0) -> CalibrationSet:
+                     image: ImageOptions = ImageOptions(), seed: int = 0, groups: Any = None) -> CalibrationSet:
     """Calibration inputs for `model` from `source` (None: synthetic), checked against the model's
-    inputs. `labels`: an .npy path, or the name of a key in the .npz source."""
+    inputs. `labels`: an .npy path, the name of a key in the .npz source, or an array; `groups`
+    (each sample's source: photo, file, speaker, document) likewise."""
     specs = model_inputs(model)
     if not specs:
         raise CalibrationError("the model has no inputs to feed (none, or only initializers): it computes a "
@@ -182,13 +205,15 @@ def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
         if path.is_dir():
             data = _from_images(path, specs, image)
         elif path.suffix == ".npz":
-            data = _from_npz(path, specs, labels)
+            data = _from_npz(path, specs, labels, groups)
         elif path.suffix == ".npy":
             data = _from_npy(path, specs)
         else:
             raise CalibrationError(f"{path}: calibration data must be .npz, .npy or a folder of images")
     if labels is not None and not (isinstance(labels, str) and data.labels is not None):
         data.labels = _labels(labels)
+    if groups is not None and not (isinstance(groups, str) and data.groups is not None):
+        data.groups = _side_array(groups, "groups")
     _check(data, specs)
     return data
 
@@ -232,20 +257,22 @@ def _load(path: Path, kind: type, what: str) -> Any:
     return loaded
 
 
-def _from_npz(path: Path, specs, labels) -> CalibrationSet:
+def _from_npz(path: Path, specs, labels, groups=None) -> CalibrationSet:
     with _load(path, np.lib.npyio.NpzFile, "calibration data") as npz:
         keys = set(npz.files)
-        label_key = labels if isinstance(labels, str) and not labels.endswith(".npy") else None
+        label_key, group_key = (k if isinstance(k, str) and not k.endswith(".npy") else None for k in (labels, groups))
         names = {s.name for s in specs}
         missing = names - keys
         if missing:
             raise CalibrationError(f"{path}: no array for model input(s) {', '.join(sorted(missing))}; "
                                    f"the file has {', '.join(sorted(keys)) or 'nothing'}")
-        if label_key is not None and label_key not in keys:
-            raise CalibrationError(f"{path}: no labels key {label_key!r}; the file has {', '.join(sorted(keys))}")
+        for what, key in (("labels", label_key), ("groups", group_key)):
+            if key is not None and key not in keys:
+                raise CalibrationError(f"{path}: no {what} key {key!r}; the file has {', '.join(sorted(keys))}")
         with _reading(path, "an array"):  # the members are read here: a damaged one fails now
             inputs = {n: npz[n] for n in names}
-            data = CalibrationSet(inputs, npz[label_key] if label_key else None, str(path))
+            data = CalibrationSet(inputs, npz[label_key] if label_key else None, str(path),
+                                  groups=_group_codes(npz[group_key], path) if group_key else None)
     return data
 
 
@@ -315,6 +342,23 @@ def _labels(source) -> np.ndarray:
     return _load(Path(os.fspath(source)), np.ndarray, "labels")
 
 
+def _side_array(source, what: str) -> np.ndarray:
+    """`--groups` from an .npy path or an array, as integer codes."""
+    array = np.asarray(source) if not isinstance(source, (str, os.PathLike)) else \
+        _load(Path(os.fspath(source)), np.ndarray, what)
+    return _group_codes(array, source)
+
+
+def _group_codes(array: np.ndarray, where) -> np.ndarray:
+    """One group per sample, any names (integers, strings) as codes 0..groups-1."""
+    array = np.asarray(array)
+    if array.ndim != 1:
+        raise CalibrationError(f"{where}: groups must be one name per sample (1-D); got shape {array.shape}")
+    if array.dtype.kind not in "iuUSb":
+        raise CalibrationError(f"{where}: groups must be integers or strings; got {array.dtype}")
+    return np.unique(array, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
     names = {s.name for s in specs}
     extra = set(data.inputs) - names
@@ -365,6 +409,8 @@ def _check(data: CalibrationSet, specs: Sequence[InputSpec]) -> None:
             raise CalibrationError(f"{len(data.labels)} labels for {n} calibration samples")
         if not np.issubdtype(data.labels.dtype, np.integer):
             raise CalibrationError(f"labels must be integers (class indices); got {data.labels.dtype}")
+    if data.groups is not None and len(data.groups) != n:
+        raise CalibrationError(f"{len(data.groups)} groups for {n} calibration samples")
 
 
 def _run_batch(whole: set[str], fixed: dict[str, int]) -> int | None:

@@ -63,6 +63,7 @@ def select(search: Search, weights: dict[str, float]) -> tuple[Choice, dict[str,
     path, knobs = lambda_path(search.problems, weights)
     k = cheapest_within(search, path, knobs)
     choice = path[k]
+    search.path = path[:k + 1]
     lam = knobs[k]
     reasons = {}
     for p in search.problems:

@@ -28,6 +28,9 @@ class Search:
     other_cost: float                    # cost of everything not chosen here (skipped layers)
     exact_original: bool = True          # keeping every layer is the original (drop 0); not when quantized
     trace: list[TracePoint] = field(default_factory=list)
+    # the models from keeping every layer to the choice, in the strategy's own order (auto: its
+    # lambda path), for the held-out part to step back along; None: verify.step_back's path
+    path: list[Choice] | None = None
     _cache: dict = field(default_factory=dict)
 
     @property

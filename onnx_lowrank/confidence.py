@@ -1,0 +1,138 @@
+"""An upper confidence bound on a model's quality drop for new data from the calibration set's
+distribution: what `--eps` is held to (`--confidence`, one-sided).
+
+- Counts (accuracy, agreement): the drop is the share of samples lost less the share gained,
+  paired over the same samples. Its bound is Tango's score bound for a difference of paired
+  proportions (Tango 1998, Stat Med 17:891): well calibrated down to a handful of changed
+  samples, where a normal approximation or a bootstrap of the count is not (a bootstrap of one
+  lost sample never sees more than a few).
+- Other metrics (r2, cosine, yours): a percentile bootstrap of the drop over samples.
+- With groups (`--groups`: photos, files, speakers), the bootstrap draws whole groups, and the
+  counts are taken at the effective sample size of their grouping (the design effect: how much
+  more the net count varies over groups than over independent samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy.stats import norm
+
+BOOTSTRAP = 1000       # resamples for a metric computed per sample (r2, cosine)
+USER_BOOTSTRAP = 200   # ... for the user's metric, which may be costly to call
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A drop measured on `samples` samples and its one-sided upper bound at `level`."""
+
+    drop: float
+    upper: float
+    level: float
+    samples: int
+    groups: int | None   # groups the samples came from (None: taken as independent)
+    method: str          # "score" (counts) or "bootstrap"
+
+
+def count_bound(lost: float, gained: float, n: float, level: float) -> float:
+    """Upper bound at `level` on p_lost - p_gained from `lost` and `gained` of `n` paired samples:
+    the largest difference d whose score statistic (lost - gained - n d) / sqrt(n (2 p_g(d) +
+    d (1 - d))), p_g(d) the gain rate's maximum likelihood estimate given d, is at least -z."""
+    if n <= 0:
+        return 1.0
+    z = float(norm.ppf(level))
+
+    def score(d: float) -> float:
+        a = 2 * n
+        b = -lost - gained + (2 * n - lost + gained) * d
+        c = -gained * d * (1 - d)
+        p_gained = (np.sqrt(max(b * b - 4 * a * c, 0.0)) - b) / (2 * a)
+        variance = n * (2 * p_gained + d * (1 - d))
+        return (lost - gained - n * d) / np.sqrt(max(variance, 1e-300))
+
+    lo, hi = (lost - gained) / n, 1.0
+    if score(hi) >= -z:
+        return 1.0
+    for _ in range(60):  # the score falls as d grows: bisect
+        mid = (lo + hi) / 2
+        if score(mid) >= -z:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def no_change_bound(n: float, level: float) -> float:
+    """The bound of a count when no sample changed: the least any model can be given on n."""
+    return count_bound(0, 0, n, level)
+
+
+def samples_for(eps: float, level: float) -> int:
+    """The fewest samples on which a count with no change bounds eps at `level`."""
+    if eps <= 0:
+        return 0
+    z2 = float(norm.ppf(level)) ** 2
+    n = int(np.ceil(z2 * (1 - eps) / eps))
+    while no_change_bound(n, level) > eps:  # the bisection's last digit
+        n += 1
+    return n
+
+
+def level_in_force(eps: float, samples: int, level: float) -> float:
+    """`level`, or where a count on `samples` cannot bound eps at it even with no sample changed,
+    the highest level at which it can (z^2 = n eps / (1 - eps)), to two decimals down."""
+    if eps <= 0 or no_change_bound(samples, level) <= eps:
+        return level
+    best = float(norm.cdf(np.sqrt(samples * eps / (1 - eps))))
+    return max(0.5, np.floor(best * 100) / 100)
+
+
+def counts_bound(lost: np.ndarray, gained: np.ndarray, level: float, groups: np.ndarray | None) -> Bound:
+    """`lost`, `gained`: per sample, 0 or 1."""
+    n = len(lost)
+    lost_n, gained_n = float(lost.sum()), float(gained.sum())
+    drop = (lost_n - gained_n) / n if n else 0.0
+    count = None
+    scale = 1.0
+    if groups is not None:
+        count = len(np.unique(groups))
+        scale = _design_effect(lost.astype(float) - gained, groups)
+    upper = count_bound(lost_n / scale, gained_n / scale, n / scale, level)
+    return Bound(drop, max(upper, drop), level, n, count, "score")
+
+
+def _design_effect(d: np.ndarray, groups: np.ndarray) -> float:
+    """How much more the sum of d varies when whole groups are drawn than when samples are: the
+    variance of the group sums over the samples' own (at least 1)."""
+    _, codes = np.unique(groups, return_inverse=True)
+    sums = np.bincount(codes, weights=d)
+    sizes = np.bincount(codes)
+    mean = d.mean() if len(d) else 0.0
+    between = float(np.sum(np.square(sums - sizes * mean)))
+    within = float(np.sum(np.square(d - mean)))
+    return max(1.0, between / within) if within > 0 else 1.0
+
+
+def bootstrap_bound(drop_of: Callable[[np.ndarray], float], samples: int, level: float,
+                    groups: np.ndarray | None, seed: int, resamples: int) -> Bound:
+    """The `level` quantile of drop_of(positions) over resamples of the samples with replacement
+    (of whole groups, with `groups`); drop_of(all positions) is the drop."""
+    rng = np.random.default_rng(seed)
+    everything = np.arange(samples)
+    codes = everything if groups is None else np.unique(groups, return_inverse=True)[1]
+    members = [everything] if groups is None else None
+    if groups is not None:
+        order = np.argsort(codes, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(codes))[:-1])
+    drops = []
+    for _ in range(resamples):
+        if groups is None:
+            positions = rng.integers(0, samples, samples)
+        else:
+            positions = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        drops.append(drop_of(positions))
+    drop = drop_of(everything)
+    upper = float(np.quantile(drops, level)) if drops else drop
+    return Bound(drop, max(upper, drop), level, samples, None if groups is None else len(members), "bootstrap")
