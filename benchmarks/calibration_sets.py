@@ -116,7 +116,7 @@ def main() -> None:
     eps = args.eps
     splits = mnist()
     data = dict(zip(SPLITS, splits))
-    runs = [(n, 0) for n in map(int, args.sizes.split(","))] + ([(1000, 2)] if args.finetune else [])
+    runs = [(int(n), 0) for n in args.sizes.split(",") if n] + ([(1000, 2)] if args.finetune else [])
     config = CompressConfig(eps=eps)
     for field, value in (("confidence", args.confidence), ("holdout", args.holdout)):
         if value is not None:

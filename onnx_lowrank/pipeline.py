@@ -226,7 +226,8 @@ def _calibrate(original, prepared, targets, calibration, labels, groups, config:
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
     metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices)
     report.metric = str(metric)
-    report.resolution, level, coarse = resolution(metric, len(held), config.eps, config.confidence, config.holdout)
+    report.resolution, level, coarse = resolution(metric, len(held), held.groups, config.eps, config.confidence,
+                                                  config.holdout)
     if coarse:
         _warn(report, coarse)
     compensation = None

@@ -30,8 +30,8 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .calibration.data import CalibrationSet, token_mask, without_padding
-from .confidence import (BOOTSTRAP, USER_BOOTSTRAP, Bound, bootstrap_bound, counts_bound, level_in_force,
-                         no_change_bound, samples_for)
+from .confidence import (BOOTSTRAP, MIN_GROUPS, USER_BOOTSTRAP, Bound, bootstrap_bound, counts_bound,
+                         effective_samples, level_in_force, no_change_bound, samples_for)
 from .errors import MetricError, first_line
 from .graph.io import weights_apart
 
@@ -247,23 +247,33 @@ def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: 
 COUNTS = ("accuracy", "agreement")  # metrics that count samples: they resolve 1 / samples at best
 
 
-def resolution(metric: str, samples: int, eps: float, level: float, holdout: float) -> tuple[str, float, str | None]:
-    """What a check of `samples` held-out samples can resolve under `metric`, as a line; the level
-    its bound is taken at (`level`, or lower where a count on so few cannot bound eps at `level`
-    even with no sample changed: confidence.level_in_force); and then a warning naming how many
-    samples would."""
+def resolution(metric: str, samples: int, groups: np.ndarray | None, eps: float, level: float,
+               holdout: float) -> tuple[str, float, str | None]:
+    """What a check of `samples` held-out samples (from `groups`, if given) can resolve under
+    `metric`, as a line; the level its bound is taken at (`level`, or lower where a count on so few
+    cannot bound eps at `level` even with no sample changed: confidence.level_in_force); and a
+    warning naming how many samples (or groups) would, where eps cannot be bounded at `level`."""
+    count = None if groups is None else len(np.unique(groups))
+    source = "" if count is None else f" from {count} groups"
     if metric not in COUNTS:
-        return f"{samples} held-out samples", level, None
-    least = no_change_bound(samples, level)
-    line = (f"{samples} held-out samples: one changed sample is {1 / samples:.4f}; with none changed the drop is "
-            f"at most {least:.4f} at confidence {level:g}")
-    in_force = level_in_force(eps, samples, level)
+        if count is not None and count < MIN_GROUPS:
+            return (f"{samples} held-out samples{source}", level,
+                    f"the held-out part holds {count} groups (--groups): too few to bound the {metric} drop by "
+                    f"resampling them ({MIN_GROUPS} would); nothing can be shown within eps, so nothing is factored")
+        return f"{samples} held-out samples{source}", level, None
+    n = effective_samples(samples, groups)
+    worth = "" if count is None else f", worth {n:.0f} independent ones"
+    least = no_change_bound(n, level)
+    line = (f"{samples} held-out samples{source}{worth}: one changed sample is {1 / samples:.4f}; with none changed "
+            f"the drop is at most {least:.4f} at confidence {level:g}")
+    in_force = level_in_force(eps, n, level)
     if in_force == level:
         return line, level, None
     need = samples_for(eps, level)
+    unit = "held-out samples" if count is None else "independent held-out samples (groups of one)"
     return line, in_force, (
-        f"eps {eps:g} cannot be bounded at confidence {level:g} on {samples} held-out samples under {metric} (with "
-        f"no sample changed the bound is {least:.4f}): {need} held-out samples would (about "
+        f"eps {eps:g} cannot be bounded at confidence {level:g} on {samples} held-out samples{source} under "
+        f"{metric} (with no sample changed the bound is {least:.4f}): {need} {unit} would (about "
         f"{int(np.ceil(need / holdout))} calibration samples at --holdout {holdout:g}); the model written is "
         f"bounded at confidence {in_force:g}")
 

@@ -115,6 +115,7 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
         finite = not nonfinite_samples(reference, outputs, len(data))
         return model, outputs, bound, finite and bound.upper <= config.eps
 
+    found: list[Unit] = []  # with `quantizer`: the units of the choice's model
     path = [(dict(choice), frozenset() if quantizer is not None else None)]
     if confirm is not None:
         path[0] = (confirm(path[0][0]), path[0][1])
@@ -128,12 +129,18 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
                 path.append((step_back(problems, path[-1][0]), None))
         else:
             float_model = model_of(path[0][0], None, infer=True)
-            found = units(float_model, targets, feed)
+            found[:] = units(float_model, targets, feed)
             errors = unit_errors(float_model, quantizer(float_model), found, quantizer.probe)
             while (state := joint_step(problems, *path[-1], found, errors)) is not None:
                 path.append(state)
             path.append(({p.name: p.keep for p in problems}, None))
-    order = _sequence(problems, [c for c, _ in path]) if back_off else [0]
+
+    def cost(state) -> float:  # int8 MACs at INT8_MAC_COST of a float one (the units of the choice)
+        choice_, floats = state
+        int8 = 0.0 if floats is None else sum(u.macs for u in found if u.name not in floats)
+        return sum(choice_[p.name].cost for p in problems) - (1 - INT8_MAC_COST) * int8
+
+    order = _sequence([cost(state) for state in path]) if back_off else [0]
     kept, tested = None, 0
     for k in order:
         if confirm is not None:
@@ -143,34 +150,32 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
         if not result[3] and back_off:
             break
         kept = (k, result)
-    if kept is None:  # nothing held: every layer kept, the original (its drop is 0 exactly)
+    if kept is None:  # nothing held: every layer kept, the original, whose drop is 0 (not a bound's guess)
         k = len(path) - 1
-        kept = (k, measured(path[k]))
+        model, outputs, bound, _ = measured(path[k])
+        kept = (k, (model, outputs, Bound(bound.drop, max(bound.drop, 0.0), level, bound.samples, bound.groups,
+                                          bound.method), True))
     k, (_, outputs, bound, _) = kept
     choice, floats = path[k]
     return Verified(model_of(choice, floats, infer=True), choice, floats, outputs, bound, k, tested)
 
 
-def _sequence(problems, choices: list[Choice]) -> list[int]:
-    """Positions on the path (0: the choice, last: keep every layer) to measure, safest first: the
-    safest model at each of SEQUENCE costs spaced evenly in log cost from keeping every layer to
-    the choice, the choice last."""
-    def cost(c: Choice) -> float:
-        return sum(c[p.name].cost for p in problems)
-
-    full, chosen = cost(choices[-1]), cost(choices[0])
-    if len(choices) == 1 or chosen >= full:
+def _sequence(costs: list[float]) -> list[int]:
+    """Positions on the path (0: the choice, last: keep every layer; `costs` of each) to measure,
+    safest first: the safest model at each of SEQUENCE costs spaced evenly in log cost from
+    keeping every layer to the choice, the choice last."""
+    full, chosen = costs[-1], costs[0]
+    if len(costs) == 1 or chosen >= full:
         return [0]
-    ratios = [full / max(cost(c), 1e-300) for c in choices]
-    top = ratios[0]
+    ratios = [full / max(c, 1e-300) for c in costs]
     order: list[int] = []
-    for j in range(1, SEQUENCE + 1):
-        target = top ** (j / SEQUENCE)
+    for j in range(1, SEQUENCE):
+        target = ratios[0] ** (j / SEQUENCE)
         # the safest model reaching the target: the last on the path whose ratio is at least it
-        k = max(i for i, r in enumerate(ratios) if r >= target * (1 - 1e-9)) if j < SEQUENCE else 0
-        if k not in order and k != len(choices) - 1:
+        k = max(i for i, r in enumerate(ratios) if r >= target * (1 - 1e-9))
+        if k not in order and k != len(costs) - 1:
             order.append(k)
-    return sorted(set(order), reverse=True)
+    return sorted(set(order), reverse=True) + [0] * (0 not in order)
 
 
 def joint_step(problems, choice: Choice, floats: frozenset[str], found: list[Unit], errors: dict[str, float]):

@@ -65,13 +65,19 @@ def test_no_change_bounds_and_the_samples_that_bound_eps():
 
 
 def test_a_held_out_part_too_small_says_so_and_lowers_the_level():
-    line, level, warning = resolution("accuracy", 150, 0.005, 0.9, 0.5)
+    line, level, warning = resolution("accuracy", 150, None, 0.005, 0.9, 0.5)
     assert line.startswith("150 held-out samples: one changed sample is 0.0067")
     need = samples_for(0.005, 0.9)
     assert f"{need} held-out samples would (about {2 * need} calibration samples at --holdout 0.5)" in warning
     assert level < 0.9 and f"bounded at confidence {level:g}" in warning
-    assert resolution("accuracy", 1000, 0.005, 0.9, 0.5)[1:] == (0.9, None)
-    assert resolution("r2", 30, 0.005, 0.9, 0.5) == ("30 held-out samples", 0.9, None)
+    assert resolution("accuracy", 1000, None, 0.005, 0.9, 0.5)[1:] == (0.9, None)
+    assert resolution("r2", 30, None, 0.005, 0.9, 0.5) == ("30 held-out samples", 0.9, None)
+    # 1000 samples from 100 photos are worth 100 independent ones to a count
+    line, level, warning = resolution("accuracy", 1000, np.arange(1000) // 10, 0.005, 0.9, 0.5)
+    assert "from 100 groups, worth 100 independent ones" in line and level < 0.9 and "cannot be bounded" in warning
+    # a bootstrap over 4 photos bounds nothing
+    line, level, warning = resolution("r2", 200, np.arange(200) // 50, 0.01, 0.9, 0.5)
+    assert "holds 4 groups" in warning and "nothing is factored" in warning
 
 
 def test_groups_never_straddle_a_split():
@@ -103,6 +109,7 @@ def test_the_bootstrap_draws_whole_groups():
 
     from onnx_lowrank.quality import UserMetric
     bound = drop_bound(UserMetric(metric), [ref], [ref + 0.1], None, np.arange(100), groups, 0.9)
+    assert np.isfinite(bound.upper) and bound.upper >= bound.drop
     assert bound.groups == 20 and bound.method == "bootstrap"
     for indices in seen:
         counts = np.bincount(groups[indices], minlength=20)
@@ -122,3 +129,9 @@ def test_grouped_counts_are_bounded_at_their_effective_size():
     alone = drop_bound("accuracy", ref, out, labels, None, None, 0.9)
     grouped = drop_bound("accuracy", ref, out, labels, None, groups, 0.9)
     assert grouped.drop == alone.drop == 0.01 and grouped.upper > alone.upper and grouped.groups == 100
+
+
+def test_a_bootstrap_over_too_few_groups_bounds_nothing():
+    ref = np.random.default_rng(4).standard_normal((60, 2))
+    bound = drop_bound("r2", [ref], [ref * 1.001], None, None, np.arange(60) // 10, 0.9)
+    assert bound.groups == 6 and bound.upper == float("inf") and bound.drop < 1e-5

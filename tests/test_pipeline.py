@@ -38,9 +38,10 @@ def test_auto_compresses_within_eps_and_reports(calib, tmp_path):
     out = tmp_path / "out.onnx"
     report_path = tmp_path / "report.json"
     before = DIGIT.read_bytes()
-    report = compress_file(DIGIT, out, CompressConfig(eps=0.01), calib, "labels", report_path)
+    # 280 held-out samples bound eps 0.02 with a few changed (eps 0.01 with none)
+    report = compress_file(DIGIT, out, CompressConfig(eps=0.02), calib, "labels", report_path)
     assert DIGIT.read_bytes() == before
-    assert report.drop <= 0.01 and report.mac_ratio > 2.0
+    assert report.bound <= 0.02 and report.mac_ratio > 2.0
     data = json.loads(report_path.read_text())
     for key in ("eps", "metric", "layers", "skipped", "params_before", "params_after", "macs_before", "macs_after",
                 "file_size_before", "file_size_after", "quality_before", "quality_after", "drop", "timings",
@@ -52,7 +53,7 @@ def test_auto_compresses_within_eps_and_reports(calib, tmp_path):
     assert layer["latency_before"] is None and data["latency_before"] is None  # timed only with --cost latency
     assert data["calibration"]["heldout"] == 280 and not data["calibration"]["synthetic"]  # --holdout 0.7 of 400
     assert data["check_samples"] == 280  # the held-out part decides
-    assert data["bound"] <= 0.01 and data["confidence"] == 0.9 and data["bound_method"] == "score"
+    assert data["confidence"] == 0.9 and data["bound_method"] == "score"
     # the whole-model counts agree with the per-layer ones
     saved = sum(r["macs_before"] - r["macs_after"] for r in data["layers"])
     assert data["macs_before"] - data["macs_after"] == saved
@@ -134,7 +135,7 @@ def test_back_off_writes_the_last_model_of_the_sequence_that_holds(calib):
     while any(c.factored for c in walk[-1].values()):
         walk.append(step_back(problems, walk[-1]))
     assert all(walk[verified.steps][p.name] is verified.choice[p.name] for p in problems)
-    order = _sequence(problems, walk)
+    order = _sequence([sum(c[p.name].cost for p in problems) for c in walk])
     assert verified.steps in order or verified.steps == len(walk) - 1
     tested = order[:verified.tested]
     assert all(bound(walk[k]) <= config.eps for k in tested[:-1])  # each held, in turn ...
@@ -175,7 +176,8 @@ def test_a_layer_lapack_cannot_decompose_is_kept_with_the_reason(calib):
     weight = numpy_helper.to_array(fc0).copy()
     weight.flat[0] = 1e25
     fc0.CopyFrom(numpy_helper.from_array(weight, fc0.name))
-    out, report = compress(model, CompressConfig(eps=0.02), calibration=calib, labels="labels")
+    # statistics from 320 of the 400 samples overflow (from the default 120 of them they do not)
+    out, report = compress(model, CompressConfig(eps=0.02, holdout=0.2), calibration=calib, labels="labels")
     kept = [layer for layer in report.layers if "numerical failure" in layer.reason]
     assert kept and all(layer.method is None for layer in kept)
     onnx.checker.check_model(out, full_check=True)

@@ -228,8 +228,9 @@ def test_a_layer_wider_than_the_vectors_it_sees_keeps_only_the_diagonal():
     s = stats[target.name]
     assert s.diagonal and s.moment_sum.nbytes == 2048 * 8
     np.testing.assert_allclose(s.second_moment(), np.mean(x.astype(np.float64) ** 2, axis=0), rtol=1e-5)
-    out, report = compress(model, CompressConfig(eps=0.05), calibration=_reader({"x": x}))
-    assert report.mac_ratio > 2 and report.drop <= 0.05
+    # at fixed ranks: 30 of 100 samples in the search part, too few to bound eps on the others
+    out, report = compress(model, CompressConfig(select="rank", ratio=0.4), calibration=_reader({"x": x}))
+    assert report.mac_ratio > 2
     assert report.memory["statistics_bytes"] < 2048 * 2048
 
 
@@ -239,11 +240,12 @@ def test_statistics_over_max_memory_are_one_line_before_they_are_allocated(tmp_p
     model = wide_dense_model(rng, 4096, rows_per_sample=100)
     x = rng.standard_normal((80, 100, 4096)).astype(np.float32)  # 56 in the search part: 5600 rows
     with pytest.raises(OutOfMemory, match="--max-memory"):
-        compress(model, CompressConfig(eps=0.05, max_memory=2**28), calibration=_reader({"x": x}))
+        compress(model, CompressConfig(eps=0.05, max_memory=2**28, holdout=0.3), calibration=_reader({"x": x}))
     src, calib = tmp_path / "wide.onnx", tmp_path / "calib.npz"
     onnx.save(model, src)
     np.savez(calib, x=x)
-    result = _cli(["convert", str(src), str(tmp_path / "out.onnx"), "--calib", str(calib), "--max-memory", "256M"])
+    result = _cli(["convert", str(src), str(tmp_path / "out.onnx"), "--calib", str(calib), "--max-memory", "256M",
+                   "--holdout", "0.3"])
     assert result.exit_code == 2 and not (tmp_path / "out.onnx").exists()
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: the layers' input statistics need") and "--max-memory" in line
