@@ -242,7 +242,7 @@ def convert(
                                        "each factored layer's last step by least squares to the original layer's "
                                        "outputs, given the compressed model's own inputs on the calibration data "
                                        "(measured on two halves, each refit on the other)."),
-    holdout: float = typer.Option(0.7, help="Share of the calibration set held out of every fit and every choice: "
+    holdout: float = typer.Option(0.8, help="Share of the calibration set held out of every fit and every choice: "
                                   "it alone decides what is written (--confidence)."),
     confidence: float = typer.Option(0.9, help="The level of the upper confidence bound on the drop for new data "
                                      "(one-sided) that must be within --eps, measured on the held-out part."),

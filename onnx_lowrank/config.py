@@ -41,7 +41,7 @@ class CompressConfig:
     exclude: tuple[str, ...] = ()          # node names or op types left alone
     data_aware: bool = True                # whiten by the input covariance (with calibration data)
     compensate: bool = True                # refit each chain's last step to the original's outputs (compensate.py)
-    holdout: float = 0.7                   # share of the calibration set no fit and no choice sees: it decides
+    holdout: float = 0.8                   # share of the calibration set no fit and no choice sees: it decides
     confidence: float = 0.9                # level of the drop's upper bound for new data that eps holds
     verify: bool = True                    # step back and fail (VerificationError) when the held-out check fails
     merge: bool = True                     # merge adjacent linear layers where one costs less than two
