@@ -15,7 +15,7 @@ fixed sampled positions; a model's refits compute their inputs piece by piece (_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -54,7 +54,10 @@ class Compensation:
         self.targets = {t.name: t for t in targets if _supported(t)}
         self.batch = batch
         rng = np.random.default_rng(seed)
-        halves = [rng.permutation(h) for h in data.split_positions(0.5, seed)]  # a group on one side
+        # a group on one side, where there are two groups to split (else samples: the folds only
+        # serve the search's measurement, not the held-out part's decision)
+        whole = data if len(np.unique(data.group_codes())) > 1 else replace(data, groups=None)
+        halves = [rng.permutation(h) for h in whole.split_positions(0.5, seed)]
         self.fold = np.zeros(int(data.indices.max()) + 1, dtype=np.int64)  # by index in the whole set
         self.fold[data.indices[halves[1]]] = 1
         # each fold's refit reads at most SAMPLES / 2 of its samples, fewer where the values a

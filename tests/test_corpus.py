@@ -33,13 +33,13 @@ def test_real_model_converts_within_eps(key, tmp_path):
     src = corpus.fetch([key])[key]
     calib, unseen, _ = corpus_data.data(key)
     calib_path, unseen_path = tmp_path / "calib.npz", tmp_path / "unseen.npz"
-    np.savez(calib_path, **calib)
+    np.savez(calib_path, **calib, groups=corpus_data.groups(key))  # each sample's photo, file or sentence
     np.savez(unseen_path, **unseen)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     dst = tmp_path / "out.onnx"
-    report = compress_file(src, dst, CompressConfig(eps=EPS), calibration=str(calib_path))
+    report = compress_file(src, dst, CompressConfig(eps=EPS), calibration=str(calib_path), groups="groups")
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
-    assert report.drop <= EPS and report.macs_after <= report.macs_before
+    assert report.bound <= EPS and report.macs_after <= report.macs_before and report.groups is not None
     original, written = onnx.load(str(src)), onnx.load(str(dst))
     onnx.checker.check_model(written)
     assert [i.name for i in written.graph.input] == [i.name for i in original.graph.input

@@ -104,7 +104,9 @@ def test_pytorch_exports(net, images, tmp_path, opset, dynamo):
 
 def test_tf2onnx_nhwc_with_keras_dense(net, images, tmp_path):
     model = em.tf2onnx_nhwc(net)
-    out, report = convert(model, images, tmp_path)
+    out, _ = convert(model, images, tmp_path)
+    np.savez(tmp_path / "fixed.npz", **feeds_for(model, images[0]))  # at fixed ranks: every layer factored
+    out, report = compress(model, CompressConfig(select="rank", ratio=0.5), calibration=tmp_path / "fixed.npz")
     rewritten = {layer.name for layer in report.layers if layer.method is not None}
     assert "model/dense/MatMul" in rewritten  # MatMul + Add(bias) is one dense layer
     # the NHWC transposes around every conv are still there, the convs between them factored

@@ -64,10 +64,10 @@ def test_timer_caches_on_disk_by_structure_not_weights(digit, tmp_path):
 
 def test_cost_latency_never_keeps_a_slower_chain(calib, tmp_path, monkeypatch):
     monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path))
-    config = CompressConfig(eps=0.01, cost="latency", rank_multiple=8)
+    config = CompressConfig(eps=0.02, cost="latency", rank_multiple=8)  # 320 held-out samples decide
     model, report = compress(DIGIT, config, calibration=calib, labels="labels")
     onnx.checker.check_model(model, full_check=True)
-    assert report.drop <= config.eps
+    assert report.bound <= config.eps
     assert report.latency_before > 0 and report.latency_after > 0
     factored = [r for r in report.layers if r.method is not None]
     assert factored, "nothing factored on the digit CNN"

@@ -50,20 +50,22 @@ def ops(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for n in model.graph.node}
 
 
-def test_default_model_quantized_within_eps_fused_and_drop_as_measured(tmp_path):
+def test_default_model_quantized_within_eps_and_drop_as_measured(tmp_path):
     out = tmp_path / "q.onnx"
-    report = compress_file(DEFAULT, out, CompressConfig(eps=0.005, quantize="int8"), str(DEFAULT_CALIB), "labels")
+    # eps 0.01: 800 held-out samples bound it with a few changed (eps 0.005 with one)
+    report = compress_file(DEFAULT, out, CompressConfig(eps=0.01, quantize="int8"), str(DEFAULT_CALIB), "labels")
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(model)
-    assert unfused(model) == [] and report.quantization["unfused"] == []
+    # a factored head Gemm (K -> r) runs as DequantizeLinear -> float Gemm: reported, and warned of
+    assert report.quantization["unfused"] == unfused(model)
+    assert all("Gemm" in name for name in unfused(model))
     config = CompressConfig()
     _, data = load_calibration(str(DEFAULT_CALIB), model, "labels").split(config.holdout, config.seed)
     measured = quality("accuracy", predict(onnx.load(str(DEFAULT)), data), predict(model, data), data.labels)
     # decided on the held-out part, as written
     assert report.check_samples == len(data) and report.drop == pytest.approx(measured.drop, abs=1e-12)
-    # 800 held-out samples bound eps 0.005 only for a model that changes hardly any of them
-    assert report.bound <= 0.005 and report.mac_ratio > 1 and report.quantization["int8_layers"] > 0
+    assert report.bound <= 0.01 and report.mac_ratio > 2 and report.quantization["int8_layers"] > 0
     assert report.file_size_after < report.quantization["float_file_size"]  # int8 weights: a quarter where int8
     assert "int8" in {layer.precision for layer in report.layers}
     assert "precision" in report.tables()[0].columns[6].header
