@@ -123,10 +123,11 @@ def error_line(log: Path, status: int) -> str:
 
 def unbounded_warnings(log: Path) -> list[str]:
     """The CLI's warning lines saying eps cannot be bounded at the confidence asked (the held-out
-    part too small): the model is then bounded at a lower level (the report's `confidence`)."""
+    part too small: the model is then bounded at a lower level, the report's `confidence`) or at
+    all (too few groups for a bootstrap: nothing is factored)."""
     lines = re.split(r"[\r\n]+", log.read_text(errors="replace"))  # (progress lines end in \r)
     return [f"converter warning: {ln[ln.index('warning:') + 8:].strip()}" for ln in lines
-            if "warning:" in ln and "cannot be bounded" in ln]
+            if "warning:" in ln and ("cannot be bounded" in ln or "too few to bound" in ln)]
 
 
 def unseen_drop(key: str, src: Path, dst: Path, unseen: Path, metric: str) -> tuple[float, float, str]:

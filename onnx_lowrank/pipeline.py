@@ -28,8 +28,8 @@ from .graph.index import WEIGHT_TYPES
 from .graph.targets import LayerTarget, Skipped, attention_projections
 from .latency import LayerTimer, interleaved, runtime_session, time_session
 from .confidence import Bound
-from .quality import (RUNTIME_ERRORS, DropMeter, UserMetric, drop_bound, measuring_batch, predict, quality,
-                      resolution, resolve_metric, runtime_message, session)
+from .quality import (RUNTIME_ERRORS, DropMeter, UserMetric, measuring_batch, predict, quality, resolution,
+                      resolve_metric, runtime_message, session)
 from .report import LayerReport, Report
 from .selection import Choice, Search
 from .selection.candidates import FACTORS, build_problems, price_latency
@@ -294,7 +294,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     compressed, choice, outputs, bound = verified.model, verified.choice, verified.outputs, verified.bound
     if timer is not None:
         timer.save()
-    _bound_report(report, cal, bound)
+    _bound_report(report, bound)
     report.backed_off, report.tested = verified.steps, verified.tested
     failures, notes = [], []  # failures fail verification; fixed ranks promised nothing
     nonfinite = nonfinite_samples(reference, outputs, len(data))
@@ -326,7 +326,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     return compressed, choice, verified.floats
 
 
-def _bound_report(report: Report, cal: _Calibrated, bound: Bound) -> None:
+def _bound_report(report: Report, bound: Bound) -> None:
     """The held-out part's verdict on the written model, into the report."""
     report.drop, report.bound, report.confidence = bound.drop, bound.upper, bound.level
     report.bound_method, report.groups, report.check_samples = bound.method, bound.groups, bound.samples
@@ -349,7 +349,7 @@ def _finetune(original, prepared, problems, choice: Choice, reasons, compressed,
                    "training loss (or the model diverged)")
         _warn(report, message)
     if compressed is not selected:
-        _bound_report(report, cal, bound)
+        _bound_report(report, bound)
         report.quality_after = quality(cal.metric, cal.held_ref, predict(compressed, cal.held, config.batch_size),
                                        cal.held.labels, cal.held.indices).value
     check_model(compressed, prepared)

@@ -97,9 +97,8 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
     measured in that order until one fails: the last that held is written (keeping every layer,
     the original, when none does). Tested in a fixed order and stopped at the first failure, the
     chance that any model which exceeds eps is passed stays at 1 - level whatever the number
-    tested (a fixed-sequence test; Learn then Test, Angelopoulos et al. 2021): no sample decides
-    twice in a way that favours the model written. `confirm` checks each choice measured
-    (--cost latency)."""
+    tested (a fixed-sequence test; Learn then Test, Angelopoulos et al. 2021). `confirm` checks
+    each choice measured (--cost latency)."""
     targets = [p.target for p in problems]
 
     def model_of(c: Choice, floats: frozenset[str] | None, infer: bool) -> onnx.ModelProto:
