@@ -25,6 +25,7 @@ from scipy.stats import norm
 BOOTSTRAP = 1000       # resamples for a metric computed per sample (r2, cosine)
 USER_BOOTSTRAP = 200   # ... for the user's metric, which may be costly to call
 MIN_GROUPS = 10        # groups a bootstrap needs to bound anything
+MIN_LEVEL = 0.75       # the lowest confidence a too small held-out part is decided at (level_in_force)
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,14 @@ def samples_for(eps: float, level: float) -> int:
     return n
 
 
-def level_in_force(eps: float, samples: int, level: float) -> float:
+def level_in_force(eps: float, samples: float, level: float) -> float | None:
     """`level`, or where a count on `samples` cannot bound eps at it even with no sample changed,
-    the highest level at which it can (z^2 = n eps / (1 - eps)), to two decimals down."""
+    the highest level at which it can (z^2 = n eps / (1 - eps)), to two decimals down; None when
+    that is below MIN_LEVEL (a bound that holds about as often as not promises nothing)."""
     if eps <= 0 or no_change_bound(samples, level) <= eps:
         return level
-    best = float(norm.cdf(np.sqrt(samples * eps / (1 - eps))))
-    return max(0.5, np.floor(best * 100) / 100)
+    best = np.floor(float(norm.cdf(np.sqrt(samples * eps / (1 - eps)))) * 100) / 100
+    return float(best) if best >= MIN_LEVEL else None
 
 
 def counts_bound(lost: np.ndarray, gained: np.ndarray, level: float, groups: np.ndarray | None) -> Bound:

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .calibration.data import CalibrationSet, token_mask, without_padding
-from .confidence import (BOOTSTRAP, MIN_GROUPS, USER_BOOTSTRAP, Bound, bootstrap_bound, counts_bound,
+from .confidence import (BOOTSTRAP, MIN_GROUPS, MIN_LEVEL, USER_BOOTSTRAP, Bound, bootstrap_bound, counts_bound,
                          effective_samples, level_in_force, no_change_bound, samples_for)
 from .errors import MetricError, first_line
 from .graph.io import weights_apart
@@ -271,11 +271,12 @@ def resolution(metric: str, samples: int, groups: np.ndarray | None, eps: float,
         return line, level, None
     need = samples_for(eps, level)
     unit = "held-out samples" if count is None else "independent held-out samples (groups of one)"
-    return line, in_force, (
+    outcome = (f"the model written is bounded at confidence {in_force:g}" if in_force is not None else
+               f"below confidence {MIN_LEVEL:g} nothing is promised, so nothing is factored")
+    return line, level if in_force is None else in_force, (
         f"eps {eps:g} cannot be bounded at confidence {level:g} on {samples} held-out samples{source} under "
         f"{metric} (with no sample changed the bound is {least:.4f}): {need} {unit} would (about "
-        f"{int(np.ceil(need / holdout))} calibration samples at --holdout {holdout:g}); the model written is "
-        f"bounded at confidence {in_force:g}")
+        f"{int(np.ceil(need / holdout))} calibration samples at --holdout {holdout:g}); {outcome}")
 
 
 @dataclass(frozen=True)

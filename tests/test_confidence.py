@@ -60,7 +60,8 @@ def test_no_change_bounds_and_the_samples_that_bound_eps():
     assert no_change_bound(need, 0.9) <= 0.005 < no_change_bound(need - 1, 0.9)
     assert level_in_force(0.005, need, 0.9) == 0.9
     lower = level_in_force(0.005, 150, 0.9)
-    assert 0.5 <= lower < 0.9 and no_change_bound(150, lower) <= 0.005
+    assert 0.75 <= lower < 0.9 and no_change_bound(150, lower) <= 0.005
+    assert level_in_force(0.005, 50, 0.9) is None  # it would be 0.69: nothing is promised
     assert count_bound(3, 1, 1000, 0.9) > count_bound(2, 0, 1000, 0.9) > (3 - 1) / 1000  # variance of 4 changes
 
 
@@ -72,9 +73,10 @@ def test_a_held_out_part_too_small_says_so_and_lowers_the_level():
     assert level < 0.9 and f"bounded at confidence {level:g}" in warning
     assert resolution("accuracy", 1000, None, 0.005, 0.9, 0.5)[1:] == (0.9, None)
     assert resolution("r2", 30, None, 0.005, 0.9, 0.5) == ("30 held-out samples", 0.9, None)
-    # 1000 samples from 100 photos are worth 100 independent ones to a count
-    line, level, warning = resolution("accuracy", 1000, np.arange(1000) // 10, 0.005, 0.9, 0.5)
-    assert "from 100 groups, worth 100 independent ones" in line and level < 0.9 and "cannot be bounded" in warning
+    # 1000 samples from 50 photos are worth 50 independent ones to a count: eps only at 0.69
+    line, level, warning = resolution("accuracy", 1000, np.arange(1000) // 20, 0.005, 0.9, 0.5)
+    assert "from 50 groups, worth 50 independent ones" in line and level == 0.9
+    assert "cannot be bounded" in warning and "nothing is factored" in warning
     # a bootstrap over 4 photos bounds nothing
     line, level, warning = resolution("r2", 200, np.arange(200) // 50, 0.01, 0.9, 0.5)
     assert "holds 4 groups" in warning and "nothing is factored" in warning
