@@ -18,9 +18,10 @@ INT8_RANK_MULTIPLE = 8
 
 EPS_HELP = ("The largest allowed drop in model quality on new data like the calibration set: the drop's "
             "upper confidence bound (--confidence), measured end to end in onnxruntime on calibration inputs "
-            "that no fit and no choice saw, must be within it. With labels, the drop in top-1 accuracy (0.005 "
-            "= half a point); without, the fraction of samples whose top-1 class changes; for other outputs, "
-            "1 - R^2 per output channel, averaged (the worst output counts); or your own --metric.")
+            "that no fit and no choice saw, must be within it. For a classifier (3 or more classes), with labels "
+            "the drop in top-1 accuracy (0.005 = half a point), without the fraction of samples whose top-1 "
+            "class changes; for other outputs, two-class scores included, 1 - R^2 per output channel, averaged "
+            "(the worst output counts); or your own --metric.")
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 - accuracy  (labels given): the drop in top-1 accuracy, 0.005 = half a point (001's EPS);
 - agreement (no labels, one (samples, classes) output): the fraction of samples whose top-1 changes
-  (rows of unit length with negative entries are embeddings, not classes: r2);
+  (rows of unit length with negative entries are embeddings, not classes: r2; two classes are a
+  score its users threshold, and a top-1 that is one class on every sample has no change to
+  count: r2 too, counts_see_it);
 - r2        (other outputs, the default): 1 - R^2 per output channel, averaged over the channels,
   the worst output counting. Each channel (axis 1; each element of a (samples, features) output)
   counts on its own scale, its error against how much the original's channel varies across the
@@ -239,9 +241,21 @@ def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: 
                              f"got {labels.min()}..{labels.max()}")
     if metric != "auto":
         return metric
-    if labels is not None and is_classifier(reference):
-        return "accuracy"
-    return "agreement" if is_classifier(reference) else "r2"
+    if not counts_see_it(reference):
+        return "r2"
+    return "accuracy" if labels is not None else "agreement"
+
+
+def counts_see_it(reference: list[np.ndarray]) -> bool:
+    """Whether counting top-1 changes measures what a classifier is used for: not for two classes
+    (a score its users threshold where they choose: a content filter whose positive score stays
+    near 0 on ordinary photos never changes class there, and was written 99.6x smaller at an
+    agreement drop of 0 with its score destroyed), nor where the original's top-1 is one class on
+    every calibration sample (no change of it to count)."""
+    if not is_classifier(reference):
+        return False
+    scores = reference[0]
+    return scores.shape[1] > 2 and len(np.unique(scores.argmax(1))) > 1
 
 
 COUNTS = ("accuracy", "agreement")  # metrics that count samples: they resolve 1 / samples at best
@@ -336,7 +350,10 @@ def drop_bound(metric: str | UserMetric, reference: list[np.ndarray], outputs: l
 OWN_FLOOR = 1e-4  # a channel's variance is taken as at least this share of its mean square: one
 #                   that hardly varies (a constant computed in float32, std 1e-7 of its size)
 #                   measures its errors against 1% of its size, not against its rounding noise
-OUT_FLOOR = 1e-6  # and at least this share of the output's mean channel variance (an all-zero channel)
+FLOAT_FLOOR = 1e-7  # and at least (this x the output's largest magnitude)^2, float32's resolution of it
+#                     (an all-zero channel); not a share of the other channels' variance, which pixel
+#                     boxes set beside class scores (a YOLO output's class channels, variance 1e-6,
+#                     were floored up to 1e-6 of the boxes' variance, and their damage hidden)
 
 
 def _channels(a: np.ndarray) -> np.ndarray:
@@ -350,15 +367,15 @@ def _channels(a: np.ndarray) -> np.ndarray:
 
 def channel_scales(reference: list[np.ndarray]) -> list[np.ndarray]:
     """Per output, per channel: the variance of the original's outputs across the samples about
-    their per-position mean, pooled over the channel's positions, floored (OWN_FLOOR, OUT_FLOOR):
-    no other channel's scale enters it, so small class scores beside pixel boxes count on their
+    their per-position mean, pooled over the channel's positions, floored (OWN_FLOOR, FLOAT_FLOOR):
+    no other channel's variance enters it, so small class scores beside pixel boxes count on their
     own. From one sample there is no variation to measure: the mean square stands in for it."""
     scales = []
     for ref in reference:
         a = _channels(ref)
         square = np.mean(np.square(a), axis=(0, 2))
         v = np.mean(np.square(a - a.mean(axis=0)), axis=(0, 2)) if len(a) > 1 else square
-        floor = max(OUT_FLOOR * float(v.mean()) if v.size else 0.0, 1e-30)
+        floor = max((FLOAT_FLOOR * float(np.abs(a).max(initial=0.0))) ** 2, 1e-30)
         scales.append(np.maximum(np.maximum(v, OWN_FLOOR * square), floor))
     return scales
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from helpers import MODELS, make_model, run
 from onnx_lowrank import CompressConfig, compress
 from onnx_lowrank.cli import app
-from onnx_lowrank.quality import quality
+from onnx_lowrank.quality import quality, resolve_metric
 
 sys.path.insert(0, str(MODELS))
 import corpus  # noqa: E402
@@ -189,3 +189,53 @@ def test_a_held_out_part_too_small_to_bound_eps_warns(tmp_path):
         _, report = compress(str(MODELS / "digit_cnn.onnx"), CompressConfig(eps=0.005), str(calib), "labels")
     assert report.resolution.startswith("160 held-out samples: one changed sample is 0.0063")
     assert report.confidence < 0.9 and report.bound <= 0.005
+
+def _binary_filter(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A content filter's two-class softmax: the positive score sigmoid(w.x - 5), near 0 on
+    ordinary inputs (w.x stays under 5: top-1 is class 0 on every one), thresholded by its users."""
+    p = 1 / (1 + np.exp(-(x @ w - 5.0)))
+    return np.stack([1 - p, p], axis=1).astype(np.float32)
+
+
+def test_a_binary_filter_that_never_flips_is_measured_on_its_score():
+    """Gutted (the score constant), the filter's top-1 never changes: agreement says 0, the
+    default (r2 on the two scores) registers it; a harmless change (weights off by 0.1%) passes."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((500, 16)), rng.standard_normal(16) / 4
+    ref = _binary_filter(w, x)
+    assert ref.argmax(1).max() == 0  # no sample is flagged: the top-1 never changes
+    gutted = _binary_filter(np.zeros(16), x)
+    harmless = _binary_filter(w * (1 + 1e-3 * rng.standard_normal(16)), x)
+    for labels in (None, np.zeros(500, np.int64)):
+        assert resolve_metric("auto", [ref], labels) == "r2"
+    assert quality("agreement", [ref], [gutted], None).drop == 0.0  # what the old default saw
+    assert quality("r2", [ref], [gutted], None).drop > 0.9
+    assert quality("r2", [ref], [harmless], None).drop < 0.005
+
+
+def test_counts_measure_classifiers_whose_top1_varies():
+    rng = np.random.default_rng(1)
+    varied = rng.standard_normal((200, 10)).astype(np.float32)
+    constant = varied.copy()
+    constant[:, 3] += 100  # class 3 on every sample
+    assert resolve_metric("auto", [varied], None) == "agreement"
+    assert resolve_metric("auto", [varied], np.zeros(200, np.int64)) == "accuracy"
+    assert resolve_metric("auto", [constant], None) == "r2"
+    assert resolve_metric("agreement", [constant], None) == "agreement"  # asked for by name, it is kept
+
+
+def test_small_class_scores_beside_pixel_boxes_count_on_their_own_scale():
+    """A YOLO-type output: 4 rows of pixel boxes (variance ~1e4) beside 4 rows of class scores near
+    0 (variance ~4e-6). Halving the scores is registered (1 - R^2 about 1.8 on each class row); a
+    change of a thousandth of them is not. A floor set by the boxes' variance (1e-6 of their mean)
+    would have put the halving under 0.001."""
+    rng = np.random.default_rng(4)
+    n, anchors = 300, 50
+    boxes = 320 + 100 * rng.standard_normal((n, 4, anchors))
+    scores = 0.01 / (1 + np.exp(-rng.standard_normal((n, 4, anchors))))
+    ref = np.concatenate([boxes, scores], axis=1).astype(np.float32)
+    halved, nudged = ref.copy(), ref.copy()
+    halved[:, 4:] *= 0.5
+    nudged[:, 4:] *= 1 + 1e-3 * rng.standard_normal((n, 4, anchors)).astype(np.float32)
+    assert quality("r2", [ref], [halved], None).drop > 0.5
+    assert quality("r2", [ref], [nudged], None).drop < 0.005
