@@ -192,12 +192,12 @@ def convert(
     labels: Optional[str] = typer.Option(None, help="Labels: an .npy file, or the name of a key in the --calib "
                                          ".npz. Enables --metric accuracy."),
     metric: str = typer.Option("auto", help="What --eps bounds. auto: accuracy with --labels, agreement for a "
-                               "classifier of 3 or more classes whose top-1 varies, else r2. accuracy: top-1 accuracy drop. agreement: share of samples "
-                               "whose top-1 changes. r2: 1 - R^2 per output channel, averaged, each channel on "
-                               "its own scale (the worst output counts). cosine: 1 - mean cosine similarity per "
-                               "sample (a part of the output that is large or constant can hide damage to "
-                               "the rest). module:function or path.py:function: your own, "
-                               "fn(reference, outputs[, indices]) -> drop."),
+                               "classifier of 3 or more classes whose top-1 varies, else r2. accuracy: top-1 "
+                               "accuracy drop. agreement: share of samples whose top-1 changes. r2: 1 - R^2 per "
+                               "output channel, averaged, each channel on its own scale (the worst output "
+                               "counts). cosine: 1 - mean cosine similarity per sample (a part of the output that "
+                               "is large or constant can hide damage to the rest). module:function or "
+                               "path.py:function: your own, fn(reference, outputs[, indices]) -> drop."),
     select: str = typer.Option("auto", help="auto | cosine | hessian | energy | vbmf | rank: how ranks are chosen."),
     rank: Optional[int] = typer.Option(None, help="--select rank: cap every rank of every layer at R."),
     ratio: Optional[float] = typer.Option(None, help="--select rank: each layer at this fraction of its cost."),

@@ -34,8 +34,9 @@ def test_the_count_bound_covers_a_known_change_rate(p_lost, p_gained, n):
         # lost: right before, wrong after; gained: wrong before, right after (rates over all samples)
         lost = original_right & (change < p_lost / 0.99)
         gained = ~original_right & (change < p_gained / 0.01)
-        bound = drop_bound("accuracy", [_logits(original_right, labels)], [_logits(original_right ^ lost ^ gained, labels)],
-                           labels, None, None, 0.9)
+        after = original_right ^ lost ^ gained
+        bound = drop_bound("accuracy", [_logits(original_right, labels)], [_logits(after, labels)], labels, None,
+                           None, 0.9)
         assert bound.drop == pytest.approx((lost.sum() - gained.sum()) / n)
         covered += bound.upper >= p_lost - p_gained
     assert covered / draws >= 0.9
