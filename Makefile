@@ -73,7 +73,8 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/int8_widths.py
 	$(PY) benchmarks/rank_multiple.py
-	$(PY) benchmarks/calibration_sets.py
+	$(PY) benchmarks/calibration_sets.py --finetune
+	$(PY) benchmarks/path_unseen.py --holdout 0.5
 	$(PY) benchmarks/soft_drop.py
 	$(PY) benchmarks/path_oracle.py
 

@@ -158,8 +158,8 @@ def main() -> None:
                     continue
                 console.print(f"{s['name']}, {version}: unseen = {s['unseen']}; {q.quantization['mode']}; "
                               f"{q.quantization['int8_layers']} layer(s) int8, {len(q.quantization['float_layers'])} "
-                              f"float; calibration drop {q.drop:.4f} (float, same ranks: "
-                              f"{q.quantization['float_drop']:.4f}), held-out part {q.heldout_drop:.4f}, "
+                              f"float; held-out drop {q.drop:.4f} (float, same ranks: "
+                              f"{q.quantization['float_drop']:.4f}), bound {q.bound:.4f} at {q.confidence:g}, "
                               f"{q.backed_off} back-off step(s)" + "".join(f"\n  warning: {w}" for w in q.warnings),
                               highlight=False)
             if s["name"] == "mnist_cnn":
