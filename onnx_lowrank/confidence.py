@@ -6,7 +6,11 @@ distribution: what `--eps` is held to (`--confidence`, one-sided).
   proportions (Tango 1998, Stat Med 17:891): well calibrated down to a handful of changed
   samples, where a normal approximation or a bootstrap of the count is not (a bootstrap of one
   lost sample never sees more than a few).
-- Other metrics (r2, cosine, yours): a percentile bootstrap of the drop over samples.
+- r2 and cosine, a mean of what each sample adds (per output, the worst counting): a studentized
+  bootstrap of that mean (bootstrap-t), which covers a heavy-tailed mean better than the
+  percentiles do (errors of a few samples dominating: 0.89 against 0.87 at level 0.9 on 400
+  samples of heavy-tailed squared errors). Your metric, a function of the whole set: a
+  percentile bootstrap of it.
 - With groups (`--groups`: photos, files, speakers), the bootstrap draws whole groups (at least
   MIN_GROUPS of them: fewer say nothing of the next group), and the counts are taken at the
   effective sample size of their grouping as if a group's samples all changed together (n over
@@ -112,6 +116,39 @@ def effective_samples(n: int, groups: np.ndarray | None) -> float:
         return float(n)
     sizes = np.unique(groups, return_counts=True)[1].astype(float)
     return n * n / float(np.sum(sizes * sizes))
+
+
+def studentized_bound(per_sample: np.ndarray, level: float, groups: np.ndarray | None, seed: int,
+                      resamples: int) -> Bound:
+    """`per_sample` (samples, outputs): what each sample adds to each output's drop, the drop being
+    the largest output mean. Per output, the bootstrap-t bound of the mean over samples (or of the
+    ratio estimator over whole groups: group totals over group sizes); the largest of them."""
+    samples = len(per_sample)
+    codes = np.arange(samples) if groups is None else np.unique(groups, return_inverse=True)[1]
+    units = int(codes.max()) + 1 if samples else 0
+    totals = np.stack([np.bincount(codes, weights=col, minlength=units) for col in per_sample.T], axis=1)
+    sizes = np.bincount(codes, minlength=units).astype(float)
+    drop = float(per_sample.mean(axis=0).max()) if samples else 0.0
+    count = None if groups is None else units
+    if groups is not None and units < MIN_GROUPS:  # a resample of a few groups says nothing of others
+        return Bound(drop, float("inf"), level, samples, count, "bootstrap")
+
+    def ratio_and_error(t: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per output: total over size, and its standard error (the linearized ratio's)."""
+        r = t.sum(axis=0) / m.sum()
+        z = (t - np.outer(m, r)) / m.mean()
+        return r, np.sqrt(np.sum(z * z, axis=0)) / len(m)
+
+    r, se = ratio_and_error(totals, sizes)
+    rng = np.random.default_rng(seed)
+    ts = []
+    for _ in range(resamples):
+        pick = rng.integers(0, units, units)
+        rb, seb = ratio_and_error(totals[pick], sizes[pick])
+        ts.append((rb - r) / np.maximum(seb, 1e-300))
+    lower_t = np.quantile(np.array(ts), 1 - level, axis=0)  # per output
+    upper = float(np.max(r - lower_t * se))
+    return Bound(drop, max(upper, drop), level, samples, count, "bootstrap")
 
 
 def bootstrap_bound(drop_of: Callable[[np.ndarray], float], samples: int, level: float,

@@ -33,7 +33,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from .calibration.data import CalibrationSet, token_mask, without_padding
 from .confidence import (BOOTSTRAP, MIN_GROUPS, MIN_LEVEL, USER_BOOTSTRAP, Bound, bootstrap_bound, counts_bound,
-                         effective_samples, level_in_force, no_change_bound, samples_for)
+                         effective_samples, level_in_force, no_change_bound, samples_for, studentized_bound)
 from .errors import MetricError, first_line
 from .graph.io import weights_apart
 
@@ -344,7 +344,7 @@ def drop_bound(metric: str | UserMetric, reference: list[np.ndarray], outputs: l
         return bootstrap_bound(drop_of, n, level, groups, seed, USER_BOOTSTRAP)
     scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
     per_sample = np.stack([_per_sample(metric, r, o, v) for r, o, v in zip(reference, outputs, scales)], axis=1)
-    return bootstrap_bound(lambda p: float(per_sample[p].mean(axis=0).max()), n, level, groups, seed, BOOTSTRAP)
+    return studentized_bound(per_sample, level, groups, seed, BOOTSTRAP)
 
 
 OWN_FLOOR = 1e-4  # a channel's variance is taken as at least this share of its mean square: one
