@@ -195,6 +195,11 @@ def _mb(value: float | None) -> str:
     return "?" if value is None else f"{value:,.0f} MB"
 
 
+def _bound(r: dict) -> str:
+    """The report's bound (null: too few groups to bound anything)."""
+    return "none" if r["bound"] is None else f"{r['bound']:.4f}"
+
+
 def _held_out(r: dict, source: str) -> str:
     """'140 of 200, 14 of 20 sentences': the held-out samples and the groups they came from."""
     cal = r["calibration"]
@@ -238,7 +243,7 @@ def main() -> None:
             r = row.report
             console.print(f"{key}: {row.converted if r is None else 'converted'}"
                           + (f", {r['mac_ratio']:.2f}x MACs, {r['metric']} held-out drop {r['drop']:.4f} "
-                             f"({_held_out(r, corpus_data.GROUP_SOURCE[key])}), bound {r['bound']:.4f} at "
+                             f"({_held_out(r, corpus_data.GROUP_SOURCE[key])}), bound {_bound(r)} at "
                              f"{r['confidence']:g} ({r['bound_method']}), unseen {row.unseen}, "
                              f"unseen {TASKS[key][0]} drop {row.task_drop}" if r else "")
                           + f", {row.seconds:.0f}s, {_mb(row.rss_mb)}", highlight=False)
@@ -266,7 +271,7 @@ def main() -> None:
         within = "" if row.unseen_drop is None else ("yes" if row.unseen_drop <= args.eps else "NO")
         if any("of the written file" in note for note in row.notes):
             within += " (see note)"
-        if r["bound"] > args.eps:
+        if r["bound"] is None or r["bound"] > args.eps:
             within = f"{within} (bound NO)".strip()
         task = "" if row.task_drop is None else f"{row.task_drop:.4f}"
         factored = (f"{sum(layer['method'] is not None for layer in r['layers'])} of "
@@ -276,7 +281,7 @@ def main() -> None:
                          f"{r['file_size_before'] / max(r['file_size_after'], 1):.1f}x smaller")
         table.add_row(row.key, exporter, row.converted, f"{r['mac_ratio']:.2f}x", f"{r['param_ratio']:.2f}x",
                       factored, r["metric"], _held_out(r, corpus_data.GROUP_SOURCE[row.key]), f"{r['drop']:.4f}",
-                      f"{r['bound']:.4f} ({r['confidence']:g})", row.unseen, within, TASKS[row.key][0], task,
+                      f"{_bound(r)} ({r['confidence']:g})", row.unseen, within, TASKS[row.key][0], task,
                       *timing)
     console.print(table)
     for row in rows:

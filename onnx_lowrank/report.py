@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class Report:
     # fitting (statistics, compensation, fine-tuning) and no choice (search) touched, decides
     drop: float = 0.0             # the drop measured there
     bound: float = 0.0            # its upper confidence bound for new data from the same distribution
+    #                               (infinite, null in JSON: too few groups to bound anything)
     confidence: float = 0.0       # at this level (one-sided): --confidence, or lower where the held-out
     #                               part is too small to bound eps at it (warnings say so)
     bound_method: str = ""        # "score" (paired counts) or "bootstrap"
@@ -112,6 +114,8 @@ class Report:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["mac_ratio"] = self.mac_ratio
+        if not math.isfinite(self.bound):  # too few groups to bound anything: JSON has no Infinity
+            data["bound"] = None
         data["param_ratio"] = self.param_ratio
         data["eps_meaning"] = ("largest allowed quality drop (see metric) for new inputs from the calibration "
                                "set's distribution: `bound`, the upper confidence bound at `confidence` of the drop "
