@@ -981,6 +981,29 @@ for _k, _expect in [("missing", "error"), ("ok", "ok"), ("wrong-count", "error")
     add(f"calib-labels-npy-{_k}", _labels_file(_k), _expect)
 
 
+def _groups(kind: str):
+    """--groups given wrong (a key of the npz, or an .npy file) or right."""
+    def setup(ctx: Ctx) -> list[str]:
+        x, y = calib_arrays()
+        g = np.arange(len(y)) // 4
+        value = {"ok": g, "strings": g.astype(str), "count": g[:10], "column": g[:, None], "float": g + 0.5,
+                 "one-group": np.zeros(len(y), np.int64), "empty": g[:0]}.get(kind, g)
+        if kind == "npy-missing":
+            return ctx.args(calib=ctx.npz(image=x, labels=y), extra=["--groups", str(ctx.calib_dir / "g.npy")])
+        if kind == "npy-ok":
+            return ctx.args(calib=ctx.npz(image=x, labels=y), extra=["--groups", str(ctx.npy("g.npy", g))])
+        if kind == "missing-key":
+            return ctx.args(calib=ctx.npz(image=x, labels=y), extra=["--groups", "groups"])
+        return ctx.args(calib=ctx.npz(image=x, labels=y, groups=value), extra=["--groups", "groups"])
+    return setup
+
+
+for _k, _expect in [("ok", "ok"), ("strings", "ok"), ("count", "error"), ("column", "error"), ("float", "error"),
+                    ("one-group", "error"), ("empty", "error"), ("missing-key", "error"), ("npy-missing", "error"),
+                    ("npy-ok", "ok")]:
+    add(f"calib-groups-{_k}", _groups(_k), _expect)
+
+
 def _calib_bytes(name: str, data: Callable[[], bytes]):
     def make(ctx: Ctx) -> Path:
         path = ctx.calib_dir / name
@@ -1238,6 +1261,9 @@ for _what, _extra, _expect, _usage in [
         ("holdout-1", ["--holdout", "1"], "error", False),
         ("holdout-negative", ["--holdout", "-0.2"], "error", False),
         ("holdout-nan", ["--holdout", "nan"], "error", False),
+        ("confidence-1", ["--confidence", "1"], "error", False),
+        ("confidence-0.3", ["--confidence", "0.3"], "error", False),
+        ("confidence-nan", ["--confidence", "nan"], "error", False),
         ("batch-size-0", ["--batch-size", "0"], "error", False),
         ("batch-size-text", ["--batch-size", "many"], "error", True),
         ("rank-multiple-0", ["--rank-multiple", "0"], "error", False),
