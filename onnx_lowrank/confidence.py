@@ -124,13 +124,12 @@ def studentized_bound(per_sample: np.ndarray, level: float, groups: np.ndarray |
     the largest output mean. Per output, the bootstrap-t bound of the mean over samples (or of the
     ratio estimator over whole groups: group totals over group sizes); the largest of them."""
     samples = len(per_sample)
-    codes = np.arange(samples) if groups is None else np.unique(groups, return_inverse=True)[1]
-    units = int(codes.max()) + 1 if samples else 0
+    codes, units = _units(samples, groups)
     totals = np.stack([np.bincount(codes, weights=col, minlength=units) for col in per_sample.T], axis=1)
     sizes = np.bincount(codes, minlength=units).astype(float)
     drop = float(per_sample.mean(axis=0).max()) if samples else 0.0
     count = None if groups is None else units
-    if groups is not None and units < MIN_GROUPS:  # a resample of a few groups says nothing of others
+    if _too_few(groups, units):
         return Bound(drop, float("inf"), level, samples, count, "bootstrap")
 
     def ratio_and_error(t: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,20 +156,23 @@ def bootstrap_bound(drop_of: Callable[[np.ndarray], float], samples: int, level:
     (of whole groups, with `groups`); drop_of(all positions) is the drop."""
     rng = np.random.default_rng(seed)
     everything = np.arange(samples)
-    codes = everything if groups is None else np.unique(groups, return_inverse=True)[1]
-    members = [everything] if groups is None else None
-    if groups is not None:
-        order = np.argsort(codes, kind="stable")
-        members = np.split(order, np.cumsum(np.bincount(codes))[:-1])
-    if groups is not None and len(members) < MIN_GROUPS:  # a resample of a few groups says nothing of others
-        return Bound(drop_of(everything), float("inf"), level, samples, len(members), "bootstrap")
-    drops = []
-    for _ in range(resamples):
-        if groups is None:
-            positions = rng.integers(0, samples, samples)
-        else:
-            positions = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        drops.append(drop_of(positions))
+    codes, units = _units(samples, groups)
+    count = None if groups is None else units
     drop = drop_of(everything)
+    if _too_few(groups, units):
+        return Bound(drop, float("inf"), level, samples, count, "bootstrap")
+    members = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes, minlength=units))[:-1])
+    drops = [drop_of(np.concatenate([members[g] for g in rng.integers(0, units, units)])) for _ in range(resamples)]
     upper = float(np.quantile(drops, level)) if drops else drop
-    return Bound(drop, max(upper, drop), level, samples, None if groups is None else len(members), "bootstrap")
+    return Bound(drop, max(upper, drop), level, samples, count, "bootstrap")
+
+
+def _units(samples: int, groups: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """What a bootstrap draws: per sample, its unit (its group, or the sample itself), and how many."""
+    codes = np.arange(samples) if groups is None else np.unique(groups, return_inverse=True)[1]
+    return codes, (int(codes.max()) + 1 if samples else 0)
+
+
+def _too_few(groups: np.ndarray | None, units: int) -> bool:
+    """A resample of a few groups says nothing of the others."""
+    return groups is not None and units < MIN_GROUPS

@@ -117,12 +117,12 @@ def _compress(model, config: CompressConfig, calibration, labels, groups, progre
     with _timed(report, "verify"):
         # auto's own path back, unless --cost latency's confirmation changed the choice
         way_back = search.path if search.path and all(search.path[-1][k] is c for k, c in choice.items()) else None
-        compressed, choice, floats = _verify(prepared, problems, choice, reasons, cal, config, timer, quantizer,
-                                             report, way_back)
+        compressed, choice, floats, bound = _verify(prepared, problems, choice, reasons, cal, config, timer,
+                                                    quantizer, report, way_back)
     if config.finetune_epochs:
         with _timed(report, "finetune"):
             compressed, choice, reasons = _finetune(original, prepared, problems, choice, reasons, compressed,
-                                                    search, cal, config, report)
+                                                    bound, search, cal, config, report)
     _summarize(report, prepared, compressed, problems, choice, reasons, search, cal, timer is not None)
     if quantizer is not None:
         _quantization_report(report, prepared, compressed, problems, choice, floats, cal, config, quantizer)
@@ -280,7 +280,7 @@ def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, conf
 
 def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _Calibrated, config: CompressConfig,
             timer: LayerTimer | None, quantizer: Quantizer | None, report: Report,
-            way_back: list[Choice] | None = None) -> tuple[onnx.ModelProto, Choice, frozenset[str] | None]:
+            way_back: list[Choice] | None = None) -> tuple[onnx.ModelProto, Choice, frozenset[str] | None, Bound]:
     """The chosen model decided on the held-out part: the upper confidence bound of its drop there
     within eps, else a step back (strategies tuned to eps: verify.verify_choice); a failure raises
     VerificationError unless --no-verify."""
@@ -323,7 +323,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
         sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
         report.latency_before, report.latency_after = (
             float(np.median(t)) for t in interleaved(sessions, cal.data.sample_feed(config.latency_batch)))
-    return compressed, choice, verified.floats
+    return compressed, choice, verified.floats, bound
 
 
 def _bound_report(report: Report, bound: Bound) -> None:
@@ -332,12 +332,11 @@ def _bound_report(report: Report, bound: Bound) -> None:
     report.bound_method, report.groups, report.check_samples = bound.method, bound.groups, bound.samples
 
 
-def _finetune(original, prepared, problems, choice: Choice, reasons, compressed, search: Search, cal: _Calibrated,
-              config: CompressConfig, report: Report) -> tuple[onnx.ModelProto, Choice, dict[str, str]]:
+def _finetune(original, prepared, problems, choice: Choice, reasons, compressed, verified: Bound, search: Search,
+              cal: _Calibrated, config: CompressConfig, report: Report
+              ) -> tuple[onnx.ModelProto, Choice, dict[str, str]]:
     """--finetune-epochs: the rounds of finetune_rounds.py, trained on the search part; the
-    cheapest model whose held-out bound is within eps is kept."""
-    verified = Bound(report.drop, report.bound, report.confidence, report.check_samples, report.groups,
-                     report.bound_method)
+    cheapest model whose held-out bound is within eps is kept (`verified`: the selection's)."""
     selected = compressed
     compressed, choice, bound, reasons = finetune_rounds(
         original, prepared, problems, choice, reasons, compressed, verified, search, config,

@@ -174,7 +174,7 @@ def _sequence(costs: list[float]) -> list[int]:
         k = max(i for i, r in enumerate(ratios) if r >= target * (1 - 1e-9))
         if k not in order and k != len(costs) - 1:
             order.append(k)
-    return sorted(set(order), reverse=True) + [0] * (0 not in order)
+    return sorted(order, reverse=True) + [0] * (0 not in order)
 
 
 def joint_step(problems, choice: Choice, floats: frozenset[str], found: list[Unit], errors: dict[str, float]):

@@ -211,9 +211,9 @@ def load_calibration(source: Any, model: onnx.ModelProto, labels: Any = None,
         else:
             raise CalibrationError(f"{path}: calibration data must be .npz, .npy or a folder of images")
     if labels is not None and not (isinstance(labels, str) and data.labels is not None):
-        data.labels = _labels(labels)
+        data.labels = _side_array(labels, "labels")
     if groups is not None and not (isinstance(groups, str) and data.groups is not None):
-        data.groups = _side_array(groups, "groups")
+        data.groups = _group_codes(_side_array(groups, "groups"), groups)
     _check(data, specs)
     return data
 
@@ -336,17 +336,11 @@ def _from_images(folder: Path, specs, options: ImageOptions) -> CalibrationSet:
     return CalibrationSet({spec.name: np.stack(images).astype(spec.dtype)}, None, str(folder))
 
 
-def _labels(source) -> np.ndarray:
+def _side_array(source, what: str) -> np.ndarray:
+    """`--labels` or `--groups` given apart from the calibration data: an array, or an .npy path."""
     if isinstance(source, np.ndarray):
         return source
-    return _load(Path(os.fspath(source)), np.ndarray, "labels")
-
-
-def _side_array(source, what: str) -> np.ndarray:
-    """`--groups` from an .npy path or an array, as integer codes."""
-    array = np.asarray(source) if not isinstance(source, (str, os.PathLike)) else \
-        _load(Path(os.fspath(source)), np.ndarray, what)
-    return _group_codes(array, source)
+    return _load(Path(os.fspath(source)), np.ndarray, what)
 
 
 def _group_codes(array: np.ndarray, where) -> np.ndarray:
