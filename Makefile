@@ -69,7 +69,7 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/zoo.py
 	$(PY) benchmarks/memory.py
-	$(PY) benchmarks/transformers.py
+	$(PY) benchmarks/minilm_exports.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/int8_widths.py
 	$(PY) benchmarks/rank_multiple.py

@@ -56,7 +56,8 @@ from corpus_tasks import TASKS
 
 from onnx_lowrank.calibration.data import load_calibration
 from onnx_lowrank.errors import first_line
-from onnx_lowrank.quality import predict, quality
+from onnx_lowrank.graph.outputs import output_layouts
+from onnx_lowrank.quality import predict, quality, resolve_metric
 
 CLI = Path(sys.executable).with_name("onnx-lowrank")
 SLOW = ("ocr_det",)
@@ -148,7 +149,8 @@ def unseen_drop(key: str, src: Path, dst: Path, unseen: Path, metric: str) -> tu
         if np.any(ref_zero):
             notes.append(f"output {name!r} of the original is all zeros on {int(np.sum(ref_zero))} of {len(ref)} "
                          "unseen samples")
-    return quality(metric, reference, outputs, None).drop, TASKS[key][1](reference, outputs), "; ".join(notes)
+    judged = resolve_metric(metric, reference, None, layouts=output_layouts(original))  # as the converter reads it
+    return quality(judged, reference, outputs, None).drop, TASKS[key][1](reference, outputs), "; ".join(notes)
 
 
 def convert(key: str, src: Path, folder: Path, eps: float, extra: list[str]) -> Row:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .calibration.data import load_calibration
 from .graph import load_model, node_costs
+from .graph.outputs import output_layouts
 from .latency import interleaved, random_feed, runtime_session
 from .quality import measuring_batch, predict, quality, resolve_metric
 
@@ -78,7 +79,7 @@ def bench(original: str | os.PathLike, *compressed: str | os.PathLike, batches: 
                                       tuple(float(np.max(t)) for t in times), len(times[0])))
     if data is not None:
         outputs = [predict(s, data, measuring_batch(m, 64)) for s, m in zip(sessions, models)]
-        resolved = resolve_metric(metric, outputs[0], data.labels)
+        resolved = resolve_metric(metric, outputs[0], data.labels, layouts=output_layouts(models[0]))
         result.metric = str(resolved)
         each = [quality(resolved, outputs[0], out, data.labels) for out in outputs]
         result.quality, result.drop, result.samples = tuple(q.value for q in each), [q.drop for q in each[1:]], len(data)

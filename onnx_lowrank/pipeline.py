@@ -25,6 +25,7 @@ from .errors import InvalidModel, OnnxLowrankError, OutOfMemory, OutputError, Ve
 from .finetune_rounds import finetune_rounds
 from .graph import find_targets, load_model, node_costs, prepare, save_model
 from .graph.index import WEIGHT_TYPES
+from .graph.outputs import output_layouts
 from .graph.targets import LayerTarget, Skipped, attention_projections
 from .latency import LayerTimer, interleaved, runtime_session, time_session
 from .confidence import Bound
@@ -224,7 +225,7 @@ def _calibrate(original, prepared, targets, calibration, labels, groups, config:
                           "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch)}
     report.memory = {"max_memory": config.max_memory, "statistics_bytes": statistics_bytes(stats)}
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
-    metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices)
+    metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices, output_layouts(prepared))
     report.metric = str(metric)
     report.resolution, level, coarse = resolution(metric, len(held), held.groups, config.eps, config.confidence,
                                                   config.holdout)
@@ -529,7 +530,7 @@ def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: s
     data = load_calibration(calibration, student_model, labels, seed=seed)
     train, held = data.split(holdout, seed)
     held_ref = predict(teacher_model, held)
-    metric = resolve_metric(metric, held_ref, data.labels, held.indices)
+    metric = resolve_metric(metric, held_ref, data.labels, held.indices, output_layouts(teacher_model))
     before = quality(metric, held_ref, predict(student_model, held), held.labels, held.indices)
     tuned, log = finetune(student_model, teacher_model, train, options)
     after = quality(metric, held_ref, predict(tuned, held), held.labels, held.indices)

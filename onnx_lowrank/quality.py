@@ -6,10 +6,13 @@
   score its users threshold, and a top-1 that is one class on every sample has no change to
   count: r2 too, counts_see_it);
 - r2        (other outputs, the default): 1 - R^2 per output channel, averaged over the channels,
-  the worst output counting. Each channel (axis 1; each element of a (samples, features) output)
-  counts on its own scale, its error against how much the original's channel varies across the
-  samples about its per-position mean: a part of the output that does not depend on the input (an
-  anchor grid, an offset, padding) adds nothing to the scale that errors elsewhere are hidden in;
+  the worst output counting. Each channel (the axis the layer that wrote it writes channels on,
+  graph/outputs.py: 1 for a Conv, the last for a MatMul; axis 1 where the graph does not say; each
+  element of a (samples, features) output) counts on its own scale, its error against how much the
+  original's channel varies across the samples about its per-position mean: a part of the output
+  that does not depend on the input (an anchor grid, an offset, padding) adds nothing to the scale
+  that errors elsewhere are hidden in. Among the channels one layer wrote, a near-silent one counts
+  against at least a share of their typical variance (LAYER_FLOOR), not against its own near-zero;
 - cosine    (an option): 1 - mean cosine similarity per sample, the worst output counting. It can
   be fooled: a detector's class scores zeroed beside pixel boxes on a constant grid kept 0.99.
 """
@@ -36,6 +39,7 @@ from .confidence import (BOOTSTRAP, MIN_GROUPS, MIN_LEVEL, USER_BOOTSTRAP, Bound
                          effective_samples, level_in_force, no_change_bound, samples_for, studentized_bound)
 from .errors import MetricError, first_line
 from .graph.io import weights_apart
+from .graph.outputs import Layout
 
 METRICS = ("auto", "accuracy", "agreement", "r2", "cosine")
 
@@ -147,6 +151,26 @@ def is_classifier(outputs: list[np.ndarray]) -> bool:
     return not (np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3) and (out < 0).any())
 
 
+@dataclass(frozen=True)
+class R2:
+    """The r2 metric with each graph output's Layout (None: axis 1, each channel alone). The name
+    "r2" given in place of it is the metric without layouts."""
+    layouts: tuple[Layout | None, ...] = ()
+
+    def __str__(self) -> str:
+        return "r2"
+
+    def __format__(self, spec: str) -> str:
+        return format("r2", spec)
+
+
+def _layouts(metric, outputs: int) -> list[Layout | None] | None:
+    """Per output, its layout under r2; None when `metric` is not r2."""
+    if isinstance(metric, R2):
+        return list(metric.layouts) if len(metric.layouts) == outputs else [None] * outputs
+    return [None] * outputs if metric == "r2" else None
+
+
 class UserMetric:
     """The user's own metric, as NNCF's validation_fn and AIMET's eval callback are: a function
     of the original's outputs and the candidate's on the same samples (lists of arrays, one per
@@ -220,9 +244,10 @@ def load_metric(spec: str) -> UserMetric:
 
 
 def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: np.ndarray | None,
-                   indices: np.ndarray | None = None) -> str | UserMetric:
-    """The metric's name, or the user's metric (called once on the original against itself, so
-    that a failing one fails before any work)."""
+                   indices: np.ndarray | None = None, layouts: list[Layout | None] | None = None
+                   ) -> str | R2 | UserMetric:
+    """The metric's name, R2 with the outputs' `layouts` (graph/outputs.py), or the user's metric
+    (called once on the original against itself, so that a failing one fails before any work)."""
     if callable(metric) or (isinstance(metric, str) and ":" in metric):
         user = metric if isinstance(metric, UserMetric) else (
             UserMetric(metric) if callable(metric) else load_metric(metric))
@@ -239,11 +264,9 @@ def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: 
         if labels.min() < 0 or labels.max() >= classes:
             raise ValueError(f"labels must be class indices 0..{classes - 1} (the model has {classes} outputs); "
                              f"got {labels.min()}..{labels.max()}")
-    if metric != "auto":
-        return metric
-    if not counts_see_it(reference):
-        return "r2"
-    return "accuracy" if labels is not None else "agreement"
+    if metric == "auto":
+        metric = "r2" if not counts_see_it(reference) else "accuracy" if labels is not None else "agreement"
+    return R2(tuple(layouts or ())) if metric == "r2" else metric
 
 
 def counts_see_it(reference: list[np.ndarray]) -> bool:
@@ -318,8 +341,7 @@ def quality(metric: str | UserMetric, reference: list[np.ndarray], outputs: list
     if metric == "agreement":
         agree = int(np.sum(reference[0].argmax(1) == outputs[0].argmax(1)))
         return Quality(metric, agree / n, (n - agree) / n)
-    scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
-    drop = max(float(np.mean(_per_sample(metric, r, o, v))) for r, o, v in zip(reference, outputs, scales))
+    drop = max(float(np.mean(p)) for p in _per_output(metric, reference, outputs, channel_scales(reference, metric)))
     return Quality(metric, 1.0 - drop, drop)
 
 
@@ -342,8 +364,7 @@ def drop_bound(metric: str | UserMetric, reference: list[np.ndarray], outputs: l
         def drop_of(p: np.ndarray) -> float:
             return metric([r[p] for r in reference], [o[p] for o in outputs], idx[p])
         return bootstrap_bound(drop_of, n, level, groups, seed, USER_BOOTSTRAP)
-    scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
-    per_sample = np.stack([_per_sample(metric, r, o, v) for r, o, v in zip(reference, outputs, scales)], axis=1)
+    per_sample = np.stack(_per_output(metric, reference, outputs, channel_scales(reference, metric)), axis=1)
     return studentized_bound(per_sample, level, groups, seed, BOOTSTRAP)
 
 
@@ -356,38 +377,68 @@ FLOAT_FLOOR = 1e-7  # and at least (this x the output's largest magnitude)^2, fl
 #                     were floored up to 1e-6 of the boxes' variance, and their damage hidden)
 
 
-def _channels(a: np.ndarray) -> np.ndarray:
-    """(samples, channels, positions) float64: axis 1 is the channel; a (samples, features)
-    output's every feature is one."""
+LAYER_FLOOR = 1e-2  # and at least this share of the median variance of the channels its layer
+#                     wrote (a text detector's link map, variance 1e-6 on photos with little text,
+#                     beside its live region map: a jitter of the silent map's own size is no change
+#                     of substance, and measured against its own variance it held the model back)
+
+
+def _channels(a: np.ndarray, layout: Layout | None) -> np.ndarray:
+    """(samples, channels, positions) float64: the channel axis moved to 1 (axis 1 without a
+    layout); a (samples, features) output's every feature is one."""
     a = a.astype(np.float64)
+    if layout is not None and layout.rank == a.ndim:  # (else stacked otherwise than the graph says)
+        if layout.axis is None:  # one channel
+            return a.reshape(len(a), 1, -1)
+        a = np.moveaxis(a, layout.axis, 1)
     if a.ndim <= 2:
         return a.reshape(len(a), -1, 1)
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
-def channel_scales(reference: list[np.ndarray]) -> list[np.ndarray]:
-    """Per output, per channel: the variance of the original's outputs across the samples about
-    their per-position mean, pooled over the channel's positions, floored (OWN_FLOOR, FLOAT_FLOOR):
-    no other channel's variance enters it, so small class scores beside pixel boxes count on their
-    own. From one sample there is no variation to measure: the mean square stands in for it."""
+def _layers(layout: Layout | None, channels: int) -> tuple[tuple[int, int], ...]:
+    """The spans of channels one layer wrote; each channel alone where the graph does not say (or
+    says otherwise than the outputs measured: a model whose runs stack differently)."""
+    if layout is None or layout.layers is None or layout.layers[-1][1] != channels:
+        return tuple((c, c + 1) for c in range(channels))
+    return layout.layers
+
+
+def channel_scales(reference: list[np.ndarray], metric) -> list[tuple[np.ndarray, Layout | None] | None]:
+    """Under r2, per output: per channel, the variance of the original's outputs across the
+    samples about their per-position mean, pooled over the channel's positions, floored (OWN_FLOOR,
+    FLOAT_FLOOR, LAYER_FLOOR), with the output's layout: no other layer's variance enters it, so
+    small class scores beside pixel boxes count on their own. From one sample there is no variation
+    to measure: the mean square stands in for it. Under other metrics, None per output."""
+    layouts = _layouts(metric, len(reference))
+    if layouts is None:
+        return [None] * len(reference)
     scales = []
-    for ref in reference:
-        a = _channels(ref)
+    for ref, layout in zip(reference, layouts):
+        a = _channels(ref, layout)
         square = np.mean(np.square(a), axis=(0, 2))
         v = np.mean(np.square(a - a.mean(axis=0)), axis=(0, 2)) if len(a) > 1 else square
         floor = max((FLOAT_FLOOR * float(np.abs(a).max(initial=0.0))) ** 2, 1e-30)
-        scales.append(np.maximum(np.maximum(v, OWN_FLOOR * square), floor))
+        v = np.maximum(np.maximum(v, OWN_FLOOR * square), floor)
+        for start, stop in _layers(layout, len(v)):
+            v[start:stop] = np.maximum(v[start:stop], LAYER_FLOOR * float(np.median(v[start:stop])))
+        scales.append((v, layout))
     return scales
 
 
-def _per_sample(metric: str, ref: np.ndarray, out: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """What each sample adds to the drop of one output, whose mean over the samples is the drop:
+def _per_output(metric, reference: list[np.ndarray], outputs: list[np.ndarray], scales: list) -> list[np.ndarray]:
+    """Per output, what each sample adds to its drop, whose mean over the samples is the drop:
     1 - cos (cosine), or the squared error averaged over positions and channels, each channel's
     against its scale (r2: the mean over samples is 1 - R^2 averaged over the channels)."""
-    if metric == "cosine":
-        return 1.0 - _cosines(ref, out)
-    err = np.mean(np.square(_channels(out) - _channels(ref)), axis=2)  # (samples, channels)
-    return np.mean(err / scale, axis=1)
+    per = []
+    for ref, out, scale in zip(reference, outputs, scales):
+        if scale is None:
+            per.append(1.0 - _cosines(ref, out))
+            continue
+        v, layout = scale
+        err = np.mean(np.square(_channels(out, layout) - _channels(ref, layout)), axis=2)  # (samples, channels)
+        per.append(np.mean(err / v, axis=1))
+    return per
 
 
 class DropMeter:
@@ -408,7 +459,7 @@ class DropMeter:
             order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
         self.data = data.take(order)
         self.reference = [r[order] for r in reference]
-        self.scales = channel_scales(reference) if metric == "r2" else [None] * len(reference)
+        self.scales = channel_scales(reference, metric)
         self.labels = self.data.labels
         self.n = len(self.data)
         self.exact = True
@@ -436,8 +487,7 @@ class DropMeter:
                 lost += float(np.sum(ref[0].argmax(1) != outs[0].argmax(1)))
                 bound = lost / self.n
             else:
-                per_output += [float(np.sum(_per_sample(self.metric, r, o, v)))
-                               for r, o, v in zip(ref, outs, self.scales)]
+                per_output += [float(np.sum(p)) for p in _per_output(self.metric, ref, outs, self.scales)]
                 bound = float(per_output.max()) / self.n
             start, size = stop, 2 * size
             if bound > self.eps and start < self.n:

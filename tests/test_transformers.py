@@ -7,7 +7,7 @@ Beside them: padding stays out of the layers' statistics, and sentence embedding
 for class scores.
 
 Its projections are made low-rank (rank 6 of 48, plus a little noise) so that the conversion has
-something to find; the real encoder's numbers are benchmarks/transformers.py's."""
+something to find; the real encoder's numbers are benchmarks/minilm_exports.py's."""
 
 from __future__ import annotations
 
@@ -159,11 +159,11 @@ def test_unit_length_embeddings_are_not_class_scores():
     rng = np.random.default_rng(6)
     e = rng.standard_normal((50, 16))
     e /= np.linalg.norm(e, axis=1, keepdims=True)
-    assert resolve_metric("auto", [e], None) == "r2"
+    assert str(resolve_metric("auto", [e], None)) == "r2"
     logits = 10 * rng.standard_normal((50, 16))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # confident: rows of near-unit length
-    assert resolve_metric("auto", [probs], None) == "agreement"
-    assert resolve_metric("auto", [logits], None) == "agreement"
+    assert str(resolve_metric("auto", [probs], None)) == "agreement"
+    assert str(resolve_metric("auto", [logits], None)) == "agreement"
 
 
 def test_token_outputs_are_zero_at_padding(exports, tmp_path):

@@ -75,7 +75,7 @@ class Skipped:
 
 # onnxruntime's fused ops that hold a projection's weight inside them (the transformer optimizer's
 # Attention packs Q, K and V into one (hidden, 3 * hidden) input): factoring one would undo the
-# fusion, which is worth more than the MACs (benchmarks/transformers.py)
+# fusion, which is worth more than the MACs (benchmarks/minilm_exports.py)
 FUSED_PROJECTIONS = {"Attention", "QAttention", "PackedAttention", "FusedMatMul", "FusedGemm",
                      "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 FUSED_REASON = ("fused by onnxruntime's optimizer, its projections packed inside: kept whole, so the fusion "

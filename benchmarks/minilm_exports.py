@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 (real weights) through the converter, export by export, judged on the
 sentences of news articles the conversion never saw (models/minilm.py builds both).
 
-    .venv/bin/python benchmarks/transformers.py [--eps 0.01] [--calib 512] [--finetune-epochs 0]
+    .venv/bin/python benchmarks/minilm_exports.py [--eps 0.01] [--calib 512] [--finetune-epochs 0]
                                                 [--exports optimum,torch_legacy,...] [--ranks 288,192]
                                                 [--distill-ranks 192,128 --distill-epochs 8]
 
