@@ -75,8 +75,6 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/rank_multiple.py
 	$(PY) benchmarks/calibration_sets.py --finetune
 	$(PY) benchmarks/path_unseen.py --holdout 0.5
-	$(PY) benchmarks/soft_drop.py
-	$(PY) benchmarks/path_oracle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

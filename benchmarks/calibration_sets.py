@@ -46,7 +46,6 @@ from onnx_lowrank.calibration.data import CalibrationSet  # noqa: E402
 from onnx_lowrank.quality import predict, session  # noqa: E402
 
 MODELS = {"mnist_cnn": ROOT / "models" / "mnist_cnn.onnx", "digit_cnn": ROOT / "models" / "digit_cnn.onnx"}
-UNSEEN = slice(5000, None)
 SPLITS = ("training", "validation", "test")
 
 
@@ -83,17 +82,6 @@ def right(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> np.
     sess = session(model)
     logits = predict(sess, CalibrationSet({sess.get_inputs()[0].name: images}, labels), 256)[0]
     return logits.argmax(1) == labels
-
-
-def calibration_sets(n: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-    """The five n-image sets of earlier benchmarks (training[:n], test[0:n], ... test[3n:4n]) and
-    test[5000:] (path_oracle.py and soft_drop.py measure the old pipeline on them)."""
-    assert 4 * n <= UNSEEN.start, "the sets must not reach the unseen images"
-    train, _, test = mnist()
-    sets = {f"training[:{n}]": (train[0][:n], train[1][:n])}
-    for k in range(4):
-        sets[f"test[{k * n}:{(k + 1) * n}]"] = (test[0][k * n:(k + 1) * n], test[1][k * n:(k + 1) * n])
-    return sets, (test[0][UNSEEN], test[1][UNSEEN])
 
 
 def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
@@ -178,13 +166,8 @@ class Reader:
         return next(self.feeds, None)
 
 
-def _convert(path: Path, x: np.ndarray, y: np.ndarray, config: CompressConfig | float, holdout: float | None = None,
-             compensate: bool = True):
-    """compress() on one set. `config`, or eps and the options of path_oracle.py / soft_drop.py."""
-    if not isinstance(config, CompressConfig):
-        config = CompressConfig(eps=config, compensate=compensate)
-        if holdout is not None:
-            config = replace(config, holdout=holdout)
+def _convert(path: Path, x: np.ndarray, y: np.ndarray, config: CompressConfig):
+    """compress() on one set."""
     name = onnx.load(path, load_external_data=False).graph.input[0].name
     return compress(str(path), config, Reader(name, x), y)
 

@@ -20,20 +20,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from calibration_sets import MODELS, _convert  # noqa: E402
+from calibration_sets import MODELS, Reader  # noqa: E402
 from data import mnist  # noqa: E402
 
-import onnx_lowrank.pipeline as pipeline  # noqa: E402
-import onnx_lowrank.selection.auto as auto  # noqa: E402
-from onnx_lowrank import CompressConfig  # noqa: E402
+from onnx_lowrank import CompressConfig, compress  # noqa: E402
 from onnx_lowrank.calibration.data import CalibrationSet  # noqa: E402
 from onnx_lowrank.quality import predict, session  # noqa: E402
-from onnx_lowrank.verify import build  # noqa: E402
+from onnx_lowrank.selection import SearchObserver  # noqa: E402
 
+
+class Seen(SearchObserver):
+    """The search's path, its pick, and how to build a point as written."""
+
+    def searched(self, search, path, knobs, pick):
+        self.search, self.path, self.pick = search, path, pick
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -48,39 +53,27 @@ def main() -> None:
     else:
         x, y = train[0][:1000], train[1][:1000]
         ux, uy = np.concatenate([val[0], test[0]]), np.concatenate([val[1], test[1]])
-    seen = {}
-    pick = auto.cheapest_within
-
-    def cheapest_within(search, path, knobs):  # the search's path and pick, kept for below
-        seen["path"], seen["k"] = path, pick(search, path, knobs)
-        return seen["k"]
-
-    decide = pipeline.verify_choice
-
-    def verify_choice(prepared, problems, choice, metric, data, reference, config, **kw):
-        path, k = seen["path"], seen["k"]
-        name = prepared.graph.input[0].name
-        unseen = CalibrationSet({name: ux}, uy)
-        right = predict(session(prepared), unseen, 256)[0].argmax(1) == uy
-        held_right = reference[0].argmax(1) == data.labels
-        full = sum(p.base_cost for p in problems)
-        print(f"{'MACs':>7} {'held-out lost':>14} {'gained':>7} {'unseen lost':>12} {'gained':>7} {'unseen drop':>12}")
-        for i in sorted(set(range(1, len(path), max(1, len(path) // 40))) | {k}):
-            sess = session(build(prepared, problems, path[i], False, kw.get("compensation")))
-            held = predict(sess, data, 256)[0].argmax(1) == data.labels
-            new = predict(sess, unseen, 256)[0].argmax(1) == uy
-            ratio = full / sum(path[i][p.name].cost for p in problems)
-            print(f"{ratio:6.2f}x {int(np.sum(held_right & ~held)):14d} {int(np.sum(held & ~held_right)):7d} "
-                  f"{int(np.sum(right & ~new)):12d} {int(np.sum(new & ~right)):7d} "
-                  f"{(right.sum() - new.sum()) / len(uy):12.4f}{'  <- the search picks' if i == k else ''}",
-                  flush=True)
-        return decide(prepared, problems, choice, metric, data, reference, config, **kw)
-
-    auto.cheapest_within, pipeline.verify_choice = cheapest_within, verify_choice
-    _, report = _convert(MODELS[args.model], x, y, CompressConfig(eps=0.005, holdout=args.holdout))
+    config = CompressConfig(eps=0.005, holdout=args.holdout)
+    seen = Seen()
+    name = onnx.load(MODELS[args.model], load_external_data=False).graph.input[0].name
+    _, report = compress(str(MODELS[args.model]), config, Reader(name, x), y, observer=seen)
+    # the held-out part as the converter split it (the same seed)
+    _, held = CalibrationSet({name: x}, y).split(config.holdout, config.seed)
+    unseen = CalibrationSet({name: ux}, uy)
+    original = session(onnx.load(MODELS[args.model]))
+    right = predict(original, unseen, 256)[0].argmax(1) == uy
+    held_right = predict(original, held, 256)[0].argmax(1) == held.labels
+    path, k, search = seen.path, seen.pick, seen.search
+    print(f"{'MACs':>7} {'held-out lost':>14} {'gained':>7} {'unseen lost':>12} {'gained':>7} {'unseen drop':>12}")
+    for i in sorted(set(range(1, len(path), max(1, len(path) // 40))) | {k}):
+        sess = session(search.written(path[i]))
+        held_now = predict(sess, held, 256)[0].argmax(1) == held.labels
+        new = predict(sess, unseen, 256)[0].argmax(1) == uy
+        print(f"{search.cost_ratio(path[i]):6.2f}x {int(np.sum(held_right & ~held_now)):14d} "
+              f"{int(np.sum(held_now & ~held_right)):7d} {int(np.sum(right & ~new)):12d} {int(np.sum(new & ~right)):7d} "
+              f"{(right.sum() - new.sum()) / len(uy):12.4f}{'  <- the search picks' if i == k else ''}", flush=True)
     print(f"written: {report.mac_ratio:.2f}x, held-out drop {report.drop:.4f}, bound {report.bound:.4f} "
           f"at {report.confidence:g}")
-
 
 if __name__ == "__main__":
     main()

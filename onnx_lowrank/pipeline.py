@@ -32,11 +32,12 @@ from .confidence import Bound
 from .quality import (RUNTIME_ERRORS, DropMeter, UserMetric, measuring_batch, predict, quality, resolution,
                       resolve_metric, runtime_message, session)
 from .report import LayerReport, Report
-from .selection import Choice, Search
-from .selection.candidates import FACTORS, build_problems, price_latency
+from .selection import Choice, Search, SearchObserver
+from .selection.candidates import FactorCache, build_problems, price_latency
 from .selection.strategy import select
 from .quantize import Quantizer, quantized_units, unfused, units
-from .verify import build, check_model, each, export, nonfinite_samples, require_finite, tuned_to_eps, verify_choice
+from .verify import (build, check_model, each, export, nonfinite_samples, require_finite, tuned_to_eps, verify_choice,
+                     written)
 
 Progress = Callable[[str, int | None], Callable[[], None]]  # stage name, steps (None: open-ended) -> advance()
 
@@ -62,23 +63,23 @@ def _warn(report: Report, message: str) -> None:
 
 def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig | None = None,
              calibration: Any = None, labels: Any = None,
-             progress: Progress = _quiet_progress, metric: Callable | str | None = None, groups: Any = None
-             ) -> tuple[onnx.ModelProto, Report]:
+             progress: Progress = _quiet_progress, metric: Callable | str | None = None, groups: Any = None,
+             observer: SearchObserver | None = None) -> tuple[onnx.ModelProto, Report]:
     """Compress `model` within `config.eps`. `calibration`: an .npz/.npy path, a folder of
     images, an object with get_next() (onnxruntime's CalibrationDataReader), or None for
     synthetic inputs (with a warning). `labels`: an .npy path, an npz key, or an array.
     `metric`: what eps bounds, in place of config.metric: your own function
     `fn(reference, outputs[, indices]) -> drop` (quality.UserMetric) or a metric's name.
     `groups`: each sample's source (photo, file, speaker, document) as an .npy path, an npz key
-    or an array: every split keeps a group on one side (without, samples are taken as independent)."""
+    or an array: every split keeps a group on one side (without, samples are taken as independent).
+    `observer`: a selection.SearchObserver that watches the search (for studies of it)."""
     config = config or CompressConfig()
     if metric is not None:
         config = replace(config, metric=metric)
     config.validate()
     report = Report(config.eps, str(config.metric), config.select, config.cost, config.data_aware, {})
-    FACTORS.limit = config.max_memory // 32
     try:
-        return _compress(model, config, calibration, labels, groups, progress, report)
+        return _compress(model, config, calibration, labels, groups, progress, report, observer or SearchObserver())
     except MemoryError:
         stage = next(reversed(report.timings), "load")
         raise OutOfMemory(f"out of memory in the {stage} stage (--max-memory {config.max_memory / 2**30:.1f} GiB): "
@@ -86,7 +87,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
 
 
 def _compress(model, config: CompressConfig, calibration, labels, groups, progress: Progress,
-              report: Report) -> tuple[onnx.ModelProto, Report]:
+              report: Report, observer: SearchObserver) -> tuple[onnx.ModelProto, Report]:
     with _timed(report, "load"):
         original, prepared, targets = _load(model, config, report)
         if config.finetune_epochs and targets:
@@ -109,7 +110,7 @@ def _compress(model, config: CompressConfig, calibration, labels, groups, progre
         if config.cost == "latency" else None
     with _timed(report, "decompose"):
         problems = _decompose(targets, cal, config, timer, progress)
-    search = _search(prepared, runs_as, problems, cal, config, timer, quantizer, progress)
+    search = _search(prepared, runs_as, problems, cal, config, timer, quantizer, progress, observer)
     with _timed(report, "select"):
         choice, reasons = select(config, search, prepared, cal.search_set, targets)
         if timer is not None:
@@ -244,7 +245,8 @@ def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTi
     """Each target's ladder of candidates, priced in MACs, parameters or measured time."""
     problems = build_problems(targets, cal.stats, config.methods or auto_methods(),
                               "macs" if timer is not None else config.cost, config.data_aware,
-                              config.multiple(), config.jobs, progress("decompose", len(targets)))
+                              config.multiple(), config.jobs, progress("decompose", len(targets)),
+                              FactorCache(config.max_memory // 32))
     if timer is not None:
         advance = progress("time", len(problems))
         for p in problems:
@@ -254,7 +256,8 @@ def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTi
 
 
 def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, config: CompressConfig,
-            timer: LayerTimer | None, quantizer: Quantizer | None, progress: Progress) -> Search:
+            timer: LayerTimer | None, quantizer: Quantizer | None, progress: Progress,
+            observer: SearchObserver) -> Search:
     """What the strategies search with: candidate models built and measured on the search part
     (quantized as written, with --quantize: selection spends eps on both), and the cost of the
     rest of the model (skipped layers, activations, ...). `runs_as`: the original as it runs
@@ -267,7 +270,10 @@ def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, conf
         if quantizer is not None:
             model_ = each(model_, lambda m: quantizer(export(m, config)))
         advance()
-        return meter(model_)
+        drop = meter(model_)
+        observer.measured(search, choice, model_, drop)
+        return drop
+
 
     if timer is not None:
         sess = runtime_session(runs_as, config.provider, config.threads)
@@ -275,8 +281,10 @@ def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, conf
     else:
         total = cal.macs(prepared, config.cost)
     # latencies measured apart do not add up exactly, so never below zero
-    return Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0),
-                  exact_original=quantizer is None)
+    search = Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0),
+                    exact_original=quantizer is None, observer=observer,
+                    written=lambda c: written(prepared, problems, c, config, cal.compensation, quantizer))
+    return search
 
 
 def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _Calibrated, config: CompressConfig,
@@ -380,7 +388,7 @@ def _quantization_report(report: Report, prepared, compressed, problems, choice:
     """--quantize: which layers are int8 and which float, and why; the same choice in float beside
     it (its drop and size: what quantization cost and gave); quantized ops onnxruntime would still
     run in float."""
-    float_model = export(build(prepared, problems, choice, compensation=cal.compensation), config)
+    float_model = written(prepared, problems, choice, config, cal.compensation)
     data, reference = cal.held, cal.held_ref
     float_drop = quality(cal.metric, reference, predict(float_model, data, config.batch_size), data.labels,
                          data.indices).drop

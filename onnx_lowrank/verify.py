@@ -46,6 +46,17 @@ def each(model: onnx.ModelProto | FoldedModel, f: Callable[[onnx.ModelProto], on
     return model.map(f) if isinstance(model, FoldedModel) else f(model)
 
 
+def written(prepared: onnx.ModelProto, problems, choice: Choice, config: CompressConfig,
+            compensation: Compensation | None, quantizer: Quantizer | None = None,
+            floats: frozenset[str] = frozenset(), infer: bool = True) -> onnx.ModelProto:
+    """The model `choice` makes as it is written: built (compensated on the whole search part),
+    exported, and with `quantizer` quantized but for the units named in `floats`."""
+    model = export(build(prepared, problems, choice, infer, compensation), config)
+    if quantizer is None:
+        return model
+    return quantizer(model, [n for u in units(model, [p.target for p in problems]) if u.name in floats for n in u.nodes])
+
+
 def export(model: onnx.ModelProto, config: CompressConfig) -> onnx.ModelProto:
     """The touches a deployment wants on the file written (graph/export.py)."""
     if config.merge:
@@ -102,10 +113,8 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
     targets = [p.target for p in problems]
 
     def model_of(c: Choice, floats: frozenset[str] | None, infer: bool) -> onnx.ModelProto:
-        model = export(build(prepared, problems, c, infer, compensation), config)
-        if floats is None:
-            return model
-        return quantizer(model, [n for u in units(model, targets) if u.name in floats for n in u.nodes])
+        return written(prepared, problems, c, config, compensation, quantizer if floats is not None else None,
+                       floats or frozenset(), infer)
 
     def measured(state) -> tuple[onnx.ModelProto, list[np.ndarray], Bound, bool]:
         model = model_of(*state, infer=False)  # no shape inference while deciding: once, on the model kept

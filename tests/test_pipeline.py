@@ -181,3 +181,31 @@ def test_a_layer_lapack_cannot_decompose_is_kept_with_the_reason(calib):
     kept = [layer for layer in report.layers if "numerical failure" in layer.reason]
     assert kept and all(layer.method is None for layer in kept)
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_an_observer_sees_the_search_without_patching_it(calib):
+    """compress(..., observer=): every model the search measured, with its drop, and auto's path
+    with its pick; `written` builds a point of it as the file would be (the one written, when the
+    held-out part keeps the pick)."""
+    from onnx_lowrank.selection import SearchObserver
+
+    class Watch(SearchObserver):
+        def __init__(self):
+            self.drops, self.paths = [], []
+
+        def measured(self, search, choice, model, drop):
+            self.drops.append(drop)
+
+        def searched(self, search, path, knobs, pick):
+            self.paths.append((search, path, knobs, pick))
+
+    watch = Watch()
+    model, report = compress(DIGIT, CompressConfig(eps=0.02), calibration=calib, labels="labels", observer=watch)
+    assert sorted(watch.drops) == sorted(t.drop for t in report.trace if t.cost_ratio > 1.0)
+    [(search, path, knobs, pick)] = watch.paths
+    assert len(path) == len(knobs) and 0 <= pick < len(path)
+    assert not any(c.factored for c in path[0].values())
+    assert report.search_drop == search.drop(path[pick])  # the pick's drop, as measured (cached)
+    assert report.backed_off == 0  # the held-out part kept the pick here: it is the model written
+    x, _ = mnist_test_images(16, start=5000)
+    assert np.allclose(run(search.written(path[pick]), {"image": x})[0], run(model, {"image": x})[0], atol=1e-5)

@@ -62,6 +62,7 @@ def select(search: Search, weights: dict[str, float]) -> tuple[Choice, dict[str,
     """`weights`: each layer's sensitivity s."""
     path, knobs = lambda_path(search.problems, weights)
     k = cheapest_within(search, path, knobs)
+    search.observer.searched(search, path, knobs, k)
     choice = path[k]
     search.path = path[:k + 1]
     lam = knobs[k]

@@ -29,41 +29,32 @@ RANK_STEPS = 40                      # ladder length for rank-indexed methods
 EPS_STEPS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7)  # for eps-indexed ones
 
 
-class _FactorCache:
+class FactorCache:
     """The factors of candidates made on demand, the most recently used kept up to a number of
     bytes. A ladder's factors held all at once are many times the layer: VGG-16's first FC layer
     (4096 x 25088) has 30 SVD rungs below its cost, 4 GB of factors in float64; its truncations,
-    from which any rung is a slice, are two matrices of the layer's size."""
+    from which any rung is a slice, are two matrices of the layer's size. One per conversion (its
+    limit a share of --max-memory), shared by the threads that build and read candidates."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int = 512 * 2**20):
         self.limit, self.used = limit, 0
-        self.entries: OrderedDict[int, tuple[Factors, int]] = OrderedDict()
+        self.entries: OrderedDict[Candidate, tuple[Factors, int]] = OrderedDict()  # keyed by identity
         self.lock = threading.Lock()
 
     def get(self, candidate: "Candidate") -> Factors:
-        key = id(candidate)
         with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key][0]
+            if candidate in self.entries:
+                self.entries.move_to_end(candidate)
+                return self.entries[candidate][0]
         factors = candidate.make()
         size = 8 * factors.params
         with self.lock:
-            self.entries[key] = (factors, size)
+            self.entries[candidate] = (factors, size)
             self.used += size
             while self.used > self.limit and len(self.entries) > 1:
                 _, (_, freed) = self.entries.popitem(last=False)
                 self.used -= freed
         return factors
-
-    def forget(self, candidate: "Candidate") -> None:
-        with self.lock:
-            entry = self.entries.pop(id(candidate), None)
-            if entry is not None:
-                self.used -= entry[1]
-
-
-FACTORS = _FactorCache(512 * 2**20)
 
 
 @dataclass(eq=False)
@@ -74,6 +65,7 @@ class Candidate:
     error: float                  # relative output error on the captured inputs
     make: Callable[[], Factors] | None = field(default=None, repr=False)
     made_ranks: tuple[int, ...] = ()
+    cache: FactorCache | None = field(default=None, repr=False)  # where factors made by `make` are kept
 
     @property
     def factored(self) -> bool:
@@ -84,17 +76,13 @@ class Candidate:
     def factors(self) -> Factors | None:
         if self.stored is not None or self.make is None:
             return self.stored
-        return FACTORS.get(self)
+        return self.cache.get(self)
 
     @property
     def ranks(self) -> tuple[int, ...]:
         if not self.factored:
             return ()
         return self.made_ranks if self.stored is None else self.stored.ranks
-
-    def __del__(self) -> None:  # ids are reused: a dead candidate's entry must not answer for a new one
-        if self.make is not None:
-            FACTORS.forget(self)
 
 
 @dataclass(eq=False)
@@ -228,9 +216,11 @@ def method_ladder(name: str, layer: Layer, multiple: int = 1, white: Whitener | 
 
 
 def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ...], cost: str,
-                  data_aware: bool, multiple: int = 1) -> LayerProblem:
-    """`cost`: macs or params (for --cost latency, build with macs and then `price_latency`).
+                  data_aware: bool, multiple: int = 1, cache: FactorCache | None = None) -> LayerProblem:
+    """`cost`: macs or params (for --cost latency, build with macs and then `price_latency`);
+    `cache`: where candidates made on demand keep their factors (a new one of its own if None).
     Pure numpy and thread-safe: layers are built in parallel."""
+    cache = cache or FactorCache()
     moment = stats.second_moment()
     layer = replace(target.layer, input_cov=moment if data_aware else None)
     base = cost_of(target.layer, None, stats.in_spatial, cost)
@@ -266,7 +256,7 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
         except np.linalg.LinAlgError as e:
             problem.declined[name] = f"numerical failure: {e}"
             continue
-        cands.extend(Candidate(name, None, c, e, f.make, f.ranks) if isinstance(f, _Rung) else Candidate(name, f, c, e)
+        cands.extend(Candidate(name, None, c, e, f.make, f.ranks, cache) if isinstance(f, _Rung) else Candidate(name, f, c, e)
                      for (f, c), e in zip(cheaper, errors))
     cands.sort(key=lambda c: (c.cost, c.error))
     problem.candidates = cands + [Candidate(None, None, base, 0.0)]
@@ -275,12 +265,14 @@ def build_problem(target: LayerTarget, stats: LayerStats, methods: tuple[str, ..
 
 def build_problems(targets: list[LayerTarget], stats: dict[str, LayerStats], methods: tuple[str, ...],
                    cost: str, data_aware: bool, multiple: int = 1, workers: int = 0,
-                   advance: Callable[[], None] = lambda: None) -> list[LayerProblem]:
+                   advance: Callable[[], None] = lambda: None, cache: FactorCache | None = None
+                   ) -> list[LayerProblem]:
     """`build_problem` for every target, `workers` layers at a time (0: one per CPU), in order.
     Threads, not processes: the work is LAPACK and BLAS, which run without the GIL, and a process
     would need each layer's input moment (170 MB for a 512-channel 3x3 conv) pickled to it. The
     largest layers go first so the last ones to finish are short."""
     workers = workers or os.cpu_count() or 1
+    cache = cache or FactorCache()
     order = sorted(targets, key=lambda t: -t.layer.weight.size * stats[t.name].dim)
     with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
         # the numerics' warnings (float warnings of degenerate layers, tensorly's note when CP's SVD
@@ -288,7 +280,7 @@ def build_problems(targets: list[LayerTarget], stats: dict[str, LayerStats], met
         # the threads, and restored once they are done
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", UserWarning)
-        futures = {t.name: pool.submit(build_problem, t, stats[t.name], methods, cost, data_aware, multiple)
+        futures = {t.name: pool.submit(build_problem, t, stats[t.name], methods, cost, data_aware, multiple, cache)
                    for t in order}
         for future in as_completed(futures.values()):
             future.result()

@@ -5,7 +5,7 @@ measurement recorded for the report and the trade-off plot."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .candidates import Candidate, LayerProblem
 
@@ -20,6 +20,22 @@ class TracePoint:
     within: bool
 
 
+class SearchObserver:
+    """What a study of the search may watch while a conversion runs (`compress(..., observer=)`:
+    the benchmarks use it), without patching the library. The conversion calls each method as it
+    goes; here they do nothing."""
+
+    def measured(self, search: "Search", choice: Choice, model: Any, drop: float) -> None:
+        """The search measured `model` (the choice built as measured: compensated per fold, a
+        FoldedModel then; quantized with --quantize) on the search part: `drop`, DropMeter's value
+        (beyond eps possibly a lower bound)."""
+
+    def searched(self, search: "Search", path: list[Choice], knobs: list[str], pick: int) -> None:
+        """A strategy that searches along a path of choices (auto: its lambda path, from keeping
+        every layer to the cheapest of all) picked `path[pick]`. `search.written(choice)` builds
+        any choice as it would be written."""
+
+
 @dataclass(eq=False)
 class Search:
     problems: list[LayerProblem]
@@ -31,6 +47,8 @@ class Search:
     # the models from keeping every layer to the choice, in the strategy's own order (auto: its
     # lambda path), for the held-out part to step back along; None: verify.step_back's path
     path: list[Choice] | None = None
+    observer: SearchObserver = field(default_factory=SearchObserver)
+    written: Callable[[Choice], Any] | None = None  # the model as it would be written (for observers)
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -43,9 +61,6 @@ class Search:
     def cost_ratio(self, choice: Choice) -> float:
         cost = self.cost(choice)
         return self.base_cost / cost if cost else 1.0  # a model without MACs (nothing to factor)
-
-    def keep_all(self) -> Choice:
-        return {p.name: p.keep for p in self.problems}
 
     def drop(self, choice: Choice, knob: str = "") -> float:
         key = tuple(id(choice[p.name]) for p in self.problems)
