@@ -36,7 +36,7 @@ SERIAL_BLAS := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: $(STAMP) corpus
 	$(SERIAL_BLAS) $(PY) -m pytest -n 2 -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) corpus
 	$(SERIAL_BLAS) $(PY) -m pytest -n 2 -q -m slow
 
 # The main job on the bundled default model: compress it within half a point of accuracy on new

@@ -1,6 +1,6 @@
-"""CP of real conv kernels without and with 001's error-preserving correction (EPC): the
-approximation error, the sensitivity (001 Lemma 1) and the largest rank-1 intensity, side by side
-per rank. 001 Fig. 2: ALS leaves large, sensitive rank-1 terms; EPC keeps the error and lowers both.
+"""CP of real conv kernels without and with Phan et al.'s error-preserving correction (EPC): the
+approximation error, the sensitivity (Phan et al. Lemma 1) and the largest rank-1 intensity, side by side
+per rank. Phan et al. Fig. 2: ALS leaves large, sensitive rank-1 terms; EPC keeps the error and lowers both.
 
     .venv/bin/python benchmarks/cp_epc.py
 """
@@ -20,7 +20,7 @@ RANKS = (8, 16, 32, 64)
 
 
 def main() -> None:
-    table = Table(title="CP of digit-recognizer CNN kernels: ALS vs ALS + EPC (001)")
+    table = Table(title="CP of digit-recognizer CNN kernels: ALS vs ALS + EPC (Phan et al.)")
     for col in ("layer", "kernel", "rank", "error ALS", "error EPC", "sensitivity ALS", "sensitivity EPC",
                 "ratio", "max intensity ALS", "max intensity EPC", "EPC time"):
         table.add_column(col, justify="right")

@@ -1,4 +1,4 @@
-"""001's claim, measured: CP factors from plain ALS have large, cancelling terms, so fine-tuning
+"""Phan et al.'s claim, measured: CP factors from plain ALS have large, cancelling terms, so fine-tuning
 them is unstable; after EPC (the correction that minimises the factors' sensitivity at the same
 error) it is not. The default model's 3x3 convs (the stem aside) are CP-decomposed at a high rank
 without and with EPC, then fine-tuned alike (distillation + labels, SGD with momentum, 3000 MNIST training
@@ -25,7 +25,7 @@ from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.errors import FinetuneDiverged
 from onnx_lowrank.graph import find_targets, prepare, replace_layers
-from onnx_lowrank.quality import predict
+from onnx_lowrank.runtime.sessions import predict
 
 
 def main() -> None:

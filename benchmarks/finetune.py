@@ -5,9 +5,9 @@ data and the 10000 MNIST test images as the judge (never seen by selection or tr
 1. At equal ranks: models selected with a loose budget (eps 0.02 and 0.05), their test accuracy
    without and with fine-tuning (3 epochs, SGD 3e-3 with momentum, distillation + labels).
 2. What fits within eps 0.005: `convert --eps 0.005` without fine-tuning, with
-   `--finetune-epochs 2` (004's loop: fine-tune, compress further while the held-out drop stays
+   `--finetune-epochs 2` (Kokhazadeh et al.'s loop: fine-tune, compress further while the held-out drop stays
    within eps, raise the layers the cosine analysis names on a miss) and with `--finetune-epochs 1
-   --iterative` (000's layer-by-layer mode inside the same loop): MAC reduction, held-out drop,
+   --iterative` (Yang & Liu's layer-by-layer mode inside the same loop): MAC reduction, held-out drop,
    and the drop on the test set.
 3. MobileNetV2 (torchvision's ImageNet weights) with unlabeled photos only: calibration and
    distillation on random crops of 9 of the 13 photos, judged by top-1 agreement with the
@@ -36,13 +36,13 @@ from onnx_lowrank.bridge.finetune import FinetuneOptions, finetune
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.pipeline import compress
-from onnx_lowrank.quality import predict
+from onnx_lowrank.runtime.sessions import predict
 
 CROPS = 64  # per trained photo: 576 crops, 173 held out, so eps 0.01 allows a flip
 NETS = {"mnist_cnn (default)": MODELS / "mnist_cnn.onnx", "digit CNN (PyPI)": MODELS / "digit_cnn.onnx"}
 EPS = 0.005
 TRAIN = 10000
-WAYS = (("without", 0, False), ("004 loop, 2 epochs", 2, False), ("+ --iterative, 1 epoch/layer", 1, True))
+WAYS = (("without", 0, False), ("Kokhazadeh et al. loop, 2 epochs", 2, False), ("+ --iterative, 1 epoch/layer", 1, True))
 
 
 def main() -> None:

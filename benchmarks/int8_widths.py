@@ -25,7 +25,8 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from rich.console import Console
 from rich.table import Table
 
-from onnx_lowrank.latency import interleaved, runtime_session
+from onnx_lowrank.runtime.latency import interleaved
+from onnx_lowrank.runtime.sessions import session
 
 IN_CHANNELS, OUT_CHANNELS, SIDE, BATCH = 32, 64, 28, 32
 
@@ -61,8 +62,8 @@ def main() -> None:
     x = rng.standard_normal((BATCH, IN_CHANNELS, SIDE, SIDE)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         models = {w: chain(w, rng) for w in widths}
-        sessions = {(w, "float"): runtime_session(m, threads=args.threads) for w, m in models.items()}
-        sessions |= {(w, "int8"): runtime_session(quantized(m, x, Path(tmp)), threads=args.threads)
+        sessions = {(w, "float"): session(m, "deploy", args.threads) for w, m in models.items()}
+        sessions |= {(w, "int8"): session(quantized(m, x, Path(tmp)), "deploy", args.threads)
                      for w, m in models.items()}
     times = dict(zip(sessions, interleaved(list(sessions.values()), {"x": x}, min_runs=40, min_seconds=20.0)))
     table = Table(title=f"a factor chain {IN_CHANNELS} -> r -> {OUT_CHANNELS} at {SIDE}x{SIDE}, batch {BATCH}, "

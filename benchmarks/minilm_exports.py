@@ -54,9 +54,10 @@ from onnx_lowrank.decompositions import decompose  # noqa: E402
 from onnx_lowrank.decompositions.svd import SVDFactors  # noqa: E402
 from onnx_lowrank.errors import OnnxLowrankError  # noqa: E402
 from onnx_lowrank.graph import find_targets, prepare, replace_layers  # noqa: E402
-from onnx_lowrank.latency import interleaved, runtime_session  # noqa: E402
+from onnx_lowrank.metrics.quality import quality  # noqa: E402
 from onnx_lowrank.pipeline import compress_file  # noqa: E402
-from onnx_lowrank.quality import predict, quality  # noqa: E402
+from onnx_lowrank.runtime.latency import interleaved  # noqa: E402
+from onnx_lowrank.runtime.sessions import predict, session  # noqa: E402
 
 
 def embed(model: str | Path | onnx.ModelProto, feed: dict[str, np.ndarray], batch: int = 64) -> np.ndarray:
@@ -91,7 +92,7 @@ def latencies(original: Path, compressed: Path, work: Path) -> dict[int, tuple[f
         q = work / f"{p.stem}.opt.onnx"
         minilm.optimize_ort(p, q)
         paths.append(q)
-    sessions = [runtime_session(onnx.load(str(p))) for p in paths]
+    sessions = [session(onnx.load(str(p)), "deploy") for p in paths]
     _, unseen = minilm.text()
     out = {}
     for batch in (1, 32):

@@ -30,7 +30,7 @@ from data import mnist  # noqa: E402
 
 from onnx_lowrank import CompressConfig, compress  # noqa: E402
 from onnx_lowrank.calibration.data import CalibrationSet  # noqa: E402
-from onnx_lowrank.quality import predict, session  # noqa: E402
+from onnx_lowrank.runtime.sessions import predict, session  # noqa: E402
 from onnx_lowrank.selection import SearchObserver  # noqa: E402
 
 

@@ -44,10 +44,10 @@ from rich.table import Table
 
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.config import CompressConfig
-from onnx_lowrank.latency import interleaved, runtime_session
 from onnx_lowrank.pipeline import compress_file
-from onnx_lowrank.quality import predict
-from onnx_lowrank.quantize import unfused
+from onnx_lowrank.quantization.int8 import unfused
+from onnx_lowrank.runtime.latency import interleaved
+from onnx_lowrank.runtime.sessions import predict, session
 
 BATCHES = (1, 32)
 LATENCY = "ours --quantize int8 --cost latency"
@@ -133,7 +133,7 @@ def main() -> None:
             score = {v: float(np.mean(t == truth)) for v, t in top1.items()}
             latency = {}
             for threads in THREADS:
-                sessions = [runtime_session(m, threads=threads) for m in models.values()]
+                sessions = [session(m, "deploy", threads) for m in models.values()]
                 for batch in BATCHES:
                     feed = {k: v[:batch] for k, v in s["inputs"].items()}
                     for v, t in zip(models, interleaved(sessions, feed, min_runs=60, min_seconds=3.0)):

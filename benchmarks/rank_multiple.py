@@ -27,9 +27,9 @@ from rich.table import Table
 
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.config import CompressConfig
-from onnx_lowrank.latency import interleaved, runtime_session
 from onnx_lowrank.pipeline import compress_file
-from onnx_lowrank.quality import predict
+from onnx_lowrank.runtime.latency import interleaved
+from onnx_lowrank.runtime.sessions import predict, session
 
 EPS = 0.005
 CALIB = MODELS / "mnist_calib.npz"
@@ -66,7 +66,7 @@ def main() -> None:
             accuracy = {k: float(np.mean(predict(m, unseen, 256)[0].argmax(1) == labels)) for k, m in versions.items()}
             ratios = {}
             for threads in (1, 2):
-                sessions = [runtime_session(m, threads=threads) for m in versions.values()]
+                sessions = [session(m, "deploy", threads) for m in versions.values()]
                 for batch in (1, 32):
                     times = interleaved(sessions, {input_name: images[:batch]}, min_runs=40, min_seconds=3.0)
                     medians = [float(np.median(t)) for t in times]

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.pipeline import compress
-from onnx_lowrank.quality import session
+from onnx_lowrank.runtime.sessions import session
 
 STRATEGIES = ("auto", "cosine", "hessian", "energy", "vbmf", "rank")
 # SVD (weight SVD on convs) capped at rank R everywhere: equal ranks by construction, and the one

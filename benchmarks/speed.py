@@ -28,9 +28,9 @@ from data import MODELS, mnist, photo_crops
 from rich.console import Console
 from rich.table import Table
 
-from onnx_lowrank.bench import bench
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.pipeline import compress_file
+from onnx_lowrank.tools.bench import bench
 
 RESNET = MODELS / "resnet18_mnist.onnx"
 MOBILENET = MODELS / "mobilenet_v2.onnx"

@@ -1,6 +1,6 @@
-"""003's reduced-storage TR on real conv kernels: at each relative error eps, the fewest
+"""RSDTR's reduced-storage TR on real conv kernels: at each relative error eps, the fewest
 parameters tau_0 reaches (over its divisors R1) against the ring RSDTR picks over all four circular
-permutations and divisors, and that ring's parameter count by 003's Table 1 formula.
+permutations and divisors, and that ring's parameter count by RSDTR's Table 1 formula.
 
     .venv/bin/python benchmarks/tr_permutations.py
 """
@@ -19,7 +19,7 @@ EPS = (0.1, 0.3, 0.5)
 
 
 def main() -> None:
-    table = Table(title="TR-SVD at eps on digit-recognizer CNN kernels: tau_0 vs RSDTR's search (003)")
+    table = Table(title="TR-SVD at eps on digit-recognizer CNN kernels: tau_0 vs RSDTR's search (RSDTR)")
     for col in ("layer", "kernel (TxCxDxD)", "eps", "dense params", "best tau_0", "chosen", "R1..R4", "params",
                 "Table 1", "vs tau_0", "error"):
         table.add_column(col, justify="right")

@@ -57,7 +57,8 @@ from corpus_tasks import TASKS
 from onnx_lowrank.calibration.data import load_calibration
 from onnx_lowrank.errors import first_line
 from onnx_lowrank.graph.outputs import output_layouts
-from onnx_lowrank.quality import predict, quality, resolve_metric
+from onnx_lowrank.metrics.quality import quality, resolve_metric
+from onnx_lowrank.runtime.sessions import predict
 
 CLI = Path(sys.executable).with_name("onnx-lowrank")
 SLOW = ("ocr_det",)

@@ -17,11 +17,11 @@ from rich.table import Table
 
 from . import __version__
 from .calibration.data import ImageOptions
-from .config import EPS_HELP, CompressConfig
+from .config import CompressConfig, EPS_HELP
 from .decompositions import METHODS
 from .errors import OnnxLowrankError, first_line
 from .graph import find_targets, load_model, prepare
-from .report import Report
+from .pipeline.report import Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Low-rank compression of ONNX models.")
@@ -67,7 +67,7 @@ def inspect(model: Path = typer.Argument(..., help="The ONNX model to look at.")
     """List every Conv/Gemm/MatMul: its size, which decompositions apply or why it is skipped,
     and how far it compresses: the smallest share of its MACs at which some method keeps its
     error within 10% and 30%. Writes nothing."""
-    from .inspection import compressibility
+    from .tools.inspection import compressibility
 
     try:
         prepared = prepare(load_model(model))
@@ -109,8 +109,8 @@ def bench_command(
     and, with --calib, the quality drop of each COMPRESSED against ORIGINAL."""
     import json
 
-    from .bench import bench
-    from .latency import require_provider
+    from .tools.bench import bench
+    from .runtime.sessions import require_provider
 
     try:
         batches = tuple(int(b) for b in batch.split(","))
@@ -229,12 +229,12 @@ def convert(
     finetune_epochs: int = typer.Option(0, help="Fine-tune through PyTorch (distillation from IN, plus --labels) "
                                         "for this many epochs on the search part, compress further while the "
                                         "fine-tuned model stays within eps, raise the ranks of the least similar "
-                                        "layers on a miss (004's loop; needs the torch extra)."),
+                                        "layers on a miss (Kokhazadeh et al.'s loop; needs the torch extra)."),
     finetune_lr: float = typer.Option(3e-3, help="Learning rate for --finetune-epochs (SGD, momentum 0.9); an "
                                       "epoch that raises the loss runs again at a tenth of it (3 times at most)."),
     iterative: bool = typer.Option(False, "--iterative", help="With --finetune-epochs: factor the chosen layers one "
                                    "at a time, most sensitive (Hessian trace) first, each from the weights fine-tuned "
-                                   "so far, with --finetune-epochs epochs after each (000's iterative mode)."),
+                                   "so far, with --finetune-epochs epochs after each (Yang & Liu's iterative mode)."),
     seed: int = typer.Option(0, help="Seed for the calibration split, sampling and ALS."),
     no_data_aware: bool = typer.Option(False, "--no-data-aware", help="Plain factors: do not whiten by the input "
                                        "covariance."),

@@ -7,8 +7,9 @@ from typing import Callable
 
 from .calibration.data import ImageOptions
 from .decompositions import METHODS
-from .quality import METRICS
-from .selection import STRATEGIES
+from .metrics.quality import METRICS
+from .selection.search import Context
+from .selection.strategies import STRATEGIES
 
 COSTS = ("macs", "params", "latency")
 # onnxruntime's int8 conv kernels (MLAS, u8s8) run a width that is not a multiple of 4 slower than
@@ -28,7 +29,7 @@ EPS_HELP = ("The largest allowed drop in model quality on new data like the cali
 class CompressConfig:
     eps: float = 0.005
     metric: str | Callable = "auto"        # auto | accuracy | agreement | r2 | cosine, module:function,
-    #                                        path.py:function, or the function (quality.UserMetric)
+    #                                        path.py:function, or the function (metrics.user.UserMetric)
     select: str = "auto"                   # auto | cosine | hessian | energy | vbmf | rank
     rank: int | None = None                # --select rank: cap every rank at R
     ratio: float | None = None             # --select rank: each layer at this fraction of its cost
@@ -41,22 +42,27 @@ class CompressConfig:
     latency_batch: int = 1                 # ... at this batch size
     exclude: tuple[str, ...] = ()          # node names or op types left alone
     data_aware: bool = True                # whiten by the input covariance (with calibration data)
-    compensate: bool = True                # refit each chain's last step to the original's outputs (compensate.py)
+    compensate: bool = True                # refit each chain's last step to the original's outputs (compensation/refit.py)
     holdout: float = 0.8                   # share of the calibration set no fit and no choice sees: it decides
     confidence: float = 0.9                # level of the drop's upper bound for new data that eps holds
     verify: bool = True                    # step back and fail (VerificationError) when the held-out check fails
     merge: bool = True                     # merge adjacent linear layers where one costs less than two
-    quantize: str | None = None            # "int8": quantize the result too (quantize.py), within the same eps
+    quantize: str | None = None            # "int8": quantize the result too (quantization/int8.py), within the same eps
     fp16: bool = False                     # store weights in float16 (compute stays float32)
     optimize: bool = False                 # write onnxruntime's offline-optimized graph (basic level)
     jobs: int = 1                          # layers decomposed at once, in threads (0: one per CPU)
     finetune_epochs: int = 0               # > 0: fine-tune through PyTorch, and compress further while it fits
     finetune_lr: float = 3e-3              # ... its learning rate (SGD, momentum 0.9)
-    iterative: bool = False                # ... layer by layer, most sensitive first (000), epochs per layer
+    iterative: bool = False                # ... layer by layer, most sensitive first (Yang & Liu), epochs per layer
     seed: int = 0
     batch_size: int = 64                   # samples per onnxruntime run, at most (--max-memory may run fewer)
     max_memory: int = 12 * 2**30           # bytes the conversion plans for: run batches, statistics, factors
     image: ImageOptions = field(default_factory=ImageOptions)
+
+    def strategy_context(self, prepared, data, targets: list) -> Context:
+        """What --select's strategy reads besides the search: the model, the search part, the
+        layers and its options."""
+        return Context(prepared, data, targets, self.methods, self.rank, self.ratio, self.energy, self.cost, self.seed)
 
     def multiple(self) -> int:
         """What ranks are rounded to: --rank-multiple, else INT8_RANK_MULTIPLE with --quantize, else 1."""
@@ -83,7 +89,7 @@ class CompressConfig:
         if self.threads < 0 or self.latency_batch < 1:
             raise ValueError(f"--threads must be >= 0 and --latency-batch >= 1; got {self.threads}, {self.latency_batch}")
         if self.cost == "latency":
-            from .latency import require_provider
+            from .runtime.sessions import require_provider
 
             require_provider(self.provider)
         if self.methods is not None:
@@ -112,7 +118,7 @@ class CompressConfig:
             raise ValueError(f"--finetune-epochs must be >= 0 and --finetune-lr positive; got "
                              f"{self.finetune_epochs}, {self.finetune_lr}")
         if self.quantize is not None:
-            from .quantize import MODES
+            from .quantization.int8 import MODES
 
             if self.quantize not in MODES:
                 raise ValueError(f"--quantize must be one of {', '.join(MODES)}; got {self.quantize!r}")

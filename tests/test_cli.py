@@ -11,8 +11,9 @@ from helpers import MODELS, conv_model, mnist_test_images
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from onnx_lowrank import cli, pipeline, verify
+from onnx_lowrank import cli
 from onnx_lowrank.cli import app
+from onnx_lowrank.pipeline import stages as pipeline, verify
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""Compensation (compensate.py): each factored layer's last step refit, in graph order, to the
+"""Compensation (compensation/refit.py): each factored layer's last step refit, in graph order, to the
 original layer's outputs given the compressed model's own inputs."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from helpers import MODELS, init, make_model, run, tensor
 from onnx import helper
 
 from onnx_lowrank.calibration.data import CalibrationSet
-from onnx_lowrank.compensate import Compensation
+from onnx_lowrank.compensation.refit import Compensation
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.graph import find_targets, prepare, replace_layers
 from onnx_lowrank.graph.downstream import with_outputs
-from onnx_lowrank.quality import predict
+from onnx_lowrank.runtime.sessions import predict
 
 
 def _mnist(start: int, n: int) -> tuple[np.ndarray, np.ndarray]:

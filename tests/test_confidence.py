@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from onnx_lowrank.calibration.data import CalibrationError, CalibrationSet
-from onnx_lowrank.confidence import count_bound, level_in_force, no_change_bound, samples_for
-from onnx_lowrank.quality import drop_bound, resolution
+from onnx_lowrank.metrics.confidence import count_bound, level_in_force, no_change_bound, samples_for
+from onnx_lowrank.metrics.quality import drop_bound, resolution
 
 
 def _logits(correct: np.ndarray, labels: np.ndarray, classes: int = 10) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_the_bootstrap_draws_whole_groups():
         seen.append(np.asarray(indices))
         return float(np.mean(np.square(outputs[0] - reference[0])))
 
-    from onnx_lowrank.quality import UserMetric
+    from onnx_lowrank.metrics.user import UserMetric
     bound = drop_bound(UserMetric(metric), [ref], [ref + 0.1], None, np.arange(100), groups, 0.9)
     assert np.isfinite(bound.upper) and bound.upper >= bound.drop
     assert bound.groups == 20 and bound.method == "bootstrap"

@@ -17,18 +17,20 @@ import pytest
 from helpers import MODELS
 from onnx_lowrank.calibration.data import load_calibration
 from onnx_lowrank.config import CompressConfig
+from onnx_lowrank.metrics.quality import quality
 from onnx_lowrank.pipeline import compress_file
-from onnx_lowrank.quality import predict, quality
+from onnx_lowrank.runtime.sessions import predict
 
 sys.path.insert(0, str(MODELS))
 import corpus  # noqa: E402
 import corpus_data  # noqa: E402
 
 EPS = 0.01
-FAST = [key for key in corpus.MODELS if key != "ocr_det"]
+SLOW = ("ocr_det", "ocr_rec", "basic_pitch")  # a minute or more each: make test-slow
+KEYS = [pytest.param(key, marks=pytest.mark.slow) if key in SLOW else key for key in corpus.MODELS]
 
 
-@pytest.mark.parametrize("key", FAST)
+@pytest.mark.parametrize("key", KEYS)
 def test_real_model_converts_within_eps(key, tmp_path):
     src = corpus.fetch([key])[key]
     calib, unseen, _ = corpus_data.data(key)

@@ -15,9 +15,8 @@ import exporter_models as em
 from helpers import MODELS, mnist_test_images, run
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.config import CompressConfig
-from onnx_lowrank.pipeline import compress
-from onnx_lowrank.pipeline import compress_file
-from onnx_lowrank.quality import quality
+from onnx_lowrank.metrics.quality import quality
+from onnx_lowrank.pipeline import compress, compress_file
 
 EPS = 0.01
 SAMPLES = 300

@@ -18,9 +18,10 @@ from onnx_lowrank.cli import app
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.graph import find_targets, load_model, prepare
-from onnx_lowrank import latency
-from onnx_lowrank.latency import LayerTimer, interleaved, micro_model, runtime_session
 from onnx_lowrank.pipeline import compress
+from onnx_lowrank.runtime import latency
+from onnx_lowrank.runtime.latency import LayerTimer, interleaved, micro_model
+from onnx_lowrank.runtime.sessions import session
 
 DIGIT = MODELS / "digit_cnn.onnx"
 
@@ -96,7 +97,7 @@ def test_interleaved_pauses_between_blocks_only_for_threaded_sessions(digit, mon
     monkeypatch.setattr(latency.time, "sleep", pauses.append)
     for threads, expected in ((1, 0.0), (2, latency.PAUSE), (0, latency.PAUSE)):  # 0: onnxruntime's default
         pauses.clear()
-        sessions = [runtime_session(model, threads=threads) for _ in range(2)]
+        sessions = [session(model, "deploy", threads) for _ in range(2)]
         times = interleaved(sessions, feed, min_runs=10, min_seconds=0.0)
         assert all(len(t) >= 10 for t in times)
         assert pauses and set(pauses) == {expected} and len(pauses) == 2 * len(times[0]) // 5

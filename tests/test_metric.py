@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from helpers import MODELS, make_model, mnist_test_images, run
 from onnx_lowrank import CompressConfig, compress
 from onnx_lowrank.cli import app
-from onnx_lowrank.quality import quality, resolve_metric
+from onnx_lowrank.metrics.quality import quality, resolve_metric
 
 sys.path.insert(0, str(MODELS))
 import corpus  # noqa: E402
@@ -98,6 +98,7 @@ def test_the_default_metric_keeps_a_detectors_class_scores(tmp_path, metric):
         assert report.metric == "cosine" and class_drop > 0.5
 
 
+@pytest.mark.slow  # two minutes: make test-slow
 def test_user_metric_in_python_on_a_real_model(tmp_path):
     """compress(..., metric=fn) with a task metric on the corpus's basic-pitch: eps bounds it, and
     every call gets the original's and the candidate's outputs on the same samples."""

@@ -111,9 +111,10 @@ def test_back_off_writes_the_last_model_of_the_sequence_that_holds(calib):
     from onnx_lowrank.calibration.capture import capture
     from onnx_lowrank.calibration.data import load_calibration
     from onnx_lowrank.graph import find_targets, load_model, prepare
-    from onnx_lowrank.quality import drop_bound, predict
+    from onnx_lowrank.metrics.quality import drop_bound
+    from onnx_lowrank.runtime.sessions import predict
     from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
-    from onnx_lowrank.verify import _sequence, build, nonfinite_samples, step_back, verify_choice
+    from onnx_lowrank.pipeline.verify import _sequence, build, nonfinite_samples, step_back, verify_choice
 
     prepared = prepare(load_model(DIGIT))
     targets, _ = find_targets(prepared)

@@ -12,7 +12,8 @@ from onnx import helper
 
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.graph.io import APART
-from onnx_lowrank.quality import DropMeter, predict, quality, session
+from onnx_lowrank.metrics.quality import DropMeter, quality
+from onnx_lowrank.runtime.sessions import predict, session
 
 
 def linear_classifier(weight: np.ndarray):
@@ -59,7 +60,7 @@ def test_a_failing_model_stops_after_the_first_chunk():
 def test_an_accuracy_drop_of_exactly_eps_is_not_above_it():
     """890/900 - 872/900 is 0.020000000000000018 in floats; 18 samples lost of 900 is 0.02, which
     DropMeter (counting) and the verification (quality) must agree is within eps 0.02."""
-    from onnx_lowrank.quality import quality
+    from onnx_lowrank.metrics.quality import quality
 
     n = 900
     labels = np.zeros(n, dtype=np.int64)

@@ -27,18 +27,19 @@ from helpers import MODELS, init, make_model, tensor
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from onnx_lowrank import latency
-from onnx_lowrank.bench import bench
 from onnx_lowrank.calibration.data import CalibrationSet, load_calibration
 from onnx_lowrank.cli import app
-from onnx_lowrank.config import INT8_RANK_MULTIPLE, CompressConfig
+from onnx_lowrank.config import CompressConfig, INT8_RANK_MULTIPLE
 from onnx_lowrank.decompositions import decompose
-from onnx_lowrank.graph import find_targets, load_model, node_costs, prepare
+from onnx_lowrank.graph import find_targets, load_model, prepare
 from onnx_lowrank.graph.index import opset_version
-from onnx_lowrank.latency import LayerTimer
+from onnx_lowrank.metrics.quality import quality
 from onnx_lowrank.pipeline import compress, compress_file
-from onnx_lowrank.quality import predict, quality, session
-from onnx_lowrank.quantize import Quantizer, unfused, unit_errors, units
+from onnx_lowrank.quantization.int8 import Quantizer, unfused, unit_errors, units
+from onnx_lowrank.runtime import latency
+from onnx_lowrank.runtime.latency import LayerTimer
+from onnx_lowrank.runtime.sessions import costs_at, predict, session
+from onnx_lowrank.tools.bench import bench
 
 runner = CliRunner()
 DEFAULT = MODELS / "mnist_cnn.onnx"
@@ -179,7 +180,7 @@ def test_matmul_model_is_quantized_dynamically(tmp_path):
     data = CalibrationSet({"x": np.zeros((1, 32), np.float32)})
     whole = Quantizer(model, data, 1, data.sample_feed())(model)
     assert "MatMulInteger" in ops(whole)
-    assert sum(c.macs for c in node_costs(whole, feed=data.sample_feed())) == 32 * 32
+    assert sum(c.macs for c in costs_at(whole, data.sample_feed())) == 32 * 32
 
 
 def test_dynamic_quantization_is_measured_one_sample_per_run(tmp_path):
@@ -228,8 +229,8 @@ def test_cost_latency_times_layers_and_chains_quantized(calib, tmp_path, monkeyp
 
     # the conversion: every micro-model it times is quantized (which chains win is the machine's)
     timed = []
-    real = latency.runtime_session
-    monkeypatch.setattr(latency, "runtime_session", lambda model, *a: timed.append(ops(model)) or real(model, *a))
+    real = latency.session
+    monkeypatch.setattr(latency, "session", lambda model, *a: timed.append(ops(model)) or real(model, *a))
     config = CompressConfig(eps=0.01, cost="latency", quantize="int8")
     out, report = compress(DIGIT, config, calibration=str(calib), labels="labels")
     onnx.checker.check_model(out, full_check=True)

@@ -21,7 +21,7 @@ from onnx_lowrank.errors import OutOfMemory
 from onnx_lowrank.graph import find_targets, node_costs, prepare
 from onnx_lowrank.graph.downstream import downstream, downstream_model, pieces, with_outputs
 from onnx_lowrank.pipeline import compress
-from onnx_lowrank.quality import predict, session
+from onnx_lowrank.runtime.sessions import costs_at, predict, session
 
 
 def low_rank(rng, shape, rank):
@@ -74,7 +74,7 @@ def test_part_downstream_of_a_layer_computes_the_shapes_it_reads():
 
 
 def test_pieces_compute_the_shapes_they_read_and_hand_on_the_data():
-    """Compensation's pieces (compensate.py) start from what earlier pieces computed; a shape an
+    """Compensation's pieces (compensation/refit.py) start from what earlier pieces computed; a shape an
     earlier piece computed (the Resize's sizes) is computed again inside, from the data it comes
     from, never fed; the data a later piece reads is among the earlier piece's outputs."""
     model = prepare(resize_model(np.random.default_rng(0)))
@@ -203,7 +203,7 @@ def test_costs_where_shape_inference_gives_up_are_onnxruntimes():
     feed = {"x": rng.standard_normal((1, 64)).astype(np.float32)}
     with pytest.raises(Exception, match="cannot be inferred"):
         node_costs(model, {"x": (1, 64)})  # shapes alone: onnx's inference cannot follow the Reshape
-    (matmul,) = [c for c in node_costs(model, feed=feed) if c.op_type == "MatMul"]
+    (matmul,) = [c for c in costs_at(model, feed) if c.op_type == "MatMul"]
     assert matmul.macs == 2 * 32 * 24  # the two 32-wide rows one sample becomes, times W
     x = rng.standard_normal((80, 64)).astype(np.float32)
     out, report = compress(model, CompressConfig(eps=0.05, metric="cosine"), calibration=_reader({"x": x}))
@@ -254,7 +254,7 @@ def test_statistics_over_max_memory_are_one_line_before_they_are_allocated(tmp_p
 def test_running_out_of_memory_anywhere_is_one_line(tmp_path, monkeypatch):
     """A MemoryError (numpy could not allocate; under `ulimit -v`) in any stage is the same kind
     of line, naming the stage and the option, and nothing is written."""
-    from onnx_lowrank import pipeline
+    from onnx_lowrank.pipeline import stages as pipeline
 
     def short(*args, **kwargs):
         raise MemoryError("Unable to allocate 4.69 GiB")

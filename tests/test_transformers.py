@@ -26,8 +26,8 @@ from onnx_lowrank.calibration.data import load_calibration, without_padding
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.graph import find_targets, prepare
 from onnx_lowrank.graph.targets import FUSED_REASON, attention_projections
+from onnx_lowrank.metrics.quality import resolve_metric
 from onnx_lowrank.pipeline import compress_file
-from onnx_lowrank.quality import resolve_metric
 
 sys.path.insert(0, str(MODELS))
 import minilm  # noqa: E402
@@ -169,7 +169,7 @@ def test_unit_length_embeddings_are_not_class_scores():
 def test_token_outputs_are_zero_at_padding(exports, tmp_path):
     """Token states at padding are zero in the original's outputs and in every candidate's, so a
     change there (a model computes them and throws them away) adds nothing to the drop."""
-    from onnx_lowrank.quality import predict
+    from onnx_lowrank.runtime.sessions import predict
 
     model = onnx.load(str(exports["optimum"]))
     np.savez(tmp_path / "c.npz", **token_batch(12, SEQ, seed=7))

@@ -1,5 +1,5 @@
 """The PyTorch bridge: the ONNX model as a torch module (onnx2torch), for fine-tuning and for
-000's Hessian-trace layer sensitivity. torch and onnx2torch are optional (pip install
+Yang & Liu's Hessian-trace layer sensitivity. torch and onnx2torch are optional (pip install
 'onnx-lowrank[torch]'): importing this package does not import them; each function does, and
 says how to install them when they are missing."""
 

@@ -27,7 +27,8 @@ from ..calibration.data import CalibrationSet, model_inputs, token_mask
 from ..errors import FinetuneDiverged, OnnxLowrankError
 from ..graph import find_targets, replace_layers
 from ..graph.index import opset_version
-from ..quality import is_classifier, predict, session
+from ..metrics.quality import is_classifier
+from ..runtime.sessions import predict, session
 from . import deps
 from .convert import prepare_for_onnx2torch, to_torch, write_back
 
@@ -174,7 +175,7 @@ def finetune_iteratively(model: onnx.ModelProto, teacher: onnx.ModelProto, layer
                          data: CalibrationSet, options: FinetuneOptions = FinetuneOptions(),
                          after_step: Callable[[str, onnx.ModelProto], None] = lambda name, model: None
                          ) -> tuple[onnx.ModelProto, FinetuneLog]:
-    """000's iterative compress-and-fine-tune: the layers of `model` named in `layers`, in that
+    """Yang & Liu's iterative compress-and-fine-tune: the layers of `model` named in `layers`, in that
     order, replaced one at a time, each by the factors its function makes of the layer as trained
     so far (a decompositions.Layer in, Factors out), and the whole model fine-tuned for
     `options.epochs` epochs after each replacement. The trained weights go back into the graph

@@ -1,4 +1,4 @@
-"""000's layer sensitivity: the trace of the Hessian of the loss with respect to a layer's weight,
+"""Yang & Liu's layer sensitivity: the trace of the Hessian of the loss with respect to a layer's weight,
 estimated by Hutchinson's method (Avron & Toledo): for Rademacher vectors v (entries ±1),
 E[vᵀHv] = tr(H). Hv comes from double backprop, so H itself is never formed."""
 
@@ -37,7 +37,7 @@ def hessian_traces(model: onnx.ModelProto, node_names: list[str], inputs: dict[s
     joint=False probes each layer alone, with the variance above.
 
     average=True divides each trace by the weight's number of elements (HAWQ-V2's average trace),
-    which compares layers of different sizes; 000 ranks layers by the plain trace."""
+    which compares layers of different sizes; Yang & Liu ranks layers by the plain trace."""
     deps.require_torch()
     import torch
     import torch.nn.functional as F

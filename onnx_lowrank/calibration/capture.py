@@ -13,16 +13,11 @@ import onnx
 from scipy.linalg.blas import ssyrk
 
 from ..decompositions.base import Layer
-from ..graph.downstream import with_outputs
 from ..errors import OutOfMemory
+from ..graph.downstream import with_outputs
 from ..graph.targets import LayerTarget, same_pads
-from ..quality import session
+from ..runtime.sessions import session
 from .data import CalibrationSet, token_mask, without_padding
-
-
-def activation_name(target: LayerTarget) -> str:
-    node = target.node
-    return node.input[1] if target.op_type == "MatMul" and target.weight_side == "left" else node.input[0]
 
 
 def patches(x: np.ndarray, layer: Layer, rng: np.random.Generator, max_rows: int,
@@ -178,7 +173,7 @@ def memory_batch(model: onnx.ModelProto, targets: list[LayerTarget], data: Calib
 def _wanted(model: onnx.ModelProto, targets: list[LayerTarget]) -> list[str]:
     """The targets' inputs that are not graph inputs or outputs already."""
     present = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
-    return list(dict.fromkeys(n for n in map(activation_name, targets) if n not in present))
+    return list(dict.fromkeys(n for n in (t.activation for t in targets) if n not in present))
 
 
 def statistics_bytes(stats: dict[str, LayerStats]) -> int:
@@ -210,7 +205,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
         if not stats and stats_budget is not None:
             _check_budget(targets, values, count, len(data), keep, stats_budget)
         for t in targets:
-            x = values[activation_name(t)]
+            x = values[t.activation]
             if not t.inputs_in_columns:
                 x = data.own(x, count)
             budget = row_budget(t)
@@ -261,7 +256,7 @@ def _check_budget(targets: list[LayerTarget], values: dict[str, np.ndarray], cou
     than its width will be seen), from the first batch, against `budget`."""
     need = {}
     for t in targets:
-        x = values[activation_name(t)]
+        x = values[t.activation]
         d, g = input_width(t), t.layer.groups
         per_sample = (x.size / max(d * g, 1) if not t.layer.is_conv else
                       len(x) * int(np.prod(t.layer.geometry.out_size(x.shape[2:])))) / max(count, 1)

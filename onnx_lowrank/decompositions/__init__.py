@@ -43,15 +43,15 @@ register(Method("svd", "W ~ U V: two thinner Gemm/MatMul/Conv (any conv: kernel 
                 svd.check, svd.factorize))
 register(Method("spatial-svd", "2-D conv: Dx1 conv C->r then 1xD conv r->T",
                 spatial_svd.check, spatial_svd.factorize))
-register(Method("tucker2", "conv: 1x1 C->R1, core conv R1->R2, 1x1 R2->T (HOSVD/HOOI, or 001's smallest under eps)",
+register(Method("tucker2", "conv: 1x1 C->R1, core conv R1->R2, 1x1 R2->T (HOSVD/HOOI, or Phan et al.'s smallest under eps)",
                 tucker2.check, tucker2.factorize))
-register(Method("cp", "conv: 1x1 C->R, depthwise, 1x1 R->T (ALS + 001's EPC); ways=4 splits the depthwise conv",
+register(Method("cp", "conv: 1x1 C->R, depthwise, 1x1 R->T (ALS + Phan et al.'s EPC); ways=4 splits the depthwise conv",
                 cp.check, cp.factorize))
-register(Method("tucker2-cp", "conv: Tucker-2 then CP of its core (001's TKD-CPD)",
+register(Method("tucker2-cp", "conv: Tucker-2 then CP of its core (Phan et al.'s TKD-CPD)",
                 tucker2_cp.check, tucker2_cp.factorize))
-register(Method("tt", "2-D conv: TT of the permuted kernel, 1x1, Dx1, 1xD, 1x1 (002)",
+register(Method("tt", "2-D conv: TT of the permuted kernel, 1x1, Dx1, 1xD, 1x1 (TTPWT)",
                 tt.check, tt.factorize))
-register(Method("tr", "2-D conv: tensor ring, fewest parameters over permutations and divisors (003)",
+register(Method("tr", "2-D conv: tensor ring, fewest parameters over permutations and divisors (RSDTR)",
                 tr.check, tr.factorize, per_group=False))
 
 

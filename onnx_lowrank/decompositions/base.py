@@ -147,7 +147,7 @@ class DenseStep:
 @dataclass(frozen=True)
 class FoldChannels:
     """(N, outer*inner, *S) -> (N*outer, inner, *S): the next convs run on each slice alone,
-    which is how one small core is shared by `outer` slices (003's batch trick)."""
+    which is how one small core is shared by `outer` slices (RSDTR's batch trick)."""
 
     outer: int
 
@@ -373,7 +373,7 @@ def rank_for_tail(singular_values: np.ndarray, delta: float) -> int:
 
 def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
     """Smallest rank keeping at least `energy` (in (0, 1]) of the squared singular values: the
-    energy-threshold criterion of 002 (eq. 14) and 003."""
+    energy-threshold criterion of TTPWT (eq. 14) and RSDTR."""
     s2 = np.asarray(singular_values, dtype=np.float64) ** 2
     total = s2.sum()
     if total == 0:

@@ -1,4 +1,4 @@
-"""CP decomposition of a conv kernel (Lebedev et al.; 000; 001) with 001's error-preserving
+"""CP decomposition of a conv kernel (Lebedev et al.; Yang & Liu; Phan et al.) with Phan et al.'s error-preserving
 correction (EPC).
 
 3-way: the kernel as a (prod(k), C, T) tensor = [[A, B, C]] and the layer becomes
@@ -7,11 +7,11 @@ correction (EPC).
 depthwise Dx1 (vertical geometry) and a depthwise 1xD (horizontal geometry).
 
 ALS alone often ends in a degenerate CP: huge rank-1 terms that cancel, whose sensitivity to
-small perturbations of the factors breaks fine-tuning (001, Fig. 2). EPC then minimises the
-sensitivity ss = sum_n sum_r prod_{m != n} ||u_r^(m)||^2 (001 Lemma 1, for any number of ways)
-subject to keeping the ALS error: ||X - [[U]]||^2 <= delta^2 (001 eq. 10).
+small perturbations of the factors breaks fine-tuning (Phan et al., Fig. 2). EPC then minimises the
+sensitivity ss = sum_n sum_r prod_{m != n} ||u_r^(m)||^2 (Phan et al. Lemma 1, for any number of ways)
+subject to keeping the ALS error: ||X - [[U]]||^2 <= delta^2 (Phan et al. eq. 10).
 
-Each EPC update is the ridge problem of 001 eq. 12, solved in closed form: with the other factors
+Each EPC update is the ridge problem of Phan et al. eq. 12, solved in closed form: with the other factors
 fixed, Z their Khatri-Rao product and w_r^2 the weights of the sensitivity terms that contain
 factor n, the minimiser of ||U diag(w)||^2 under the error bound is
 U diag(w) = X_(n) Z~ (Z~^T Z~ + mu I)^-1 with Z~ = Z diag(w)^-1, and the multiplier mu >= 0 found
@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 from scipy.optimize import brentq
 
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, conv_macs,
-                   conv_reason, normalize_ranks)
+from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, conv_macs, conv_reason,
+                   normalize_ranks)
 
 
 class CPFactors(Factors):
@@ -49,9 +49,6 @@ class CPFactors(Factors):
     @property
     def ranks(self) -> tuple[int, ...]:
         return (self.factors[0].shape[1],)
-
-    def tensor_shape(self) -> tuple[int, ...]:
-        return tuple(f.shape[0] for f in self.factors)
 
     def reconstruct(self) -> np.ndarray:
         return from_cp_tensor(cp_to_tensor(self.factors), self.layer.weight.shape, self.ways)
@@ -90,9 +87,6 @@ class CPFactors(Factors):
     def sensitivity(self) -> float:
         return sensitivity(self.factors)
 
-    def largest_intensity(self) -> float:
-        return float(intensities(self.factors).max())
-
 
 # ---- tensor layout -------------------------------------------------------------------------
 
@@ -115,7 +109,7 @@ def cp_to_tensor(factors: Sequence[np.ndarray]) -> np.ndarray:
     return np.einsum(",".join(f"{ch}z" for ch in letters) + "->" + letters, *factors, optimize=True)
 
 
-# ---- degeneracy measures (001 eqs. 3-5) -----------------------------------------------------
+# ---- degeneracy measures (Phan et al. eqs. 3-5) -----------------------------------------------------
 
 def _column_norms2(factors: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.sum(f * f, axis=0) for f in factors]
@@ -129,11 +123,11 @@ def sensitivity_terms(factors: Sequence[np.ndarray]) -> list[float]:
 
 
 def sensitivity(factors: Sequence[np.ndarray]) -> float:
-    """001 Lemma 1 (eq. 5), for any number of ways: the sum of `sensitivity_terms`.
+    """Phan et al. Lemma 1 (eq. 5), for any number of ways: the sum of `sensitivity_terms`.
 
-    The limit in 001's definition (eq. 4) weighs mode n's term by that mode's size I_n rather
+    The limit in Phan et al.'s definition (eq. 4) weighs mode n's term by that mode's size I_n rather
     than by R: step (7) of the proof replaces tr(M kron I_{I_n}) by R tr(M). We use Lemma 1 as
-    printed, the measure 001 minimises and reports; the test checks both against eq. 4."""
+    printed, the measure Phan et al. minimises and reports; the test checks both against eq. 4."""
     return sum(sensitivity_terms(factors))
 
 
@@ -231,7 +225,7 @@ def _epc_update(tensor: np.ndarray, norm2: float, factors: list[np.ndarray], mod
 
 def epc(tensor: np.ndarray, factors: Sequence[np.ndarray], delta2: float | None = None,
         sweeps: int = 100, tol: float = 1e-6) -> list[np.ndarray]:
-    """001's error-preserving correction: cycle over the modes, each update minimising the
+    """Phan et al.'s error-preserving correction: cycle over the modes, each update minimising the
     sensitivity with the others fixed while the error stays at delta^2 (by default the error of
     the factors given). Stops when a sweep lowers the sensitivity by less than `tol` (relative)."""
     factors = [np.array(f, dtype=np.float64) for f in factors]
@@ -260,7 +254,7 @@ def check(layer: Layer, ways: int = 3) -> str | None:
 
 def factorize(layer: Layer, rank: RankSpec = "full", ways: int = 3, correct: bool = True,
               iterations: int = 300, seed: int = 0) -> CPFactors:
-    """CP of rank R: ALS then (with `correct`) 001's EPC at the ALS error. A rank at or past
+    """CP of rank R: ALS then (with `correct`) Phan et al.'s EPC at the ALS error. A rank at or past
     `exact_rank` (or "full") gives the exact CP by construction instead."""
     if ways not in (3, 4):
         raise ValueError(f"cp takes ways=3 or ways=4; got {ways}")

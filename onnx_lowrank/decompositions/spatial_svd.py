@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvStep, Factors, Layer, RankSpec, Step, Whitener, check_eps, choose_rank,
-                   conv_macs, conv_reason, normalize_ranks, relative_errors, thin_svd)
+from .base import (ConvStep, Factors, Layer, RankSpec, Step, Whitener, check_eps, choose_rank, conv_macs, conv_reason,
+                   normalize_ranks, relative_errors, thin_svd)
 
 
 class SpatialSVDFactors(Factors):

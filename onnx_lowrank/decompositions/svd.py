@@ -1,5 +1,5 @@
-"""Truncated SVD of the weight matrix: one layer becomes two thinner ones (004 for FC and 1x1
-convs, 001's SVD block). On a conv the first factor keeps the whole kernel and the geometry
+"""Truncated SVD of the weight matrix: one layer becomes two thinner ones (Kokhazadeh et al. for FC and 1x1
+convs, Phan et al.'s SVD block). On a conv the first factor keeps the whole kernel and the geometry
 (C -> r, DxD) and the second is a 1x1 (r -> T), which is AIMET's "weight SVD"."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvGeometry, ConvStep, DenseStep, Factors, Layer, RankSpec, Step, Whitener,
-                   check_eps, choose_rank, conv_macs, normalize_ranks, relative_errors, thin_svd)
+from .base import (ConvGeometry, ConvStep, DenseStep, Factors, Layer, RankSpec, Step, Whitener, check_eps, choose_rank,
+                   conv_macs, normalize_ranks, relative_errors, thin_svd)
 
 
 class SVDFactors(Factors):

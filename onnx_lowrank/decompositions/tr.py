@@ -1,8 +1,8 @@
-"""003's RSDTR: tensor ring of a 2-D conv kernel by TR-SVD at a prescribed relative error, keeping,
+"""RSDTR's RSDTR: tensor ring of a 2-D conv kernel by TR-SVD at a prescribed relative error, keeping,
 among the 4 circular permutations of (T, C, D1, D2) and every divisor R1 of the first unfolding's
 rank, the ring with the fewest parameters (Mickelin & Karaman's reduced-storage TR-SVD).
 
-A circular shift keeps the ring order T -> C -> D1 -> D2 -> T (003 Theorem 1), so every
+A circular shift keeps the ring order T -> C -> D1 -> D2 -> T (RSDTR Theorem 1), so every
 permutation gives the same four cores G_T (d, T, a), G_C (a, C, b), G_D1 (b, D1, c),
 G_D2 (c, D2, d); only which bond TR-SVD splits by the divisor differs. One chain serves them all:
 
@@ -11,7 +11,7 @@ G_D2 (c, D2, d); only which bond TR-SVD splits by the divisor differs. One chain
     Reshape (N*a, d, H', W') -> (N, a*d, H', W'), 1x1 conv a*d -> T.
 
 Folding the a slices into the batch shares G_D1 and G_D2 across them, so the stored parameters
-are exactly 003's Table 1 for the chosen permutation.
+are exactly RSDTR's Table 1 for the chosen permutation.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvGeometry, ConvStep, Factors, FoldChannels, Layer, Step, UnfoldChannels,
-                   channel_whitener, check_eps, choose_rank, conv_macs, conv_reason)
+from .base import (ConvGeometry, ConvStep, Factors, FoldChannels, Layer, Step, UnfoldChannels, channel_whitener,
+                   check_eps, choose_rank, conv_macs, conv_reason)
 
 SHIFTS = 4
 
 
 class TRFactors(Factors):
     """cores: G_T, G_C, G_D1, G_D2 (ring order). `shift` is k of the permutation tau_k that
-    TR-SVD ran on, and `tr_ranks` are R1..R4 of that run (003's notation for tau_k)."""
+    TR-SVD ran on, and `tr_ranks` are R1..R4 of that run (RSDTR's notation for tau_k)."""
 
     method = "tr"
 
@@ -85,7 +85,7 @@ class TRFactors(Factors):
 
 
 def table1_storage(shift: int, ranks: Sequence[int], t: int, c: int, d1: int, d2: int) -> int:
-    """003's Table 1 storage for tau_shift with TR ranks R1..R4 of that permutation. (The table
+    """RSDTR's Table 1 storage for tau_shift with TR ranks R1..R4 of that permutation. (The table
     prints R4*T*R4 in the tau_2 row; its cores, Appendix A, give R3*T*R4, used here.)"""
     r1, r2, r3, r4 = ranks
     return {

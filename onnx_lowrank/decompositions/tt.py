@@ -1,12 +1,12 @@
-"""002's TTPWT: tensor train of the circularly permuted kernel. W (T, C, D1, D2) is permuted to
+"""TTPWT's TTPWT: tensor train of the circularly permuted kernel. W (T, C, D1, D2) is permuted to
 (C, D1, D2, T) so the outer cores are matrices (C x R1, R3 x T) that become 1x1 convs and the
 inner cores become a Dx1 conv (R1 -> R2, vertical geometry) and a 1xD conv (R2 -> R3, horizontal
-geometry). Without the permutation R2 and R3 could not exceed D^2 and D (002, Remark 1).
+geometry). Without the permutation R2 and R3 could not exceed D^2 and D (TTPWT, Remark 1).
 
-TT-SVD (002 Algorithm 1) truncates each sequential SVD by one of: explicit ranks; a prescribed
+TT-SVD (TTPWT Algorithm 1) truncates each sequential SVD by one of: explicit ranks; a prescribed
 relative error eps, each step's tail bounded by eps * ||W|| / sqrt(N - 1), so the total error is
 at most eps (Oseledets); or an energy threshold, each step keeping the fewest singular values
-that hold that share of the step's energy (002 eq. 14, the thresholds of its Tables 2-5).
+that hold that share of the step's energy (TTPWT eq. 14, the thresholds of its Tables 2-5).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, check_eps,
-                   choose_rank, conv_macs, conv_reason, normalize_ranks)
+from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, check_eps, choose_rank,
+                   conv_macs, conv_reason, normalize_ranks)
 
 
 class TTFactors(Factors):

@@ -1,8 +1,8 @@
-"""Tucker-2 of a conv kernel (Kim et al.; 004; 001 section 2.4): W (T, C, *k) ~ G x_C U x_T V with
+"""Tucker-2 of a conv kernel (Kim et al.; Kokhazadeh et al.; Phan et al. section 2.4): W (T, C, *k) ~ G x_C U x_T V with
 orthonormal U (C x R1) and V (T x R2). The layer becomes 1x1 (C -> R1), the core conv
 (R1 -> R2, the original kernel and geometry), 1x1 (R2 -> T).
 
-Ranks given: HOSVD, refined by HOOI. An error bound given: 001's smallest Tucker-2 meeting it,
+Ranks given: HOSVD, refined by HOOI. An error bound given: Phan et al.'s smallest Tucker-2 meeting it,
 found by the sequential eigen-decompositions of Lemma 2 (eqs. 16-18).
 """
 
@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, check_eps,
-                   conv_macs, conv_reason, normalize_ranks, relative_errors)
+from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, check_eps, conv_macs,
+                   conv_reason, normalize_ranks, relative_errors)
 
 
 class Tucker2Factors(Factors):
@@ -67,7 +67,7 @@ def expand(core: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _in_gram(w: np.ndarray) -> np.ndarray:
-    """Gram matrix of the input-channel unfolding (001's Q1 once W is projected by V)."""
+    """Gram matrix of the input-channel unfolding (Phan et al.'s Q1 once W is projected by V)."""
     m = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
     return m @ m.T
 
@@ -83,7 +83,7 @@ def _leading(gram: np.ndarray, rank: int) -> np.ndarray:
 
 
 def _smallest_meeting(gram: np.ndarray, need: float) -> np.ndarray:
-    """Fewest principal eigenvectors whose eigenvalues sum to at least `need` (001, eq. 17)."""
+    """Fewest principal eigenvectors whose eigenvalues sum to at least `need` (Phan et al., eq. 17)."""
     vals, vecs = np.linalg.eigh(gram)
     vals, vecs = vals[::-1], vecs[:, ::-1]
     kept = np.cumsum(vals)
@@ -107,7 +107,7 @@ def hooi(w: np.ndarray, r1: int, r2: int, iterations: int = 20, tol: float = 1e-
 
 
 def smallest_with_bound(w: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """001's Tucker-2 with the fewest parameters R1*C + R2*T + R1*R2*D^2 whose error is <= delta.
+    """Phan et al.'s Tucker-2 with the fewest parameters R1*C + R2*T + R1*R2*D^2 whose error is <= delta.
 
     U and V are updated in turn, each as the fewest principal eigenvectors of its Gram matrix
     (given the other factor) that keep ||W||^2 - delta^2 of the energy. Each update keeps the
@@ -203,7 +203,7 @@ def check(layer: Layer) -> str | None:
 def factorize(layer: Layer, rank: RankSpec | None = None, eps: float | None = None,
               algorithm: str = "hooi") -> Tucker2Factors:
     """`rank`: (R1, R2) or anything `normalize_ranks` takes; `algorithm` hosvd or hooi.
-    `eps`: the smallest Tucker-2 with relative error <= eps (001)."""
+    `eps`: the smallest Tucker-2 with relative error <= eps (Phan et al.)."""
     check_eps(eps)
     white = channel_whitener(layer)
     w = layer.weight.astype(np.float64)

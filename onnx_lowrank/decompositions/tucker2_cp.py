@@ -1,7 +1,7 @@
-"""001's TKD-CPD: Tucker-2 first (C -> R1, T -> R2), then a CP of rank R of the (prod(k), R1, R2)
+"""Phan et al.'s TKD-CPD: Tucker-2 first (C -> R1, T -> R2), then a CP of rank R of the (prod(k), R1, R2)
 core, corrected by EPC. The layer becomes 1x1 (C -> R1) -> 1x1 (R1 -> R) -> depthwise k (R) ->
 1x1 (R -> R2) -> 1x1 (R2 -> T); each adjacent pair of 1x1s is merged into one when that has
-fewer parameters (when R is below the Tucker rank the block is a CPD block, 001 section 3)."""
+fewer parameters (when R is below the Tucker rank the block is a CPD block, Phan et al. section 3)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from . import cp, tucker2
-from .base import (ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, conv_macs,
-                   normalize_ranks)
+from .base import ConvGeometry, ConvStep, Factors, Layer, RankSpec, Step, channel_whitener, conv_macs, normalize_ranks
 
 
 class Tucker2CPFactors(Factors):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,18 +43,16 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
 
 
 def node_costs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
-               feed: dict[str, np.ndarray] | None = None) -> list[NodeCost]:
-    """Each node's cost at the inputs' `shapes` (or `feed`'s). Where onnx's shape inference gives
-    up (paddle2onnx graphs: a Reshape whose shape is computed), the shapes onnxruntime computes
-    running `feed`, when given, are taken instead of refusing a model that runs."""
-    if feed is not None and shapes is None:
-        shapes = {k: v.shape for k, v in feed.items()}
+               measure: Callable[[list[str]], dict[str, tuple[int, ...]]] | None = None) -> list[NodeCost]:
+    """Each node's cost at the inputs' `shapes`. Where onnx's shape inference gives up (paddle2onnx
+    graphs: a Reshape whose shape is computed), `measure` (names -> shapes, as a run computes
+    them: runtime.sessions.costs_at) is asked, when given, instead of refusing a model that runs."""
     fixed = with_input_shapes(model, shapes)
     index = GraphIndex(fixed.graph)
     wanted = [n for node in fixed.graph.node if node.op_type in _OPERANDS or _fused_attention(node)
               for n in (node.input[0], node.input[_OPERANDS.get(node.op_type, 1)], node.output[0])]
     unknown = [n for n in dict.fromkeys(wanted) if index.static_shape(n) is None]
-    measured = runtime_shapes(model, unknown, feed) if unknown and feed is not None else {}
+    measured = measure(unknown) if unknown and measure is not None else {}
 
     def size(name: str) -> int:
         if name in index.initializers and name not in index.graph_inputs:
@@ -104,19 +103,3 @@ _OPERANDS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvInteger": 1, "MatMulInteger
 
 def _fused_attention(node: onnx.NodeProto) -> bool:
     return node.op_type == "Attention" and node.domain == "com.microsoft"
-
-
-def runtime_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """The shapes of the tensors `names` as onnxruntime computes them running `feed`."""
-    from ..quality import RUNTIME_ERRORS, session
-    from .downstream import with_outputs
-
-    graph_inputs = {i.name for i in model.graph.input}
-    inner = [n for n in names if n not in graph_inputs]
-    try:
-        values = session(with_outputs(model, inner)).run(inner, feed)
-    except RUNTIME_ERRORS:  # the caller's error says which shape is missing
-        return {}
-    shapes = {n: tuple(v.shape) for n, v in zip(inner, values)}
-    shapes.update((n, tuple(feed[n].shape)) for n in names if n in graph_inputs and n in feed)
-    return shapes

@@ -132,7 +132,7 @@ def downstream_model(model: onnx.ModelProto, part: Downstream, feeds: dict[str, 
 
 def pieces(graph: onnx.GraphProto, outputs: list[str]) -> list[Downstream]:
     """The graph cut into pieces that compute `outputs` in turn, for a caller that changes weights
-    between them (compensate.py): each piece computes its output back to the graph inputs and to
+    between them (compensation/refit.py): each piece computes its output back to the graph inputs and to
     what earlier pieces computed (fed at its frontier), and outputs, after its own, what later
     pieces start from. Shapes and indices are computed again inside each piece that reads them:
     fed at a frontier, they are unknown when onnxruntime builds the session (downstream)."""

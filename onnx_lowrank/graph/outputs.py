@@ -1,5 +1,6 @@
 """Which axis of each graph output holds its channels, and which channels one layer wrote: read
-from the graph, for the r2 metric (quality.py), which measures every channel on its own scale.
+from the graph, for the r2 metric (metrics/quality.py), which measures every channel on its own
+scale.
 
 A Conv writes its channels on axis 1, a MatMul on the last axis: a transformer's (samples, tokens,
 features) or a channels-last (samples, H, W, maps) output, read with axis 1 as the channel, makes

@@ -31,6 +31,11 @@ class LayerTarget:
     absorbed: list[str] = field(default_factory=list)  # tensor names the rewrite makes unused
 
     @property
+    def activation(self) -> str:
+        """The tensor the weight multiplies: a MatMul's with the weight on the left reads input 1."""
+        return self.node.input[1] if self.op_type == "MatMul" and self.weight_side == "left" else self.node.input[0]
+
+    @property
     def output(self) -> str:
         return self.bias_add.output[0] if self.bias_add is not None else self.node.output[0]
 

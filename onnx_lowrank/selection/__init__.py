@@ -4,8 +4,7 @@ layer) with the reason, measuring whole models on the search set through a share
 from __future__ import annotations
 
 from .candidates import Candidate, LayerProblem, build_problem
-from .search import Choice, Search, SearchObserver, TracePoint
+from .search import Choice, Context, Search, SearchObserver, Selection, TracePoint
 
-STRATEGIES = ("auto", "cosine", "hessian", "energy", "vbmf", "rank")
-
-__all__ = ["STRATEGIES", "Candidate", "LayerProblem", "build_problem", "Choice", "Search", "SearchObserver", "TracePoint"]
+__all__ = ["Candidate", "LayerProblem", "build_problem", "Choice", "Context", "Search", "SearchObserver", "Selection",
+           "TracePoint"]

@@ -16,12 +16,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..calibration.capture import LayerStats
-from ..decompositions import decompose, reason_not_applicable
-from ..decompositions import spatial_svd, svd, tucker2
+from ..decompositions import decompose, reason_not_applicable, spatial_svd, svd, tucker2
 from ..decompositions.base import Factors, Layer, Whitener, normalize_ranks
 from ..errors import UnsupportedLayer
 from ..graph.targets import LayerTarget
-from ..latency import LayerTimer
+from ..runtime.latency import LayerTimer
 
 AUTO_METHODS = ("svd", "spatial-svd", "tucker2")
 TIMED = 6                            # --cost latency: chains timed per method ladder
@@ -101,7 +100,7 @@ class LayerProblem:
 
     def preferred(self, methods: tuple[str, ...] | None) -> str | None:
         """The method fixed-rank strategies use: the first of `methods` that has candidates; by
-        default 004's choice, Tucker-2 for a conv with a spatial kernel and SVD otherwise."""
+        default Kokhazadeh et al.'s choice, Tucker-2 for a conv with a spatial kernel and SVD otherwise."""
         order = methods or (("tucker2", "svd") if any(k > 1 for k in self.layer.kernel) else ("svd",))
         return next((m for m in order if self.of(m)), None)
 

@@ -13,6 +13,28 @@ Choice = dict[str, Candidate]  # layer name -> candidate
 
 
 @dataclass(frozen=True)
+class Context:
+    """What a strategy reads besides the search: the model as prepared, the search part of the
+    calibration set, the layers, and the --select options."""
+    prepared: Any                        # onnx.ModelProto
+    data: Any                            # calibration.data.CalibrationSet: the search part
+    targets: list                        # graph.targets.LayerTarget, one per problem
+    methods: tuple[str, ...] | None = None
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    cost: str = "macs"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A strategy's choice, one candidate per layer, and why each was chosen."""
+    choice: Choice
+    reasons: dict[str, str]
+
+
+@dataclass(frozen=True)
 class TracePoint:
     knob: str          # what the strategy set, e.g. "lambda=3.1e+04"
     cost_ratio: float  # whole-model cost before / after

@@ -14,7 +14,7 @@ from ..calibration.data import CalibrationSet
 from ..graph import replace_layers
 from ..graph.downstream import downstream, downstream_model, with_outputs
 from ..graph.io import weights_apart
-from ..quality import session
+from ..runtime.sessions import session
 from .candidates import LayerProblem
 
 PROBE_ERROR = 0.2

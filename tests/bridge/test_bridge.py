@@ -9,15 +9,8 @@ import pytest
 from helpers import MODELS, conv_model, init, make_model, run, tensor
 from onnx import helper
 
-from onnx_lowrank.bridge import (
-    deps,
-    hessian_traces,
-    layer_weights,
-    prepare_for_onnx2torch,
-    require_torch,
-    to_torch,
-    write_back,
-)
+from onnx_lowrank.bridge import (deps, hessian_traces, layer_weights, prepare_for_onnx2torch, require_torch, to_torch,
+                                 write_back)
 from onnx_lowrank.errors import OnnxLowrankError
 from onnx_lowrank.graph.index import GraphIndex, node_attrs
 

@@ -176,7 +176,7 @@ def test_finetune_loop_at_eps_zero_ends(calib):
 
 
 def test_convert_finetune_without_torch_is_one_line_before_any_work(tmp_path, monkeypatch, calib):
-    from onnx_lowrank import pipeline
+    from onnx_lowrank.pipeline import stages as pipeline
 
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setattr(pipeline, "load_calibration", lambda *a, **k: pytest.fail("calibration started"))
@@ -189,7 +189,7 @@ def test_convert_finetune_without_torch_is_one_line_before_any_work(tmp_path, mo
 
 
 def test_convert_with_finetune_epochs_compresses_further_within_eps(tmp_path):
-    """004's loop in `convert`: every round is recorded; the model written is within eps and has at least the MAC reduction of the same conversion without fine-tuning."""
+    """Kokhazadeh et al.'s loop in `convert`: every round is recorded; the model written is within eps and has at least the MAC reduction of the same conversion without fine-tuning."""
     x, y = mnist_test_images(1200, start=2000)
     calib = tmp_path / "calib.npz"
     np.savez(calib, image=x, labels=y)
@@ -199,7 +199,7 @@ def test_convert_with_finetune_epochs_compresses_further_within_eps(tmp_path):
     rounds = report.finetune
     assert len(rounds) >= 2 and rounds[0]["round"] == "selected for eps 0.005"
     assert report.drop <= 0.005 and report.mac_ratio >= plain.mac_ratio
-    # after a miss, 004's similarity analysis raises ranks: less compression, one round at a time,
+    # after a miss, Kokhazadeh et al.'s similarity analysis raises ranks: less compression, one round at a time,
     # until a round fits (and ends the loop) or nothing cheaper than the best is left
     for before, after in zip(rounds, rounds[1:]):
         if after["round"].startswith("raised"):
@@ -230,7 +230,7 @@ def test_a_teacher_with_other_inputs_is_one_line(student, data, tmp_path):
 
 
 def test_iterative_mode_factors_each_layer_from_the_weights_trained_so_far(data):
-    """000's iterative mode: the layers replaced in the order given, one per step, each factored
+    """Yang & Liu's iterative mode: the layers replaced in the order given, one per step, each factored
     from its weight as the fine-tunes before it left it; the result exports like a one-shot fine-tune."""
     from onnx_lowrank.bridge.finetune import finetune_iteratively
     from onnx_lowrank.decompositions import decompose

@@ -1,16 +1,15 @@
-"""CP sensitivity (001 Lemma 1) and the error-preserving correction (001 section 2.3)."""
+"""CP sensitivity (Phan et al. Lemma 1) and the error-preserving correction (Phan et al. section 2.3)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from onnx_lowrank.decompositions.cp import (als, cp_to_tensor, epc, exact_cp, exact_rank, sensitivity,
-                                           sensitivity_terms)
+from onnx_lowrank.decompositions.cp import als, cp_to_tensor, epc, exact_cp, exact_rank, sensitivity, sensitivity_terms
 
 
 def test_sensitivity_terms_match_the_definition():
-    """001 eq. 4's expectation E||[[A+dA, B+dB, C+dC]] - [[A, B, C]]||^2 / sigma^2 (sigma -> 0),
+    """Phan et al. eq. 4's expectation E||[[A+dA, B+dB, C+dC]] - [[A, B, C]]||^2 / sigma^2 (sigma -> 0),
     estimated by Monte Carlo, is sum_n I_n * term_n: each mode's Lemma 1 term weighted by the
     mode's size. (Lemma 1 as printed, our `sensitivity`, is the unweighted sum: its proof takes
     tr(M kron I_{I_n}) for R tr(M).)"""
@@ -40,7 +39,7 @@ def test_epc_keeps_the_error_and_lowers_the_sensitivity():
 
 
 def test_epc_tames_a_degenerate_cp():
-    """Two huge rank-1 terms that nearly cancel (the degeneracy of 001 Fig. 2): the correction
+    """Two huge rank-1 terms that nearly cancel (the degeneracy of Phan et al. Fig. 2): the correction
     keeps the error and shrinks the terms."""
     rng = np.random.default_rng(2)
     tensor = rng.standard_normal((6, 7, 8))

@@ -30,7 +30,7 @@ def test_epc_lowers_sensitivity_at_the_same_error(convs):
 
 
 def table1_flops(shift, ranks, t, c, d1, d2, hw):
-    """003 Table 1's FLOPS column (stride 1, same padding: every spatial size is hw)."""
+    """RSDTR Table 1's FLOPS column (stride 1, same padding: every spatial size is hw)."""
     r1, r2, r3, r4 = ranks
     return hw * {
         0: r2 * c * r3 + r3 * d1 * r4 * r2 + r4 * d2 * r1 * r2 + r1 * t * r2,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lowrank.decompositions import METHODS, ConvGeometry, Layer, decompose, reason_not_applicable
+from onnx_lowrank.decompositions import ConvGeometry, Layer, METHODS, decompose, reason_not_applicable
 from onnx_lowrank.decompositions.base import normalize_ranks, rank_for_energy, rank_for_tail
 from onnx_lowrank.errors import UnsupportedLayer
 

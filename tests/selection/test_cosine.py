@@ -1,4 +1,4 @@
-"""004's similarity analysis on the default model's real layers: the 5% step up the ladder, and
+"""Kokhazadeh et al.'s similarity analysis on the default model's real layers: the 5% step up the ladder, and
 which layers a model that missed eps gets raised."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from helpers import MODELS, mnist_test_images
 
-from onnx_lowrank.calibration.capture import activation_name, capture
+from onnx_lowrank.calibration.capture import capture
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.graph import find_targets, load_model, prepare
 from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
-from onnx_lowrank.selection.cosine import STEP, Similarity, raise_dissimilar, step_up
+from onnx_lowrank.selection.strategies.cosine import STEP, Similarity, raise_dissimilar, step_up
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def setup():
     x, _ = mnist_test_images(64)
     stats, _ = capture(model, targets, CalibrationSet({model.graph.input[0].name: x}))
     problems = build_problems(targets, stats, AUTO_METHODS, "macs", True)
-    return model, problems, Similarity(model, problems, {t.name: activation_name(t) for t in targets})
+    return model, problems, Similarity(model, problems, {t.name: t.activation for t in targets})
 
 
 def test_step_up_costs_at_most_five_percent_more_and_is_more_accurate(setup):

@@ -9,10 +9,9 @@ from helpers import MODELS, mnist_test_images
 
 from onnx_lowrank.calibration.capture import capture
 from onnx_lowrank.calibration.data import CalibrationSet
-from onnx_lowrank.graph import find_targets, load_model, prepare, replace_layers
-from onnx_lowrank.graph import io
+from onnx_lowrank.graph import find_targets, io, load_model, prepare, replace_layers
 from onnx_lowrank.graph.downstream import downstream
-from onnx_lowrank.quality import predict
+from onnx_lowrank.runtime.sessions import predict
 from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
 from onnx_lowrank.selection.sensitivity import PROBE_ERROR, SUBSET, output_distortion, sensitivities
 

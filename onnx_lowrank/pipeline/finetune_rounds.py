@@ -1,19 +1,18 @@
-"""Fine-tuning rounds of `convert --finetune-epochs`: 004's loop (fine-tune the selection, compress
-further while the fine-tuned models fit eps, raise the layers 004's similarity analysis names on
-a miss) and 000's iterative mode (layer by layer, most sensitive first)."""
+"""Fine-tuning rounds of `convert --finetune-epochs`: Kokhazadeh et al.'s loop (fine-tune the selection, compress
+further while the fine-tuned models fit eps, raise the layers Kokhazadeh et al.'s similarity analysis names on
+a miss) and Yang & Liu's iterative mode (layer by layer, most sensitive first)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from .calibration.capture import activation_name
-from .calibration.data import CalibrationSet
-from .decompositions import decompose
-from .errors import FinetuneDiverged
-from .graph import node_costs
-from .quality import DropMeter, drop_bound, predict, quality
-from .selection import Choice, Search, cosine, hessian
-from .selection.strategy import select
+from ..calibration.data import CalibrationSet
+from ..decompositions import decompose
+from ..errors import FinetuneDiverged
+from ..metrics.quality import DropMeter, drop_bound, quality
+from ..runtime.sessions import costs_at, predict
+from ..selection import Choice, Search
+from ..selection.strategies import STRATEGIES, cosine, hessian
 from .verify import build, export, nonfinite_samples, tuned_to_eps
 
 
@@ -22,12 +21,12 @@ FINETUNE_ROUNDS = 6  # fine-tunes after the first: compressing further, then rai
 
 def finetune_rounds(original, prepared, problems, choice, reasons, compressed, bound, search, config,
                     train, train_ref, held, held_ref, metric, level, report):
-    """004's loop. The model selection chose is fine-tuned on the search part (`train`) and
+    """Kokhazadeh et al.'s loop. The model selection chose is fine-tuned on the search part (`train`) and
     measured on the held-out part, where a model fits when the upper confidence bound of its drop
-    at `level` is within eps (quality.drop_bound).
+    at `level` is within eps (metrics.quality.drop_bound).
     From it (it holds without fine-tuning), and while the fine-tuned models fit eps, compress
     further: select again for twice the drop (doubled again while the selection does not change),
-    fine-tune and measure. When a fine-tuned model misses eps, 004's similarity analysis names the
+    fine-tune and measure. When a fine-tuned model misses eps, Kokhazadeh et al.'s similarity analysis names the
     layers to raise (each factored layer's output against the original's, both fed the original
     model's input of that layer: those under 0.92 / 0.96, else the least similar one); they step
     up 5% of their cost, and that model is fine-tuned and measured, until one fits or it would
@@ -35,13 +34,13 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
     fine-tuning: the fine-tuned chains live in the exported graph, not in the candidates.) The
     fine-tuned model of least cost within eps is kept (the model without fine-tuning, which
     holds, if none is). Ranks fixed by options get the one fine-tune. With --iterative, each
-    fine-tune is 000's layer-by-layer one."""
-    from .bridge.finetune import FinetuneOptions, finetune, same_as_rank0
+    fine-tune is Yang & Liu's layer-by-layer one."""
+    from ..bridge.finetune import FinetuneOptions, finetune, same_as_rank0
 
     options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
                               batch_size=config.batch_size, seed=config.seed)
     feed = train.sample_feed()
-    base = sum(c.macs for c in node_costs(prepared, feed=feed))
+    base = sum(c.macs for c in costs_at(prepared, feed))
     best = (compressed, choice, bound, reasons)
     order = sensitivity_order(prepared, problems, train, config.seed) if config.iterative else None
 
@@ -49,7 +48,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
         nonlocal best
         model = build(prepared, problems, choice_)
         untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels, held.indices)
-        macs = sum(c.macs for c in node_costs(model, feed=feed))  # the fine-tuned model has the same layers
+        macs = sum(c.macs for c in costs_at(model, feed))  # the fine-tuned model has the same layers
         entry = {"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop}
         report.finetune.append(entry)
         try:
@@ -92,7 +91,9 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
             meter = DropMeter(metric, train, train_ref, budget, config.batch_size)
             wider = Search(problems, lambda c: meter(build(prepared, problems, c, infer=False)), budget,
                            search.other_cost)
-            current, current_reasons = select(config, wider, prepared, train, [p.target for p in problems])
+            selected = STRATEGIES[config.select](wider, config.strategy_context(prepared, train,
+                                                                                [p.target for p in problems]))
+            current, current_reasons = selected.choice, selected.reasons
             selected_reasons = current_reasons
             how = f"selected for drop {budget:g}"
             if key(current) in tried:  # the same model as before: a larger budget still
@@ -100,7 +101,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
         else:  # raise the layers the similarity analysis names
             raising = True
             if similar is None:
-                similar = cosine.Similarity(prepared, problems, {p.name: activation_name(p.target) for p in problems})
+                similar = cosine.Similarity(prepared, problems, {p.name: p.target.activation for p in problems})
             current, named = cosine.raise_dissimilar(similar, problems, current)
             if not named or key(current) in tried or search.cost(current) >= search.cost(best[1]):
                 break  # nothing cheaper than the best found is left to try
@@ -122,7 +123,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
 
 
 def sensitivity_order(prepared, problems, data: CalibrationSet, seed: int) -> list[str]:
-    """000's order for the iterative mode: the layers by decreasing Hessian trace of the loss with
+    """Yang & Liu's order for the iterative mode: the layers by decreasing Hessian trace of the loss with
     respect to their weights (Hutchinson's estimate through the PyTorch bridge, as --select
     hessian measures it), the most sensitive compressed first."""
     traces = hessian.layer_traces(prepared, [p.name for p in problems], data, seed)
@@ -130,10 +131,10 @@ def sensitivity_order(prepared, problems, data: CalibrationSet, seed: int) -> li
 
 
 def finetune_iteratively(original, prepared, problems, choice: Choice, order: list[str], data, options):
-    """000's iterative mode on `choice`: its factored layers in sensitivity order, one at a time,
+    """Yang & Liu's iterative mode on `choice`: its factored layers in sensitivity order, one at a time,
     each decomposed again at its chosen method and ranks from its weight as fine-tuned so far
     (data-aware with its captured input moment, like the candidate), a fine-tune after each."""
-    from .bridge.finetune import finetune_iteratively
+    from ..bridge.finetune import finetune_iteratively
 
     by_name = {p.name: p for p in problems}
 

@@ -25,34 +25,18 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .decompositions.base import Factors
-from .graph.prepare import infer_shapes
-from .graph.rewrite import replace_layers, set_ir_version
-from .graph.targets import LayerTarget, find_targets
+from ..decompositions.base import Factors
+from ..graph.prepare import infer_shapes
+from ..graph.rewrite import replace_layers, set_ir_version
+from ..graph.targets import LayerTarget, find_targets
+from .sessions import session
 
 if TYPE_CHECKING:  # quantize imports onnxruntime's quantizer: only --quantize needs it
-    from .quantize import Quantizer
+    from ..quantization.int8 import Quantizer
 
 WARMUP = 3
 MIN_RUNS, MAX_RUNS, MIN_SECONDS = 10, 200, 0.05
 PAUSE = 0.1  # seconds between two sessions' blocks (interleaved): the workers of the one before stop spinning
-
-
-def require_provider(provider: str) -> None:
-    """ValueError unless this onnxruntime has `provider`."""
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise ValueError(f"--provider {provider} is not in this onnxruntime ({', '.join(available)})")
-
-
-def runtime_session(model: onnx.ModelProto | bytes, provider: str = "CPUExecutionProvider",
-                    threads: int = 0) -> ort.InferenceSession:
-    """A session as a deployment would open it: onnxruntime's defaults but the thread count."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=[provider])
 
 
 @dataclass(frozen=True)
@@ -148,7 +132,7 @@ class LayerTimer:
         if key not in self._cache:
             if self.quantizer is not None:
                 model = self.quantizer.for_timing(model, feed)
-            sess = runtime_session(model, self.provider, self.threads)
+            sess = session(model, "deploy", self.threads, self.provider)
             self._cache[key] = time_session(sess, feed).median
             self._dirty = True
             self.timed += 1
@@ -194,9 +178,7 @@ def micro_model(model: onnx.ModelProto, target: LayerTarget, input_shape: tuple[
     alone, its activation a graph input of `input_shape`."""
     if target.gemm_c is not None:
         raise ValueError(f"{target.name}: a Gemm whose C is computed at run time is not timed alone")
-    from .calibration.capture import activation_name  # capture imports quality; keep this module light
-
-    x = activation_name(target)
+    x = target.activation
     nodes = [target.node] + ([target.bias_add] if target.bias_add is not None else [])
     needed = {name for n in nodes for name in n.input} - {x}
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(target.dtype))

@@ -22,13 +22,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration.capture import activation_name, real_tokens, row_count, rows_at
-from .calibration.data import CalibrationSet, token_mask
-from .decompositions.base import ConvGeometry, Layer
-from .graph.downstream import downstream_model, pieces, with_outputs
-from .graph.index import node_attrs
-from .graph.targets import LayerTarget
-from .quality import FoldedModel, session
+from ..calibration.capture import real_tokens, row_count, rows_at
+from ..calibration.data import CalibrationSet, token_mask
+from ..decompositions.base import ConvGeometry, Layer
+from ..graph.downstream import downstream_model, pieces, with_outputs
+from ..graph.index import node_attrs
+from ..graph.targets import LayerTarget
+from ..runtime.sessions import FoldedModel, session
 
 SAMPLES = 1024       # calibration samples the refits read, half from each fold
 ROWS = 4096          # output rows read per layer over those samples
@@ -192,7 +192,7 @@ def _kept_per_sample(prepared: onnx.ModelProto, targets: list[LayerTarget], data
     """Bytes a refit keeps per sample between its pieces, bounded: the sample's inputs and twice
     the widest layer input (a step's input and a residual path beside it), measured on one."""
     feed, _ = next(data.take(np.zeros(1, dtype=int)).batches(1))
-    names = list(dict.fromkeys(activation_name(t) for t in targets if activation_name(t) not in feed))
+    names = list(dict.fromkeys(t.activation for t in targets if t.activation not in feed))
     values = session(with_outputs(prepared, names)).run(names, feed) if names else []
     return sum(v.nbytes for v in feed.values()) + 2 * max((v.nbytes for v in values), default=0)
 

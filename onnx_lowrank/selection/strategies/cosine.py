@@ -1,13 +1,13 @@
-"""`--select cosine`: 004's similarity strategy. Start every layer at rank 1 (its method's cheapest
+"""`--select cosine`: Kokhazadeh et al.'s similarity strategy. Start every layer at rank 1 (its method's cheapest
 candidate). Measure the model; while the drop exceeds eps, compare each factorized layer's output
 with the original's, both fed the ORIGINAL model's input of that layer (captured patches) and
 taken after the activation that follows the layer; layers whose cosine similarity is under 0.92
 (0.96 inside non-sequential blocks: residual, concat) lose 5% of compression (the next step up
-their ladder: 5%, 10%, ... of the layer's cost). 004 fine-tunes between rounds; we do not, so when
+their ladder: 5%, 10%, ... of the layer's cost). Kokhazadeh et al. fine-tunes between rounds; we do not, so when
 every layer clears its threshold and the drop still exceeds eps, the less similar half of the
 layers that can still rise steps up. Every round raises at least one layer, so the loop ends.
 
-The fine-tuning loop (`convert --finetune-epochs`) uses the same analysis the way 004 does: when
+The fine-tuning loop (`convert --finetune-epochs`) uses the same analysis the way Kokhazadeh et al. does: when
 a fine-tuned model misses eps, the layers it names step up (`raise_dissimilar`).
 """
 
@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..graph.index import GraphIndex
-from .candidates import Candidate, LayerProblem
-from .search import Choice, Search
+from ...graph.index import GraphIndex
+from ..candidates import Candidate, LayerProblem
+from ..search import Choice, Context, Search, Selection
 
 STEP = 0.05
 THRESHOLD, THRESHOLD_NON_SEQUENTIAL = 0.92, 0.96
@@ -97,7 +97,7 @@ def similarity(problem: LayerProblem, candidate: Candidate, act: Callable) -> fl
 
 
 class Similarity:
-    """004's per-layer analysis of a model: each layer's threshold (0.96 inside non-sequential
+    """Kokhazadeh et al.'s per-layer analysis of a model: each layer's threshold (0.96 inside non-sequential
     blocks, else 0.92) and the cosine similarity of a candidate's output with the original's
     (`similarity`), cached per candidate."""
 
@@ -126,7 +126,7 @@ class Similarity:
 
 
 def step_up(problem: LayerProblem, candidate: Candidate) -> Candidate:
-    """004's step: 5% of the layer's cost less compression. The most accurate candidate of the same
+    """Kokhazadeh et al.'s step: 5% of the layer's cost less compression. The most accurate candidate of the same
     method costing at most 5% of the layer more (the next more accurate one when the ladder has
     nothing in that span); the original layer past the end of the ladder."""
     if not candidate.factored:
@@ -154,11 +154,10 @@ def raise_dissimilar(similar: Similarity, problems: list[LayerProblem], choice: 
     return raised, [p.name for p in named]
 
 
-def select(search: Search, model: onnx.ModelProto, methods: tuple[str, ...] | None,
-           input_names: dict[str, str]) -> tuple[Choice, dict[str, str]]:
+def select(search: Search, ctx: Context) -> Selection:
     problems = search.problems
-    method = {p.name: p.preferred(methods) for p in problems}
-    sim = Similarity(model, problems, input_names)
+    method = {p.name: p.preferred(ctx.methods) for p in problems}
+    sim = Similarity(ctx.prepared, problems, {t.name: t.activation for t in ctx.targets})
     level = {p.name: 0 for p in problems}
 
     def pick(p: LayerProblem) -> Candidate:
@@ -183,4 +182,4 @@ def select(search: Search, model: onnx.ModelProto, methods: tuple[str, ...] | No
         c = choice[p.name]
         reasons[p.name] = (f"cosine {sim(p, c):.4f} (threshold {sim.threshold[p.name]}) after "
                            f"{level[p.name]} step(s) of 5%" if c.factored else "kept: raised to full cost")
-    return choice, reasons
+    return Selection(choice, reasons)

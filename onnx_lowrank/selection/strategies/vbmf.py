@@ -1,5 +1,5 @@
 """`--select vbmf`: ranks from empirical variational Bayesian matrix factorization (Nakajima et
-al. 2013, global analytic solution), the estimate Kim et al. use for Tucker-2 and 004 and MUSCO
+al. 2013, global analytic solution), the estimate Kim et al. use for Tucker-2 and Kokhazadeh et al. and MUSCO
 compare against: SVD layers from the weight matrix, Tucker-2 from its input- and output-channel
 unfoldings. It reads the weights only, so it is not tuned to eps: the report states the drop it
 gets."""
@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from ..decompositions import tucker2
+from ...decompositions import tucker2
+from ..search import Context, Search, Selection
 from .fixed import at_rank
-from .search import Choice, Search
 
 
 def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
@@ -47,7 +47,8 @@ def evbmf_rank(matrix: np.ndarray) -> int:
     return int(np.sum(s > threshold))
 
 
-def select(search: Search, methods: tuple[str, ...] | None, cost: str) -> tuple[Choice, dict[str, str]]:
+def select(search: Search, ctx: Context) -> Selection:
+    methods, cost = ctx.methods, ctx.cost
     choice, reasons = {}, {}
     for p in search.problems:
         method = p.preferred(methods)
@@ -67,4 +68,4 @@ def select(search: Search, methods: tuple[str, ...] | None, cost: str) -> tuple[
         choice[p.name] = candidate
         reasons[p.name] = f"EVBMF rank {rank}" + ("" if candidate.factors else ": no cheaper than the layer, kept")
     search.drop(choice, "vbmf")
-    return choice, reasons
+    return Selection(choice, reasons)

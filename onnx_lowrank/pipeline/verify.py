@@ -11,24 +11,25 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .compensate import Compensation
-from .config import CompressConfig
-from .errors import InvalidModel, first_line
-from .graph import replace_layers
-from .graph.export import fp16_weights, merge_linear_pairs, ort_optimized
-from .graph.index import FLOAT_TYPES
-from .graph.prepare import infer_shapes
-from .confidence import Bound
-from .quality import FoldedModel, drop_bound, predict
-from .quantize import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
-from .selection import Choice
-from .selection.candidates import cost_of
+from ..compensation.refit import Compensation
+from ..config import CompressConfig
+from ..errors import InvalidModel, first_line
+from ..graph import replace_layers
+from ..graph.export import fp16_weights, merge_linear_pairs, ort_optimized
+from ..graph.index import FLOAT_TYPES
+from ..graph.prepare import infer_shapes
+from ..metrics.confidence import Bound
+from ..metrics.quality import drop_bound
+from ..quantization.int8 import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
+from ..runtime.sessions import FoldedModel, predict
+from ..selection import Choice
+from ..selection.candidates import cost_of
 
 
 def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True,
           compensation: Compensation | None = None, measured: bool = False) -> onnx.ModelProto | FoldedModel:
     """The prepared model with the chosen candidates. With `compensation` their chains' last steps
-    are refit to the original's outputs (compensate.py): on the whole calibration set for the
+    are refit to the original's outputs (compensation/refit.py): on the whole calibration set for the
     model written, or, `measured`, as two refits each answering for the fold it was not fitted on
     (a FoldedModel, not shape-inferred): what the drop of a refit model is measured on."""
     chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factored]
@@ -97,7 +98,7 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
                   compensation: Compensation | None = None, way_back: list[Choice] | None = None) -> Verified:
     """What is written, decided on `data`, the held-out part: samples that no fitting (statistics,
     compensation) and no choice touched. A model holds when the upper confidence bound of its drop
-    there, at `level`, is within eps (quality.drop_bound) and it outputs no NaN or Inf where the
+    there, at `level`, is within eps (metrics.quality.drop_bound) and it outputs no NaN or Inf where the
     original does not.
 
     When the ranks were chosen to fit eps (`back_off`), the steps from the choice back to keeping

@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import OutputError
-from .selection.search import TracePoint
+from ..errors import OutputError
+from ..selection.search import TracePoint
 
 
 @dataclass

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibration.capture import LayerStats, capture, memory_batch, statistics_bytes
-from .calibration.data import input_layout, load_calibration
-from .decompositions import METHODS, reason_not_applicable
-from .graph.targets import LayerTarget
-from .selection.candidates import AUTO_METHODS, build_problems
+from ..calibration.capture import LayerStats, capture, memory_batch, statistics_bytes
+from ..calibration.data import input_layout, load_calibration
+from ..decompositions import METHODS, reason_not_applicable
+from ..graph.targets import LayerTarget
+from ..selection.candidates import AUTO_METHODS, build_problems
 
 INSPECT_SAMPLES = 256
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..decompositions import decompose
-from .candidates import Candidate, LayerProblem, cost_of
-from .search import Choice, Search, cheapest_within
+from ...decompositions import decompose
+from ..candidates import Candidate, LayerProblem, cost_of
+from ..search import Context, Search, Selection, cheapest_within
 
 FRACTIONS = np.geomspace(1 / 64, 1, 49)
 
@@ -22,8 +22,10 @@ def at_rank(p: LayerProblem, method: str, rank, cost: str) -> Candidate:
     return Candidate(method, factors, c, factors.output_error(p.moment))
 
 
-def select(search: Search, methods: tuple[str, ...] | None, rank: int | None, ratio: float | None,
-           cost: str) -> tuple[Choice, dict[str, str]]:
+def select(search: Search, ctx: Context) -> Selection:
+    """--rank or --ratio for every layer; without them, the cheapest uniform share of every
+    layer's cost within eps."""
+    methods, rank, ratio, cost = ctx.methods, ctx.rank, ctx.ratio, ctx.cost
     choice, reasons = {}, {}
     if rank is not None or ratio is not None:
         for p in search.problems:
@@ -37,11 +39,11 @@ def select(search: Search, methods: tuple[str, ...] | None, rank: int | None, ra
                 choice[p.name] = p.at_fraction(method, ratio)
                 reasons[p.name] = f"--ratio {ratio}"
         search.drop(choice, f"rank={rank}" if rank is not None else f"ratio={ratio}")
-        return choice, reasons
+        return Selection(choice, reasons)
     path, knobs = [], []
     for f in FRACTIONS[::-1]:  # from keep-all to the cheapest
         path.append({p.name: (p.at_fraction(m, f) if (m := p.preferred(methods)) else p.keep)
                      for p in search.problems})
         knobs.append(f"ratio={f:.3f}")
     k = cheapest_within(search, path, knobs)
-    return path[k], {p.name: f"uniform {knobs[k]} of every layer's cost" for p in search.problems}
+    return Selection(path[k], {p.name: f"uniform {knobs[k]} of every layer's cost" for p in search.problems})

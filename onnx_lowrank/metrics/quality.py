@@ -1,6 +1,6 @@
 """Model quality, measured end to end in onnxruntime: what `--eps` bounds.
 
-- accuracy  (labels given): the drop in top-1 accuracy, 0.005 = half a point (001's EPS);
+- accuracy  (labels given): the drop in top-1 accuracy, 0.005 = half a point (Phan et al.'s EPS);
 - agreement (no labels, one (samples, classes) output): the fraction of samples whose top-1 changes
   (rows of unit length with negative entries are embeddings, not classes: r2; two classes are a
   score its users threshold, and a top-1 that is one class on every sample has no change to
@@ -19,126 +19,21 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
-import os
-import re
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
-from .calibration.data import CalibrationSet, token_mask, without_padding
-from .confidence import (BOOTSTRAP, MIN_GROUPS, MIN_LEVEL, USER_BOOTSTRAP, Bound, bootstrap_bound, counts_bound,
+from ..calibration.data import CalibrationSet
+from ..graph.outputs import Layout
+from ..runtime.sessions import FoldedModel, predict, session
+from .confidence import (BOOTSTRAP, Bound, MIN_GROUPS, MIN_LEVEL, USER_BOOTSTRAP, bootstrap_bound, counts_bound,
                          effective_samples, level_in_force, no_change_bound, samples_for, studentized_bound)
-from .errors import MetricError, first_line
-from .graph.io import weights_apart
-from .graph.outputs import Layout
+from .user import UserMetric, load_metric
 
 METRICS = ("auto", "accuracy", "agreement", "r2", "cosine")
-
-
-# what onnxruntime raises on a model it cannot load or run (plain Exceptions, not RuntimeError)
-RUNTIME_ERRORS = tuple(getattr(_state, name) for name in (
-    "Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel", "NotImplemented",
-    "RuntimeException", "EPFail", "EngineError", "NotFound", "ModelRequiresCompilation", "DeviceReset",
-    "ModelLoaded", "ModelLoadCanceled") if hasattr(_state, name))
-
-
-def runtime_message(error: Exception) -> str:
-    """The first line of onnxruntime's message, without its "[ONNXRuntimeError] : 1 : FAIL : "."""
-    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(error))
-
-
-def session(model: onnx.ModelProto | bytes, threads: int = 0,
-            weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
-    """`weights`: the values of initializers `model` holds as in-memory stubs (graph.io.weights_apart),
-    for models built from one made weightless once (the sensitivity probes)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4  # fatal only: a failed run reaches the user once, as our error line
-    # idle threads sleep instead of spinning: on a machine shared with other work (or with our own
-    # numpy between runs) spinning threads steal the cores the work needs
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # no arena: it keeps the largest batch's buffers for the session's life, and the converter
-    # holds several sessions (measured on VGG-16 at 224^2: the arena's growth was GBs of the peak)
-    options.enable_cpu_mem_arena = False
-    if isinstance(model, bytes):
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    light, names, arrays = weights_apart(model)
-    if weights:
-        held = [t.name for t in light.graph.initializer
-                if t.data_location == onnx.TensorProto.EXTERNAL and t.name in weights]
-        names, arrays = names + held, arrays + [weights[n] for n in held]
-    if names:
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(w) for w in arrays])
-    sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    sess.weights = arrays  # onnxruntime reads them where they are: they must live as long as the session
-    return sess
-
-
-class FoldedModel:
-    """Models that each answer for part of the calibration set: sample i (by its index in the
-    whole set) is run by models[fold[i]]. A model refit on the calibration data is measured so
-    on samples it was not fitted on (compensate.py: two refits, each on the other's fold)."""
-
-    def __init__(self, models: list[onnx.ModelProto], fold: np.ndarray):
-        self.models, self.fold = models, fold
-        self._sessions: list[ort.InferenceSession] | None = None
-
-    def map(self, f: Callable[[onnx.ModelProto], onnx.ModelProto]) -> "FoldedModel":
-        """Each model passed through `f` (export touches, quantization)."""
-        return FoldedModel([f(m) for m in self.models], self.fold)
-
-    def get_outputs(self):
-        return self.sessions()[0].get_outputs()
-
-    def sessions(self) -> list[ort.InferenceSession]:
-        if self._sessions is None:
-            self._sessions = [session(m) for m in self.models]
-        return self._sessions
-
-    def predict(self, data: CalibrationSet, batch_size: int, names: list[str]) -> list[np.ndarray]:
-        fold = self.fold[data.indices]
-        parts = [(np.flatnonzero(fold == k), sess) for k, sess in enumerate(self.sessions())]
-        parts = [(idx, predict(sess, data.take(idx), batch_size, names)) for idx, sess in parts if len(idx)]
-        joined = []
-        for j in range(len(names)):
-            first = parts[0][1][j]
-            out = np.empty((len(data),) + first.shape[1:], first.dtype)
-            for idx, outs in parts:
-                out[idx] = outs[j]
-            joined.append(out)
-        return joined
-
-
-def predict(model: onnx.ModelProto | ort.InferenceSession | FoldedModel, data: CalibrationSet, batch_size: int = 64,
-            outputs: list[str] | None = None) -> list[np.ndarray]:
-    """The named outputs (default: the graph's) over the whole set, in the batches the model takes;
-    a transformer's token outputs zero at padding (calibration.data.without_padding)."""
-    if isinstance(model, FoldedModel):
-        return model.predict(data, batch_size, outputs or [o.name for o in model.get_outputs()])
-    sess = model if isinstance(model, ort.InferenceSession) else session(model)
-    names = outputs or [o.name for o in sess.get_outputs()]
-    runs: list[list[tuple[np.ndarray, int]]] = [[] for _ in names]
-    for feed, count in data.batches(batch_size):
-        mask = token_mask(feed)
-        for store, value in zip(runs, sess.run(names, feed)):
-            store.append((without_padding(value, mask), count))
-    return [data.join(r) for r in runs]
-
-
-def measuring_batch(model: onnx.ModelProto, batch_size: int) -> int:
-    """The batch a model's quality is measured in: one sample per run for a dynamically quantized
-    one. DynamicQuantizeLinear takes its range over the whole run, so a sample's outputs depend on
-    the samples batched with it; one per run, they are the sample's own (a batch-1 deployment's)."""
-    return 1 if any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node) else batch_size
 
 
 def is_classifier(outputs: list[np.ndarray]) -> bool:
@@ -169,78 +64,6 @@ def _layouts(metric, outputs: int) -> list[Layout | None] | None:
     if isinstance(metric, R2):
         return list(metric.layouts) if len(metric.layouts) == outputs else [None] * outputs
     return [None] * outputs if metric == "r2" else None
-
-
-class UserMetric:
-    """The user's own metric, as NNCF's validation_fn and AIMET's eval callback are: a function
-    of the original's outputs and the candidate's on the same samples (lists of arrays, one per
-    graph output, samples along axis 0) that returns the drop, which --eps bounds:
-    `fn(reference, outputs)`, or `fn(reference, outputs, indices)` to be told which calibration
-    samples they are (positions in the set given, e.g. to look up ground truth for a task metric
-    such as mAP). It is called on every sample each time: there is no early stop for it."""
-
-    def __init__(self, fn: Callable, name: str | None = None) -> None:
-        self.fn = fn
-        self.name = name or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-        try:
-            params = inspect.signature(fn).parameters.values()
-            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            self.takes_indices = len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
-        except (TypeError, ValueError):  # a builtin without a signature: the two-argument form
-            self.takes_indices = False
-
-    def __str__(self) -> str:
-        return self.name
-
-    def __format__(self, spec: str) -> str:  # f-strings name it
-        return format(self.name, spec)
-
-    def __call__(self, reference: list[np.ndarray], outputs: list[np.ndarray],
-                 indices: np.ndarray | None = None) -> float:
-        """`indices`: which calibration samples these are (None: the first ones, in order)."""
-        if indices is None:
-            indices = np.arange(len(reference[0]))
-        try:
-            value = self.fn(reference, outputs, indices) if self.takes_indices else self.fn(reference, outputs)
-        except Exception as e:  # the user's code: any failure is theirs to see, in one line
-            raise MetricError(f"--metric {self.name} raised {type(e).__name__}: {first_line(e)}") from None
-        try:
-            drop = float(value)
-        except (TypeError, ValueError):
-            raise MetricError(f"--metric {self.name} returned {value!r:.60}, not a number (the drop)") from None
-        if not np.isfinite(drop):
-            raise MetricError(f"--metric {self.name} returned {drop}: the drop must be a finite number")
-        return drop
-
-
-def load_metric(spec: str) -> UserMetric:
-    """`module:function` (imported; the working directory is searched first) or `path.py:function`."""
-    where, _, attr = spec.rpartition(":")
-    if not where or not attr:
-        raise MetricError(f"--metric {spec!r}: give a name ({', '.join(METRICS)}), module:function or "
-                          "path.py:function")
-    try:
-        if where.endswith(".py") or os.sep in where or "/" in where:
-            path = Path(where)
-            if not path.is_file():
-                raise MetricError(f"--metric {spec}: {path}: no such file")
-            module_spec = importlib.util.spec_from_file_location(f"_onnx_lowrank_metric_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(where)
-            finally:
-                sys.path.remove(os.getcwd())
-        fn = getattr(module, attr)
-    except MetricError:
-        raise
-    except Exception as e:  # an import error, or the module's own code failing as it loads
-        raise MetricError(f"--metric {spec}: cannot load it: {type(e).__name__}: {first_line(e)}") from None
-    if not callable(fn):
-        raise MetricError(f"--metric {spec}: {attr} is not a function")
-    return UserMetric(fn, spec)
 
 
 def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: np.ndarray | None,

@@ -1,5 +1,5 @@
 """compress(): load, prepare, find targets, calibrate, build candidates, select ranks, rewrite,
-verify — the stages of DESIGN.md in order."""
+verify, in order."""
 
 from __future__ import annotations
 
@@ -16,26 +16,27 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from .calibration.capture import capture, memory_batch, statistics_bytes
-from .calibration.data import CalibrationError, CalibrationSet, input_layout, load_calibration, model_inputs
-from .compensate import Compensation
-from .config import CompressConfig
-from .decompositions import reason_not_applicable
-from .errors import InvalidModel, OnnxLowrankError, OutOfMemory, OutputError, VerificationError
+from ..calibration.capture import capture, memory_batch, statistics_bytes
+from ..calibration.data import CalibrationError, CalibrationSet, input_layout, load_calibration, model_inputs
+from ..compensation.refit import Compensation
+from ..config import CompressConfig
+from ..decompositions import reason_not_applicable
+from ..errors import InvalidModel, OnnxLowrankError, OutOfMemory, OutputError, VerificationError
+from ..graph import find_targets, load_model, prepare, save_model
+from ..graph.index import WEIGHT_TYPES
+from ..graph.outputs import output_layouts
+from ..graph.targets import LayerTarget, Skipped, attention_projections
+from ..metrics.confidence import Bound
+from ..metrics.quality import DropMeter, quality, resolution, resolve_metric
+from ..metrics.user import UserMetric
+from ..quantization.int8 import Quantizer, quantized_units, unfused, units
+from ..runtime.latency import LayerTimer, interleaved, time_session
+from ..runtime.sessions import RUNTIME_ERRORS, costs_at, measuring_batch, predict, runtime_message, session
+from ..selection import Choice, Search, SearchObserver
+from ..selection.candidates import FactorCache, build_problems, price_latency
+from ..selection.strategies import STRATEGIES
 from .finetune_rounds import finetune_rounds
-from .graph import find_targets, load_model, node_costs, prepare, save_model
-from .graph.index import WEIGHT_TYPES
-from .graph.outputs import output_layouts
-from .graph.targets import LayerTarget, Skipped, attention_projections
-from .latency import LayerTimer, interleaved, runtime_session, time_session
-from .confidence import Bound
-from .quality import (RUNTIME_ERRORS, DropMeter, UserMetric, measuring_batch, predict, quality, resolution,
-                      resolve_metric, runtime_message, session)
 from .report import LayerReport, Report
-from .selection import Choice, Search, SearchObserver
-from .selection.candidates import FactorCache, build_problems, price_latency
-from .selection.strategy import select
-from .quantize import Quantizer, quantized_units, unfused, units
 from .verify import (build, check_model, each, export, nonfinite_samples, require_finite, tuned_to_eps, verify_choice,
                      written)
 
@@ -69,7 +70,7 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     images, an object with get_next() (onnxruntime's CalibrationDataReader), or None for
     synthetic inputs (with a warning). `labels`: an .npy path, an npz key, or an array.
     `metric`: what eps bounds, in place of config.metric: your own function
-    `fn(reference, outputs[, indices]) -> drop` (quality.UserMetric) or a metric's name.
+    `fn(reference, outputs[, indices]) -> drop` (metrics.user.UserMetric) or a metric's name.
     `groups`: each sample's source (photo, file, speaker, document) as an .npy path, an npz key
     or an array: every split keeps a group on one side (without, samples are taken as independent).
     `observer`: a selection.SearchObserver that watches the search (for studies of it)."""
@@ -91,7 +92,7 @@ def _compress(model, config: CompressConfig, calibration, labels, groups, progre
     with _timed(report, "load"):
         original, prepared, targets = _load(model, config, report)
         if config.finetune_epochs and targets:
-            from .bridge.convert import to_torch
+            from ..bridge.convert import to_torch
             to_torch(prepared)  # a model onnx2torch cannot take fails now, not after the search
     with _timed(report, "calibrate"):
         cal = _calibrate(original, prepared, targets, calibration, labels, groups, config, report, progress)
@@ -112,7 +113,8 @@ def _compress(model, config: CompressConfig, calibration, labels, groups, progre
         problems = _decompose(targets, cal, config, timer, progress)
     search = _search(prepared, runs_as, problems, cal, config, timer, quantizer, progress, observer)
     with _timed(report, "select"):
-        choice, reasons = select(config, search, prepared, cal.search_set, targets)
+        selected = STRATEGIES[config.select](search, config.strategy_context(prepared, cal.search_set, targets))
+        choice, reasons = selected.choice, selected.reasons
         if timer is not None:
             choice = _confirm_latency(timer, problems, choice, reasons)
         report.search_drop = search.drop(choice)
@@ -145,14 +147,14 @@ class _Calibrated:
     search_ref: list[np.ndarray]  # the original's outputs on each part
     held_ref: list[np.ndarray]
     metric: str | UserMetric
-    level: float                 # the confidence the held-out bound is taken at (quality.resolution)
+    level: float                 # the confidence the held-out bound is taken at (metrics.quality.resolution)
     feed: dict[str, np.ndarray]  # one run of one sample (or of the model's fixed batch): costs are counted at it
     batch: int                   # samples per run asked for: --batch-size, or fewer to fit --max-memory
-    compensation: Compensation | None  # refits every model built (compensate.py); None: --no-compensate
+    compensation: Compensation | None  # refits every model built (compensation/refit.py); None: --no-compensate
 
     def macs(self, model: onnx.ModelProto, kind: str = "macs") -> float:
         """The model's MACs (or parameters) per sample."""
-        costs = node_costs(model, feed=self.feed)
+        costs = costs_at(model, self.feed)
         if kind == "params":
             return sum(c.params for c in costs)
         return sum(c.macs for c in costs) // self.data.batch_for(1)
@@ -276,7 +278,7 @@ def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, conf
 
 
     if timer is not None:
-        sess = runtime_session(runs_as, config.provider, config.threads)
+        sess = session(runs_as, "deploy", config.threads, config.provider)
         total = time_session(sess, cal.data.sample_feed(config.latency_batch)).median
     else:
         total = cal.macs(prepared, config.cost)
@@ -329,7 +331,7 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     report.quality_after = quality(cal.metric, reference, outputs, data.labels, data.indices).value
     check_model(compressed, prepared)
     if timer is not None:
-        sessions = [runtime_session(m, config.provider, config.threads) for m in (prepared, compressed)]
+        sessions = [session(m, "deploy", config.threads, config.provider) for m in (prepared, compressed)]
         report.latency_before, report.latency_after = (
             float(np.median(t)) for t in interleaved(sessions, cal.data.sample_feed(config.latency_batch)))
     return compressed, choice, verified.floats, bound
@@ -444,7 +446,7 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
     """Path to path. `src` and the calibration files are never modified: an output naming one of
     them is refused before any work. The model, the report and the plots are written all or
     nothing, each file atomically, by rank 0 of a torchrun job only."""
-    from .bridge.finetune import process_rank
+    from ..bridge.finetune import process_rank
 
     _check_paths(src, dst, calibration, labels, report_path, groups=groups)
     out, report = compress(src, config, calibration, labels, progress, groups=groups)
@@ -526,7 +528,7 @@ def finetune_file(student: str | os.PathLike, dst: str | os.PathLike, teacher: s
     """Fine-tune the compressed model `student` towards the original `teacher` on the search part of
     `calibration` and write it to `dst` (on rank 0 of a torchrun job only); the held-out part
     measures it before and after. Neither input is modified."""
-    from .bridge.finetune import FinetuneOptions, finetune, process_rank
+    from ..bridge.finetune import FinetuneOptions, finetune, process_rank
 
     options = options or FinetuneOptions()
     options.validate()
@@ -566,7 +568,7 @@ def _interrupts_ignored() -> Iterator[None]:
 
 
 def auto_methods() -> tuple[str, ...]:
-    from .selection.candidates import AUTO_METHODS
+    from ..selection.candidates import AUTO_METHODS
 
     return AUTO_METHODS
 

@@ -9,7 +9,7 @@ default model.) Models whose MACs are mostly MatMul/Gemm (transformer encoders) 
 quantization, activation ranges taken per input at run time: on MiniLM-L6, static QDQ moved the
 sentence embeddings by r2 1.48 and dynamic by 0.018, and dynamic ran faster too.
 Either way a layer can be kept in float: the verify stage backs off along a path of such moves
-and rank steps (verify.py). A layer here is a *unit*: the Conv/Gemm/MatMul nodes that came from
+and rank steps (pipeline/verify.py). A layer here is a *unit*: the Conv/Gemm/MatMul nodes that came from
 one target (its whole factor chain), or one such node with a weight elsewhere in the model."""
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import version_converter
 
-from .calibration.data import CalibrationSet
-from .errors import QuantizationError, first_line
-from .graph.cost import node_costs
-from .graph.downstream import with_outputs
-from .graph.index import opset_version
-from .graph.rewrite import chain_prefix
-from .graph.targets import node_name
-from .quality import RUNTIME_ERRORS, runtime_message, session
+from ..calibration.data import CalibrationSet
+from ..errors import QuantizationError, first_line
+from ..graph.downstream import with_outputs
+from ..graph.index import opset_version
+from ..graph.rewrite import chain_prefix
+from ..graph.targets import node_name
+from ..runtime.sessions import RUNTIME_ERRORS, costs_at, runtime_message, session
 
 MODES = ("int8",)
 PER_CHANNEL_OPSET = 13  # the first opset whose DequantizeLinear has a per-channel axis
@@ -59,7 +57,7 @@ class Quantizer:
     """Quantizes built models the same way each time: the same calibration runs, the same mode."""
 
     def __init__(self, model: onnx.ModelProto, data: CalibrationSet, batch: int, feed: dict[str, np.ndarray]):
-        costs = node_costs(model, feed=feed)
+        costs = costs_at(model, feed)
         conv = sum(c.macs for c in costs if c.op_type == "Conv")
         self.dynamic = conv < sum(c.macs for c in costs) / 2
         take = np.linspace(0, len(data) - 1, min(RANGE_SAMPLES, len(data))).round().astype(int)
@@ -172,16 +170,16 @@ def units(model: onnx.ModelProto, targets, feed: dict[str, np.ndarray] | None = 
     """The units of a built (float) model: each target's Conv/Gemm/MatMul nodes (the layer, or its
     factor chain) together, every other such layer alone. A layer reads a weight: the product
     of two activations (attention's) is no unit. Their MACs at `feed`'s shapes (0 without)."""
-    macs = {c.name: c.macs for c in node_costs(named_nodes(model), feed=feed)} if feed is not None else {}
+    macs = {c.name: c.macs for c in costs_at(named_nodes(model), feed)} if feed is not None else {}
     owner = {t.name: t.name for t in targets}
     prefixes = [(chain_prefix(t) + "/", t.name) for t in targets]
     weights = {t.name for t in model.graph.initializer}
     groups: dict[str, list[tuple[str, onnx.NodeProto]]] = {}
-    for node, node_name in zip(model.graph.node, node_names(model)):
+    for node, called in zip(model.graph.node, node_names(model)):
         if node.op_type not in UNIT_OPS or not weights.intersection(node.input):
             continue
-        name = owner.get(node_name) or next((t for p, t in prefixes if node_name.startswith(p)), node_name)
-        groups.setdefault(name, []).append((node_name, node))
+        name = owner.get(called) or next((t for p, t in prefixes if called.startswith(p)), called)
+        groups.setdefault(name, []).append((called, node))
     result = []
     for name, members in groups.items():
         made = {o for _, n in members for o in n.output}
@@ -222,13 +220,8 @@ def unit_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, found:
 
     read = {u.name: ([visible(t) for t in u.inputs], [visible(t) for t in u.outputs]) for u in found}
     tensors = sorted({t for ins, outs in read.values() for t in ins + outs if t is not None})
-    sessions = []
-    for model in (float_model, quantized):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4
-        sessions.append(ort.InferenceSession(with_outputs(model, tensors).SerializeToString(), options,
-                                             providers=["CPUExecutionProvider"]))
+    sessions = [session(with_outputs(model, tensors).SerializeToString(), "unoptimized")
+                for model in (float_model, quantized)]
     energy, noise = dict.fromkeys(tensors, 0.0), dict.fromkeys(tensors, 0.0)
     for feed, _ in data.batches(PROBE_BATCH):
         exact, approx = (dict(zip(tensors, s.run(tensors, feed))) for s in sessions)
@@ -250,11 +243,8 @@ def unfused(model: onnx.ModelProto, keep_float: Iterable[str] = ()) -> list[str]
     onnxruntime optimizes, written out and read."""
     kept = set(keep_float)
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 4
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+        session(model, "deploy", optimized_to=str(Path(tmp) / "optimized.onnx"))
+        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"))
     dequantized = {o for n in optimized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return [n.name for n in optimized.graph.node if n.op_type in UNIT_OPS and n.name not in kept
             and n.input and n.input[0] in dequantized]

@@ -10,8 +10,9 @@ within eps in about log2(path length) whole-model passes."""
 
 from __future__ import annotations
 
-from .candidates import Candidate, LayerProblem
-from .search import Choice, Search, cheapest_within
+from ..candidates import Candidate, LayerProblem
+from ..search import Choice, Context, Search, Selection, cheapest_within
+from ..sensitivity import sensitivities
 
 
 def hull(candidates: list[Candidate], weight: float = 1.0) -> list[Candidate]:
@@ -58,8 +59,10 @@ def lambda_path(problems: list[LayerProblem], weights: dict[str, float] | None =
     return path, knobs
 
 
-def select(search: Search, weights: dict[str, float]) -> tuple[Choice, dict[str, str]]:
-    """`weights`: each layer's sensitivity s."""
+def select(search: Search, ctx: Context) -> Selection:
+    """The cheapest point of the lambda path within eps, each layer weighted by its measured
+    sensitivity s (sensitivity.py)."""
+    weights = sensitivities(search.problems, ctx.prepared, ctx.data)
     path, knobs = lambda_path(search.problems, weights)
     k = cheapest_within(search, path, knobs)
     search.observer.searched(search, path, knobs, k)
@@ -71,4 +74,4 @@ def select(search: Search, weights: dict[str, float]) -> tuple[Choice, dict[str,
         s = weights[p.name]
         reasons[p.name] = (f"least cost + {lam} * s * error^2, s={s:.3g}" if choice[p.name].factored
                            else f"kept: no factorization pays for its error, s={s:.3g}")
-    return choice, reasons
+    return Selection(choice, reasons)

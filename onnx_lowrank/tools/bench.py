@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from .calibration.data import load_calibration
-from .graph import load_model, node_costs
-from .graph.outputs import output_layouts
-from .latency import interleaved, random_feed, runtime_session
-from .quality import measuring_batch, predict, quality, resolve_metric
+from ..calibration.data import load_calibration
+from ..graph import load_model
+from ..graph.outputs import output_layouts
+from ..metrics.quality import quality, resolve_metric
+from ..runtime.latency import interleaved, random_feed
+from ..runtime.sessions import costs_at, measuring_batch, predict, session
 
 @dataclass
 class Latency:
@@ -57,16 +58,16 @@ class BenchResult:
 def bench(original: str | os.PathLike, *compressed: str | os.PathLike, batches: tuple[int, ...] = (1,),
           provider: str = "CPUExecutionProvider", threads: int = 0, calibration: Any = None,
           labels: Any = None, metric: str = "auto", min_seconds: float = 1.0) -> BenchResult:
-    from .pipeline import model_params
+    from ..pipeline.stages import model_params
 
     paths = (original, *compressed)
     models = [load_model(p) for p in paths]
     data = load_calibration(calibration, models[0], labels) if calibration is not None else None
     feed = data.sample_feed() if data is not None else None
-    macs = tuple(sum(c.macs for c in node_costs(m, feed=feed)) for m in models)
+    macs = tuple(sum(c.macs for c in costs_at(m, feed)) for m in models)
     result = BenchResult(tuple(str(p) for p in paths), provider, threads, tuple(model_params(m) for m in models), macs,
                          tuple(Path(p).stat().st_size for p in paths))
-    sessions = [runtime_session(m, provider, threads) for m in models]
+    sessions = [session(m, "deploy", threads, provider) for m in models]
     for batch in batches:
         if data is not None:
             take = np.arange(batch) % len(data)  # the first samples, repeated if there are fewer

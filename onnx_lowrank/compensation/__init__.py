@@ -1,0 +1,1 @@
+"""Compensation: each factored layer's last step refit to the original's outputs (refit.py)."""

@@ -1,0 +1,1 @@
+"""The commands beside convert: `bench` (bench.py) and `inspect` (inspection.py)."""
