@@ -162,7 +162,7 @@ def test_a_failing_user_metric_is_one_line_naming_it(tmp_path, body, phrase):
 
 @pytest.mark.parametrize("spec, phrase", [("no_such_module_here:drop", "cannot load it: ModuleNotFoundError"),
                                           ("missing.py:drop", "no such file"),
-                                          ("onnx_lowrank.quality:METRICS", "is not a function")])
+                                          ("onnx_lowrank.metrics.quality:METRICS", "is not a function")])
 def test_a_user_metric_that_cannot_be_loaded_is_one_line(tmp_path, spec, phrase):
     result, out = _convert(tmp_path, "--metric", spec)
     lines = result.output.strip().splitlines()

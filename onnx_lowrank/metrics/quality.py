@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -29,8 +28,9 @@ import onnxruntime as ort
 from ..calibration.data import CalibrationSet
 from ..graph.outputs import Layout
 from ..runtime.sessions import FoldedModel, predict, session
-from .confidence import (BOOTSTRAP, Bound, MIN_GROUPS, MIN_LEVEL, USER_BOOTSTRAP, bootstrap_bound, counts_bound,
-                         effective_samples, level_in_force, no_change_bound, samples_for, studentized_bound)
+from .base import Measure, Metric, Quality
+from .confidence import (MIN_GROUPS, MIN_LEVEL, Bound, counts_bound, effective_samples, level_in_force,
+                         no_change_bound, samples_for)
 from .user import UserMetric, load_metric
 
 METRICS = ("auto", "accuracy", "agreement", "r2", "cosine")
@@ -46,31 +46,12 @@ def is_classifier(outputs: list[np.ndarray]) -> bool:
     return not (np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3) and (out < 0).any())
 
 
-@dataclass(frozen=True)
-class R2:
-    """The r2 metric with each graph output's Layout (None: axis 1, each channel alone). The name
-    "r2" given in place of it is the metric without layouts."""
-    layouts: tuple[Layout | None, ...] = ()
-
-    def __str__(self) -> str:
-        return "r2"
-
-    def __format__(self, spec: str) -> str:
-        return format("r2", spec)
-
-
-def _layouts(metric, outputs: int) -> list[Layout | None] | None:
-    """Per output, its layout under r2; None when `metric` is not r2."""
-    if isinstance(metric, R2):
-        return list(metric.layouts) if len(metric.layouts) == outputs else [None] * outputs
-    return [None] * outputs if metric == "r2" else None
-
-
 def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: np.ndarray | None,
                    indices: np.ndarray | None = None, layouts: list[Layout | None] | None = None
-                   ) -> str | R2 | UserMetric:
-    """The metric's name, R2 with the outputs' `layouts` (graph/outputs.py), or the user's metric
-    (called once on the original against itself, so that a failing one fails before any work)."""
+                   ) -> Metric:
+    """The metric asked for (`auto`: the one the outputs call for); R2 with the outputs' `layouts`
+    (graph/outputs.py); the user's metric is called once on the original against itself, so that a
+    failing one fails before any work."""
     if callable(metric) or (isinstance(metric, str) and ":" in metric):
         user = metric if isinstance(metric, UserMetric) else (
             UserMetric(metric) if callable(metric) else load_metric(metric))
@@ -89,7 +70,7 @@ def resolve_metric(metric: str | Callable, reference: list[np.ndarray], labels: 
                              f"got {labels.min()}..{labels.max()}")
     if metric == "auto":
         metric = "r2" if not counts_see_it(reference) else "accuracy" if labels is not None else "agreement"
-    return R2(tuple(layouts or ())) if metric == "r2" else metric
+    return R2(tuple(layouts or ())) if metric == "r2" else named(metric)
 
 
 def counts_see_it(reference: list[np.ndarray]) -> bool:
@@ -104,10 +85,7 @@ def counts_see_it(reference: list[np.ndarray]) -> bool:
     return scores.shape[1] > 2 and len(np.unique(scores.argmax(1))) > 1
 
 
-COUNTS = ("accuracy", "agreement")  # metrics that count samples: they resolve 1 / samples at best
-
-
-def resolution(metric: str, samples: int, groups: np.ndarray | None, eps: float, level: float,
+def resolution(metric: str | Metric, samples: int, groups: np.ndarray | None, eps: float, level: float,
                holdout: float) -> tuple[str, float, str | None]:
     """What a check of `samples` held-out samples (from `groups`, if given) can resolve under
     `metric`, as a line; the level its bound is taken at (`level`, or lower where a count on so few
@@ -115,7 +93,8 @@ def resolution(metric: str, samples: int, groups: np.ndarray | None, eps: float,
     warning naming how many samples (or groups) would, where eps cannot be bounded at `level`."""
     count = None if groups is None else len(np.unique(groups))
     source = "" if count is None else f" from {count} groups"
-    if metric not in COUNTS:
+    metric = named(metric)
+    if not metric.counts:
         if count is not None and count < MIN_GROUPS:
             return (f"{samples} held-out samples{source}", level,
                     f"the held-out part holds {count} groups (--groups): too few to bound the {metric} drop by "
@@ -139,56 +118,147 @@ def resolution(metric: str, samples: int, groups: np.ndarray | None, eps: float,
         f"{int(np.ceil(need / holdout))} calibration samples at --holdout {holdout:g}); {outcome}")
 
 
-@dataclass(frozen=True)
-class Quality:
-    """A model's quality on one data set under one metric, and its drop from the reference."""
+def named(metric: str | Metric) -> Metric:
+    """The metric a name stands for (r2 without output layouts); a Metric as it is."""
+    if isinstance(metric, Metric):
+        return metric
+    known = {"accuracy": Accuracy, "agreement": Agreement, "r2": R2, "cosine": Cosine}
+    if metric not in known:
+        raise ValueError(f"metric must be one of {', '.join(known)}; got {metric!r}")
+    return known[metric]()
 
-    metric: str
-    value: float   # accuracy, or agreement / mean cosine with the original
-    drop: float
 
-
-def quality(metric: str | UserMetric, reference: list[np.ndarray], outputs: list[np.ndarray],
+def quality(metric: str | Metric, reference: list[np.ndarray], outputs: list[np.ndarray],
             labels: np.ndarray | None, indices: np.ndarray | None = None) -> Quality:
-    """`indices`: which calibration samples these are (the user's metric may ask)."""
-    if isinstance(metric, UserMetric):
-        drop = metric(reference, outputs, indices)
-        return Quality(str(metric), -drop, drop)  # its value: the drop's negative (0 for the original)
-    # drops from sample counts, as DropMeter takes them: a difference of two means can land a
-    # rounding error above an eps that the count meets exactly (0.98889 - 0.96889 > 0.02)
-    n = len(labels if metric == "accuracy" else reference[0])
-    if metric == "accuracy":
-        before = int(np.sum(reference[0].argmax(1) == labels))
-        after = int(np.sum(outputs[0].argmax(1) == labels))
-        return Quality(metric, after / n, (before - after) / n)
-    if metric == "agreement":
-        agree = int(np.sum(reference[0].argmax(1) == outputs[0].argmax(1)))
-        return Quality(metric, agree / n, (n - agree) / n)
-    drop = max(float(np.mean(p)) for p in _per_output(metric, reference, outputs, channel_scales(reference, metric)))
-    return Quality(metric, 1.0 - drop, drop)
+    """The quality and drop of `outputs` against `reference` under `metric`; `indices`: which
+    calibration samples these are (the user's metric may ask)."""
+    return named(metric).against(reference, labels, indices).quality(outputs)
 
 
-def drop_bound(metric: str | UserMetric, reference: list[np.ndarray], outputs: list[np.ndarray],
+def drop_bound(metric: str | Metric, reference: list[np.ndarray], outputs: list[np.ndarray],
                labels: np.ndarray | None, indices: np.ndarray | None, groups: np.ndarray | None, level: float,
                seed: int = 0) -> Bound:
     """The drop of `outputs` against `reference` and its upper confidence bound at `level` for new
-    samples from the same distribution (confidence.py): paired counts for accuracy and agreement,
-    a bootstrap over samples (whole groups, with `groups`) for the others."""
-    n = len(labels if metric == "accuracy" else reference[0])
-    if metric == "accuracy":
-        before, after = reference[0].argmax(1) == labels, outputs[0].argmax(1) == labels
-        return counts_bound(before & ~after, after & ~before, level, groups)
-    if metric == "agreement":
-        changed = reference[0].argmax(1) != outputs[0].argmax(1)
-        return counts_bound(changed, np.zeros(n, dtype=bool), level, groups)
-    if isinstance(metric, UserMetric):
-        idx = np.arange(n) if indices is None else indices
+    samples from the same distribution (confidence.py)."""
+    return named(metric).against(reference, labels, indices).bound(outputs, groups, level, seed)
 
-        def drop_of(p: np.ndarray) -> float:
-            return metric([r[p] for r in reference], [o[p] for o in outputs], idx[p])
-        return bootstrap_bound(drop_of, n, level, groups, seed, USER_BOOTSTRAP)
-    per_sample = np.stack(_per_output(metric, reference, outputs, channel_scales(reference, metric)), axis=1)
-    return studentized_bound(per_sample, level, groups, seed, BOOTSTRAP)
+
+class Accuracy(Metric):
+    """The drop in top-1 accuracy against `--labels` (0.005 = half a point): samples lost less
+    samples gained, paired over the same samples."""
+
+    name, counts = "accuracy", True
+
+    def against(self, reference, labels=None, indices=None) -> Measure:
+        return _AccuracyMeasure(self, reference, labels, indices)
+
+
+class _AccuracyMeasure(Measure):
+    def __init__(self, metric, reference, labels, indices):
+        super().__init__(metric, reference, labels, indices)
+        self.right = reference[0].argmax(1) == labels
+
+    def _changes(self, outputs, rows):
+        rows = np.arange(self.n) if rows is None else rows
+        right, now = self.right[rows], outputs[0].argmax(1) == self.labels[rows]
+        return right & ~now, now & ~right  # lost, gained
+
+    def per_sample(self, outputs, rows=None):
+        lost, gained = self._changes(outputs, rows)
+        return (lost.astype(np.float64) - gained)[:, None]
+
+    def least(self, rows):
+        return -np.array([float(np.sum(~self.right[rows]))])  # the rest can win back what the original gets wrong
+
+    def order(self):
+        return _fragile_first(self.reference[0])
+
+    def value(self, outputs, drop):
+        return float(np.sum(outputs[0].argmax(1) == self.labels)) / self.n
+
+    def bound(self, outputs, groups, level, seed=0):
+        lost, gained = self._changes(outputs, None)
+        return counts_bound(lost, gained, level, groups)
+
+
+class Agreement(Metric):
+    """The share of samples whose top-1 class changes (no labels)."""
+
+    name, counts = "agreement", True
+
+    def against(self, reference, labels=None, indices=None) -> Measure:
+        return _AgreementMeasure(self, reference, labels, indices)
+
+
+class _AgreementMeasure(Measure):
+    def per_sample(self, outputs, rows=None):
+        top = self.reference[0].argmax(1)
+        top = top if rows is None else top[rows]
+        return (top != outputs[0].argmax(1)).astype(np.float64)[:, None]
+
+    def order(self):
+        return _fragile_first(self.reference[0])
+
+    def bound(self, outputs, groups, level, seed=0):
+        changed = self.per_sample(outputs)[:, 0] > 0
+        return counts_bound(changed, np.zeros(self.n, dtype=bool), level, groups)
+
+
+def _fragile_first(scores: np.ndarray) -> np.ndarray:
+    """Samples by the margin between the original's top two classes, smallest first: they flip first."""
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    return np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
+
+
+class R2(Metric):
+    """1 - R^2 per output channel, averaged over the channels, the worst output counting; each
+    output read with its Layout from the graph (graph/outputs.py; None, or none given: axis 1,
+    each channel alone)."""
+
+    name = "r2"
+
+    def __init__(self, layouts: tuple[Layout | None, ...] = ()) -> None:
+        self.layouts = layouts
+
+    def against(self, reference, labels=None, indices=None) -> Measure:
+        return _R2Measure(self, reference, labels, indices)
+
+
+class _R2Measure(Measure):
+    def __init__(self, metric, reference, labels, indices):
+        super().__init__(metric, reference, labels, indices)
+        layouts = metric.layouts if len(metric.layouts) == len(reference) else (None,) * len(reference)
+        self.scales = [(_scale(r, layout), layout) for r, layout in zip(reference, layouts)]
+
+    def per_sample(self, outputs, rows=None):
+        parts = []
+        for ref, out, (v, layout) in zip(self.reference, outputs, self.scales):
+            ref = ref if rows is None else ref[rows]
+            err = np.mean(np.square(_channels(out, layout) - _channels(ref, layout)), axis=2)  # (samples, channels)
+            parts.append(np.mean(err / v, axis=1))
+        return np.stack(parts, axis=1)
+
+    def least(self, rows):
+        return np.zeros(len(self.reference))
+
+
+class Cosine(Metric):
+    """1 - the mean cosine similarity per sample, the worst output counting. It can be fooled: a
+    detector's class scores zeroed beside pixel boxes on a constant grid kept 0.99."""
+
+    name = "cosine"
+
+    def against(self, reference, labels=None, indices=None) -> Measure:
+        return _CosineMeasure(self, reference, labels, indices)
+
+
+class _CosineMeasure(Measure):
+    def per_sample(self, outputs, rows=None):
+        refs = self.reference if rows is None else [r[rows] for r in self.reference]
+        return np.stack([1.0 - _cosines(r, o) for r, o in zip(refs, outputs)], axis=1)
+
+    def least(self, rows):
+        return np.zeros(len(self.reference))
 
 
 OWN_FLOOR = 1e-4  # a channel's variance is taken as at least this share of its mean square: one
@@ -227,97 +297,63 @@ def _layers(layout: Layout | None, channels: int) -> tuple[tuple[int, int], ...]
     return layout.layers
 
 
-def channel_scales(reference: list[np.ndarray], metric) -> list[tuple[np.ndarray, Layout | None] | None]:
-    """Under r2, per output: per channel, the variance of the original's outputs across the
-    samples about their per-position mean, pooled over the channel's positions, floored (OWN_FLOOR,
-    FLOAT_FLOOR, LAYER_FLOOR), with the output's layout: no other layer's variance enters it, so
-    small class scores beside pixel boxes count on their own. From one sample there is no variation
-    to measure: the mean square stands in for it. Under other metrics, None per output."""
-    layouts = _layouts(metric, len(reference))
-    if layouts is None:
-        return [None] * len(reference)
-    scales = []
-    for ref, layout in zip(reference, layouts):
-        a = _channels(ref, layout)
-        square = np.mean(np.square(a), axis=(0, 2))
-        v = np.mean(np.square(a - a.mean(axis=0)), axis=(0, 2)) if len(a) > 1 else square
-        floor = max((FLOAT_FLOOR * float(np.abs(a).max(initial=0.0))) ** 2, 1e-30)
-        v = np.maximum(np.maximum(v, OWN_FLOOR * square), floor)
-        for start, stop in _layers(layout, len(v)):
-            v[start:stop] = np.maximum(v[start:stop], LAYER_FLOOR * float(np.median(v[start:stop])))
-        scales.append((v, layout))
-    return scales
-
-
-def _per_output(metric, reference: list[np.ndarray], outputs: list[np.ndarray], scales: list) -> list[np.ndarray]:
-    """Per output, what each sample adds to its drop, whose mean over the samples is the drop:
-    1 - cos (cosine), or the squared error averaged over positions and channels, each channel's
-    against its scale (r2: the mean over samples is 1 - R^2 averaged over the channels)."""
-    per = []
-    for ref, out, scale in zip(reference, outputs, scales):
-        if scale is None:
-            per.append(1.0 - _cosines(ref, out))
-            continue
-        v, layout = scale
-        err = np.mean(np.square(_channels(out, layout) - _channels(ref, layout)), axis=2)  # (samples, channels)
-        per.append(np.mean(err / v, axis=1))
-    return per
+def _scale(ref: np.ndarray, layout: Layout | None) -> np.ndarray:
+    """Per channel of one output: the variance of the original's outputs across the samples about
+    their per-position mean, pooled over the channel's positions, floored (OWN_FLOOR, FLOAT_FLOOR,
+    LAYER_FLOOR): no other layer's variance enters it, so small class scores beside pixel boxes
+    count on their own. From one sample there is no variation to measure: the mean square stands
+    in for it."""
+    a = _channels(ref, layout)
+    square = np.mean(np.square(a), axis=(0, 2))
+    v = np.mean(np.square(a - a.mean(axis=0)), axis=(0, 2)) if len(a) > 1 else square
+    floor = max((FLOAT_FLOOR * float(np.abs(a).max(initial=0.0))) ** 2, 1e-30)
+    v = np.maximum(np.maximum(v, OWN_FLOOR * square), floor)
+    for start, stop in _layers(layout, len(v)):
+        v[start:stop] = np.maximum(v[start:stop], LAYER_FLOOR * float(np.median(v[start:stop])))
+    return v
 
 
 class DropMeter:
     """The drop of candidate models against the original on one data set, for searches that only
-    need to know whether it is within eps. Samples run fragile first (smallest margin between the
-    original's top two classes: they flip first), in growing chunks, and a run stops as soon as
-    the drop is certain to exceed eps whatever the rest would give; the value returned is then a
-    lower bound, and `exact` says which. A failing model typically stops after one small chunk."""
+    need to know whether it is within eps. Samples run in the metric's order (counts: fragile
+    first, the smallest margin between the original's top two classes: they flip first), in
+    growing chunks, and a run stops as soon as the drop is certain to exceed eps whatever the rest
+    would give (Measure.least); the value returned is then a lower bound, and `exact` says which.
+    A failing model typically stops after one small chunk. The user's metric, a function of the
+    whole set, has no such bound: it runs every sample every time."""
 
     FIRST_CHUNK = 16
 
-    def __init__(self, metric: str, data: CalibrationSet, reference: list[np.ndarray], eps: float,
+    def __init__(self, metric: str | Metric, data: CalibrationSet, reference: list[np.ndarray], eps: float,
                  batch_size: int = 64) -> None:
-        self.metric, self.eps, self.batch_size = metric, eps, batch_size
-        order = np.arange(len(data))
-        if metric in ("accuracy", "agreement"):
-            top2 = np.sort(reference[0], axis=1)[:, -2:]
-            order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
+        self.eps, self.batch_size = eps, batch_size
+        measure = named(metric).against(reference, data.labels, data.indices)
+        order = measure.order()
         self.data = data.take(order)
-        self.reference = [r[order] for r in reference]
-        self.scales = channel_scales(reference, metric)
-        self.labels = self.data.labels
+        self.measure = named(metric).against([r[order] for r in reference], self.data.labels, self.data.indices)
         self.n = len(self.data)
         self.exact = True
 
     def __call__(self, model: onnx.ModelProto | ort.InferenceSession | FoldedModel) -> float:
         sess = model if isinstance(model, (ort.InferenceSession, FoldedModel)) else session(model)
         names = [o.name for o in sess.get_outputs()]
-        if isinstance(self.metric, UserMetric):  # no bound to stop at: every sample, every time
-            return self.metric(self.reference, predict(sess, self.data, self.batch_size, names), self.data.indices)
-        lost = 0.0                       # sum over the samples seen of what each adds to the drop
-        per_output = np.zeros(len(names))  # r2, cosine: per output, the sum of what each sample adds
+        self.exact = True
+        if not self.measure.samplewise:
+            return self.measure.drop(predict(sess, self.data, self.batch_size, names))
+        sums = None  # per part, the sum over the samples seen of what each adds to the drop
         start, size = 0, self.FIRST_CHUNK
         while start < self.n:
             stop = min(self.n, start + size)
-            chunk = self.data.take(np.arange(start, stop))
-            outs = predict(sess, chunk, self.batch_size, names)
-            ref = [r[start:stop] for r in self.reference]
-            if self.metric == "accuracy":
-                y = self.labels[start:stop]
-                lost += float(np.sum(ref[0].argmax(1) == y) - np.sum(outs[0].argmax(1) == y))
-                # the rest can at most win back the samples the original gets wrong
-                rest_wrong = float(np.sum(self.reference[0][stop:].argmax(1) != self.labels[stop:]))
-                bound = (lost - rest_wrong) / self.n
-            elif self.metric == "agreement":
-                lost += float(np.sum(ref[0].argmax(1) != outs[0].argmax(1)))
-                bound = lost / self.n
-            else:
-                per_output += [float(np.sum(p)) for p in _per_output(self.metric, ref, outs, self.scales)]
-                bound = float(per_output.max()) / self.n
+            rows = np.arange(start, stop)
+            outs = predict(sess, self.data.take(rows), self.batch_size, names)
+            added = np.sum(self.measure.per_sample(outs, rows), axis=0)
+            sums = added if sums is None else sums + added
             start, size = stop, 2 * size
+            bound = float(np.max(sums + self.measure.least(np.arange(start, self.n)))) / self.n
             if bound > self.eps and start < self.n:
                 self.exact = False
                 return bound
-        self.exact = True
-        return lost / self.n if self.metric in COUNTS else float(per_output.max()) / self.n
+        return float(np.max(sums)) / self.n
 
 
 def _cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -14,9 +14,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MetricError, first_line
+from .base import Measure, Metric
+from .confidence import USER_BOOTSTRAP, bootstrap_bound
 
 
-class UserMetric:
+class UserMetric(Metric):
     """The user's own metric, as NNCF's validation_fn and AIMET's eval callback are: a function
     of the original's outputs and the candidate's on the same samples (lists of arrays, one per
     graph output, samples along axis 0) that returns the drop, which --eps bounds:
@@ -34,11 +36,8 @@ class UserMetric:
         except (TypeError, ValueError):  # a builtin without a signature: the two-argument form
             self.takes_indices = False
 
-    def __str__(self) -> str:
-        return self.name
-
-    def __format__(self, spec: str) -> str:  # f-strings name it
-        return format(self.name, spec)
+    def against(self, reference, labels=None, indices=None) -> Measure:
+        return _UserMeasure(self, reference, labels, indices)
 
     def __call__(self, reference: list[np.ndarray], outputs: list[np.ndarray],
                  indices: np.ndarray | None = None) -> float:
@@ -86,3 +85,21 @@ def load_metric(spec: str) -> UserMetric:
     if not callable(fn):
         raise MetricError(f"--metric {spec}: {attr} is not a function")
     return UserMetric(fn, spec)
+
+
+class _UserMeasure(Measure):
+    """Your metric is a function of the whole set, not a mean over samples: no early stop, and
+    its bound is a percentile bootstrap of it (confidence.py)."""
+
+    samplewise = False
+
+    def drop(self, outputs):
+        return self.metric(self.reference, outputs, self.indices)
+
+    def value(self, outputs, drop):
+        return -drop  # (0 for the original)
+
+    def bound(self, outputs, groups, level, seed=0):
+        def drop_of(p: np.ndarray) -> float:
+            return self.metric([r[p] for r in self.reference], [o[p] for o in outputs], self.indices[p])
+        return bootstrap_bound(drop_of, self.n, level, groups, seed, USER_BOOTSTRAP)
