@@ -1,26 +1,41 @@
-"""Fine-tuning rounds of `convert --finetune-epochs`: Kokhazadeh et al.'s loop (fine-tune the selection, compress
-further while the fine-tuned models fit eps, raise the layers Kokhazadeh et al.'s similarity analysis names on
-a miss) and Yang & Liu's iterative mode (layer by layer, most sensitive first)."""
+"""Fine-tuning rounds of `convert --finetune-epochs`: Kokhazadeh et al.'s loop (fine-tune the
+selection, compress further while the fine-tuned models fit eps, raise the layers their
+similarity analysis names on a miss) and Yang & Liu's iterative mode (layer by layer, most
+sensitive first)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import onnx
 
 from ..calibration.data import CalibrationSet
 from ..decompositions import decompose
 from ..errors import FinetuneDiverged
+from ..metrics.confidence import Bound
 from ..metrics.quality import DropMeter, drop_bound, quality
 from ..runtime.sessions import costs_at, predict
 from ..selection import Choice, Search
 from ..selection.strategies import STRATEGIES, cosine, hessian
 from .verify import build, export, nonfinite_samples, tuned_to_eps
 
-
 FINETUNE_ROUNDS = 6  # fine-tunes after the first: compressing further, then raising ranks
 
 
-def finetune_rounds(original, prepared, problems, choice, reasons, compressed, bound, search, config,
-                    train, train_ref, held, held_ref, metric, level, report):
+@dataclass(frozen=True)
+class Tuned:
+    """What the rounds keep: the model, its choice, its held-out bound and each layer's reason;
+    and every round tried (Report.finetune says what each entry holds)."""
+
+    model: onnx.ModelProto
+    choice: Choice
+    bound: Bound
+    reasons: dict[str, str]
+    rounds: list[dict]
+
+
+def finetune_rounds(original, prepared, problems, choice, reasons, compressed, bound, search, config, batch,
+                    train, train_ref, held, held_ref, metric, level) -> Tuned:
     """Kokhazadeh et al.'s loop. The model selection chose is fine-tuned on the search part (`train`) and
     measured on the held-out part, where a model fits when the upper confidence bound of its drop
     at `level` is within eps (metrics.quality.drop_bound).
@@ -37,8 +52,9 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
     fine-tune is Yang & Liu's layer-by-layer one."""
     from ..bridge.finetune import FinetuneOptions, finetune, same_as_rank0
 
-    options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr,
-                              batch_size=config.batch_size, seed=config.seed)
+    options = FinetuneOptions(epochs=config.finetune_epochs, lr=config.finetune_lr, batch_size=batch,
+                              seed=config.seed)
+    entries: list[dict] = []  # one per round tried
     feed = train.sample_feed()
     base = sum(c.macs for c in costs_at(prepared, feed))
     best = (compressed, choice, bound, reasons)
@@ -47,10 +63,10 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
     def attempt(how: str, budget_: float | None, choice_: Choice, reasons_: dict) -> bool:
         nonlocal best
         model = build(prepared, problems, choice_)
-        untuned = quality(metric, held_ref, predict(model, held, config.batch_size), held.labels, held.indices)
+        untuned = quality(metric, held_ref, predict(model, held, batch), held.labels, held.indices)
         macs = sum(c.macs for c in costs_at(model, feed))  # the fine-tuned model has the same layers
         entry = {"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop}
-        report.finetune.append(entry)
+        entries.append(entry)
         try:
             if order is None:
                 tuned, log = finetune(model, original, train, options)
@@ -60,7 +76,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
             entry.update(drop_after=None, bound_after=None, losses=[], lr=None, stopped=True, processes=None)
             same_as_rank0(False)
             return False
-        outputs = predict(tuned, held, config.batch_size)
+        outputs = predict(tuned, held, batch)
         q = drop_bound(metric, held_ref, outputs, held.labels, held.indices, held.groups, level, config.seed)
         entry.update(drop_after=q.drop, bound_after=q.upper, losses=log.losses, lr=log.lr, stopped=log.stopped,
                      processes=log.processes)
@@ -77,7 +93,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
     if any(c.factored for c in choice.values()):
         attempt(f"selected for eps {config.eps:g}", config.eps, choice, reasons)
     if not tuned_to_eps(config):
-        return best
+        return Tuned(*best, entries)
     fitted = True  # without fine-tuning, the selection holds: compress further from it in any case
     similar = None
     budget, current, current_reasons = config.eps, choice, reasons
@@ -88,7 +104,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
             budget *= 2
             if not 0 < budget < 1:  # (eps 0: no drop to double)
                 break
-            meter = DropMeter(metric, train, train_ref, budget, config.batch_size)
+            meter = DropMeter(metric, train, train_ref, budget, batch)
             wider = Search(problems, lambda c: meter(build(prepared, problems, c, infer=False)), budget,
                            search.other_cost)
             selected = STRATEGIES[config.select](wider, config.strategy_context(prepared, train,
@@ -119,7 +135,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
         fitted = attempt(how, budget, current, current_reasons)
         if fitted and raising:
             break
-    return best
+    return Tuned(*best, entries)
 
 
 def sensitivity_order(prepared, problems, data: CalibrationSet, seed: int) -> list[str]:

@@ -9,7 +9,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,9 +26,9 @@ from ..graph import find_targets, load_model, prepare, save_model
 from ..graph.index import WEIGHT_TYPES
 from ..graph.outputs import output_layouts
 from ..graph.targets import LayerTarget, Skipped, attention_projections
+from ..metrics.base import Metric
 from ..metrics.confidence import Bound
 from ..metrics.quality import DropMeter, quality, resolution, resolve_metric
-from ..metrics.user import UserMetric
 from ..quantization.int8 import Quantizer, quantized_units, unfused, units
 from ..runtime.latency import LayerTimer, interleaved, time_session
 from ..runtime.sessions import RUNTIME_ERRORS, costs_at, measuring_batch, predict, runtime_message, session
@@ -47,19 +47,30 @@ def _quiet_progress(stage: str, total: int) -> Callable[[], None]:
     return lambda: None
 
 
-@contextmanager
-def _timed(report: Report, stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    report.timings.setdefault(stage, 0.0)  # listed from its start: an error names the stage it stopped in
-    yield
-    report.timings[stage] += time.perf_counter() - start
+@dataclass
+class _Run:
+    """What the stages of one conversion share: the options (read, never changed), how progress
+    is shown, who watches the search, and what the report takes from the run as it goes: the
+    warnings given and each stage's time."""
 
+    config: CompressConfig
+    progress: Progress
+    observer: SearchObserver
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
-def _warn(report: Report, message: str) -> None:
-    """`message` as a UserWarning at compress's caller (from a stage: _warn, the stage, _compress,
-    compress, the caller), and in the report."""
-    warnings.warn(message, stacklevel=5)
-    report.warnings.append(message)
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        self.timings.setdefault(stage, 0.0)  # listed from its start: an error names the stage it stopped in
+        yield
+        self.timings[stage] += time.perf_counter() - start
+
+    def warn(self, message: str) -> None:
+        """`message` as a UserWarning at compress's caller (from a stage: warn, the stage,
+        _compress, compress, the caller), and in the report."""
+        warnings.warn(message, stacklevel=5)
+        self.warnings.append(message)
 
 
 def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig | None = None,
@@ -78,62 +89,53 @@ def compress(model: onnx.ModelProto | str | os.PathLike, config: CompressConfig 
     if metric is not None:
         config = replace(config, metric=metric)
     config.validate()
-    report = Report(config.eps, str(config.metric), config.select, config.cost, config.data_aware, {})
+    run = _Run(config, progress, observer or SearchObserver())
     try:
-        return _compress(model, config, calibration, labels, groups, progress, report, observer or SearchObserver())
+        return _compress(model, calibration, labels, groups, run)
     except MemoryError:
-        stage = next(reversed(report.timings), "load")
+        stage = next(reversed(run.timings), "load")
         raise OutOfMemory(f"out of memory in the {stage} stage (--max-memory {config.max_memory / 2**30:.1f} GiB): "
                           "give --max-memory what the machine can spare, or fewer calibration samples") from None
 
 
-def _compress(model, config: CompressConfig, calibration, labels, groups, progress: Progress,
-              report: Report, observer: SearchObserver) -> tuple[onnx.ModelProto, Report]:
-    with _timed(report, "load"):
-        original, prepared, targets = _load(model, config, report)
-        if config.finetune_epochs and targets:
-            from ..bridge.convert import to_torch
-            to_torch(prepared)  # a model onnx2torch cannot take fails now, not after the search
-    with _timed(report, "calibrate"):
-        cal = _calibrate(original, prepared, targets, calibration, labels, groups, config, report, progress)
-    config = replace(config, batch_size=cal.batch)
+def _compress(model, calibration, labels, groups, run: _Run) -> tuple[onnx.ModelProto, Report]:
+    """The stages in order, each handing the next its typed result; the report from them all."""
+    config = run.config
+    with run.timed("load"):
+        loaded = _load(model, run)
+    with run.timed("calibrate"):
+        cal = _calibrate(loaded, calibration, labels, groups, run)
     if not config.finetune_epochs:  # only a fine-tune's teacher needs it after the reference outputs
-        original = None
-    # ranges from the search part: the held-out part stays unseen by every fit and every choice
-    quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
-    runs_as = prepared  # the whole model as it runs
-    if quantizer is not None:
-        runs_as = quantizer(prepared)  # a model the quantizer refuses fails now, before the search
-        # batched, a dynamically quantized model's drop depends on the batching: the search
-        # (fragile samples first) and the check (in order) measured different drops of one model
-        config = replace(config, batch_size=measuring_batch(runs_as, config.batch_size))
-    timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch, quantizer=quantizer) \
-        if config.cost == "latency" else None
-    with _timed(report, "decompose"):
-        problems = _decompose(targets, cal, config, timer, progress)
-    search = _search(prepared, runs_as, problems, cal, config, timer, quantizer, progress, observer)
-    with _timed(report, "select"):
-        selected = STRATEGIES[config.select](search, config.strategy_context(prepared, cal.search_set, targets))
-        choice, reasons = selected.choice, selected.reasons
-        if timer is not None:
-            choice = _confirm_latency(timer, problems, choice, reasons)
-        report.search_drop = search.drop(choice)
-    with _timed(report, "verify"):
-        # auto's own path back, unless --cost latency's confirmation changed the choice
-        way_back = search.path if search.path and all(search.path[-1][k] is c for k, c in choice.items()) else None
-        compressed, choice, floats, bound = _verify(prepared, problems, choice, reasons, cal, config, timer,
-                                                    quantizer, report, way_back)
+        loaded = replace(loaded, original=None)
+    runtime = _runtime(loaded.prepared, cal, config)
+    with run.timed("decompose"):
+        problems = _decompose(loaded.targets, cal, runtime, run)
+    search = _search(loaded.prepared, problems, cal, runtime, run)
+    with run.timed("select"):
+        choice, reasons = _select(loaded, search, cal, runtime, config)
+    with run.timed("verify"):
+        decided = _verify(loaded.prepared, problems, search, choice, reasons, cal, runtime, run)
     if config.finetune_epochs:
-        with _timed(report, "finetune"):
-            compressed, choice, reasons = _finetune(original, prepared, problems, choice, reasons, compressed,
-                                                    bound, search, cal, config, report)
-    _summarize(report, prepared, compressed, problems, choice, reasons, search, cal, timer is not None)
-    if quantizer is not None:
-        _quantization_report(report, prepared, compressed, problems, choice, floats, cal, config, quantizer)
-    return compressed, report
+        with run.timed("finetune"):
+            decided = _finetune(loaded, problems, search, decided, cal, runtime, run)
+    quantized = _quantization(loaded.prepared, problems, decided, cal, runtime, run) if runtime.quantizer else None
+    report = _report(loaded, cal, problems, search, search.drop(choice), decided, quantized, runtime, run)
+    return decided.model, report
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Loaded:
+    """The model as given (None once only a fine-tune would need it), the model prepared
+    (BatchNorm and constants folded), the layers to factor and those skipped with their reasons."""
+
+    original: onnx.ModelProto | None
+    prepared: onnx.ModelProto
+    targets: list[LayerTarget]
+    skipped: list[Skipped]
+    file_size: int               # of the model as given
+
+
+@dataclass(frozen=True)
 class _Calibrated:
     """What the calibration stage gives the stages after it. The set is split (whole groups to a
     side): the search part is what everything is fitted and chosen on (layer statistics,
@@ -146,11 +148,13 @@ class _Calibrated:
     stats: dict                  # per target: its input statistics
     search_ref: list[np.ndarray]  # the original's outputs on each part
     held_ref: list[np.ndarray]
-    metric: str | UserMetric
+    metric: Metric
     level: float                 # the confidence the held-out bound is taken at (metrics.quality.resolution)
+    resolution: str              # what the held-out part can resolve, as a line
     feed: dict[str, np.ndarray]  # one run of one sample (or of the model's fixed batch): costs are counted at it
     batch: int                   # samples per run asked for: --batch-size, or fewer to fit --max-memory
     compensation: Compensation | None  # refits every model built (compensation/refit.py); None: --no-compensate
+    summary: dict                # the report's calibration entry
 
     def macs(self, model: onnx.ModelProto, kind: str = "macs") -> float:
         """The model's MACs (or parameters) per sample."""
@@ -160,11 +164,41 @@ class _Calibrated:
         return sum(c.macs for c in costs) // self.data.batch_for(1)
 
 
-def _load(model, config: CompressConfig, report: Report) -> tuple[onnx.ModelProto, onnx.ModelProto, list[LayerTarget]]:
-    """The model as given, the model prepared (BatchNorm and constants folded), and the layers
-    to factor (the others are in the report with their reasons)."""
+@dataclass(frozen=True)
+class _Runtime:
+    """How candidate models run: `batch` samples at a time (the calibration's, or one per run for
+    a dynamically quantized model), quantized as they will be written (`quantizer`, --quantize:
+    ranges from the search part), each layer and chain timed (`timer`, --cost latency); `runs_as`,
+    the original as it runs (quantized with --quantize), is timed whole."""
+
+    batch: int
+    quantizer: Quantizer | None
+    runs_as: onnx.ModelProto
+    timer: LayerTimer | None
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """What the held-out part decided: the model written, its choice and each layer's reason, the
+    units kept in float (--quantize; None: no quantized model held), the drop's bound there, the
+    steps taken back and the models tested, the quality before and after on the held-out part,
+    the whole models' latency (--cost latency), and the fine-tuning rounds (--finetune-epochs)."""
+
+    model: onnx.ModelProto
+    choice: Choice
+    reasons: dict[str, str]
+    floats: frozenset[str] | None
+    bound: Bound
+    backed_off: int
+    tested: int
+    quality_before: float
+    quality_after: float
+    latency: tuple[float, float] | None = None
+    finetune: tuple[dict, ...] = ()
+
+
+def _load(model, run: _Run) -> _Loaded:
     original = load_model(model) if not isinstance(model, onnx.ModelProto) else model
-    report.file_size_before = original.ByteSize()
     try:  # what onnxruntime cannot run, we cannot calibrate or verify
         session(original)
     except RUNTIME_ERRORS as e:
@@ -172,9 +206,8 @@ def _load(model, config: CompressConfig, report: Report) -> tuple[onnx.ModelProt
         raise InvalidModel(f"{where}onnxruntime cannot load the model: {runtime_message(e)}") from None
     prepared = prepare(original)
     targets, skipped = find_targets(prepared)
-    targets, skipped = _exclude(targets, skipped, config.exclude)
-    targets, skipped = _factorable(targets, skipped, config.methods or auto_methods())
-    report.skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in skipped]
+    targets, skipped = _exclude(targets, skipped, run.config.exclude)
+    targets, skipped = _factorable(targets, skipped, run.config.methods or auto_methods())
     if not targets:
         inside = _layers_in_subgraphs(prepared.graph)
         if inside and not skipped:
@@ -183,8 +216,11 @@ def _load(model, config: CompressConfig, report: Report) -> tuple[onnx.ModelProt
         else:
             message = "nothing to factor: the model has no Conv, Gemm or MatMul layer" + (
                 f" that can be ({len(skipped)} skipped; the report says why)" if skipped else "")
-        _warn(report, message)
-    return original, prepared, targets
+        run.warn(message)
+    if run.config.finetune_epochs and targets:
+        from ..bridge.convert import to_torch
+        to_torch(prepared)  # a model onnx2torch cannot take fails now, not after the search
+    return _Loaded(original, prepared, targets, skipped, original.ByteSize())
 
 
 def _layers_in_subgraphs(graph: onnx.GraphProto) -> int:
@@ -197,75 +233,84 @@ def _layers_in_subgraphs(graph: onnx.GraphProto) -> int:
     return count
 
 
-def _calibrate(original, prepared, targets, calibration, labels, groups, config: CompressConfig, report: Report,
-               progress: Progress) -> _Calibrated:
+def _calibrate(loaded: _Loaded, calibration, labels, groups, run: _Run) -> _Calibrated:
     """The calibration set read and split; one run of the original over each part, capturing
     every target's input statistics on the search part; the metric the outputs call for, and the
     confidence the held-out part can bound eps at."""
+    config, prepared, targets = run.config, loaded.prepared, loaded.targets
     data = load_calibration(calibration, prepared, labels, config.image, config.seed, groups)
     if data.synthetic:
-        message = ("no calibration data: ranks are chosen on synthetic N(0,1) inputs, which say little "
-                   "about real ones; give --calib for a result you can trust")
-        _warn(report, message)
+        run.warn("no calibration data: ranks are chosen on synthetic N(0,1) inputs, which say little "
+                 "about real ones; give --calib for a result you can trust")
     if (config.finetune_epochs or config.select == "hessian") and (data.whole or data.run_batch):
         # the PyTorch bridge batches the samples itself, along axis 0 of every array
         raise CalibrationError("--finetune-epochs and --select hessian need every input batched along axis 0 "
                                "with a free batch size; this model takes one sample or a fixed batch per run")
     search_set, held = data.split(config.holdout, config.seed)
-    advance = progress("capture", 1)
+    advance = run.progress("capture", 1)
     try:
         # a run's tensors are sized to an eighth of --max-memory, the statistics to a third
         batch = memory_batch(prepared, targets, search_set, config.batch_size, config.max_memory // 8)
         stats, search_ref = capture(prepared, targets, search_set, batch, seed=config.seed,
                                     stats_budget=config.max_memory // 3)
-        held_ref = predict(original, held, batch)
+        held_ref = predict(loaded.original, held, batch)
     except RUNTIME_ERRORS as e:
         raise _runtime_failure("onnxruntime failed running the model on the calibration data", e) from None
     advance()
-    report.calibration = {"source": data.source, "samples": len(data), "search": len(search_set),
-                          "heldout": len(held), "synthetic": data.synthetic, "labels": data.labels is not None,
-                          "groups": None if data.groups is None else len(np.unique(data.groups)),
-                          "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch)}
-    report.memory = {"max_memory": config.max_memory, "statistics_bytes": statistics_bytes(stats)}
+    summary = {"source": data.source, "samples": len(data), "search": len(search_set), "heldout": len(held),
+               "synthetic": data.synthetic, "labels": data.labels is not None,
+               "groups": None if data.groups is None else len(np.unique(data.groups)),
+               "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch),
+               "statistics_bytes": statistics_bytes(stats)}
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
     metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices, output_layouts(prepared))
-    report.metric = str(metric)
-    report.resolution, level, coarse = resolution(metric, len(held), held.groups, config.eps, config.confidence,
-                                                  config.holdout)
+    line, level, coarse = resolution(metric, len(held), held.groups, config.eps, config.confidence, config.holdout)
     if coarse:
-        _warn(report, coarse)
+        run.warn(coarse)
     compensation = None
     if config.compensate and not data.synthetic and targets:
         # on the search part, in two folds: the search measures each refit on the fold it did not see
         compensation = Compensation(prepared, targets, search_set, batch, config.seed, config.max_memory // 8)
-    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, level, data.sample_feed(), batch,
-                       compensation)
+    return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, level, line, data.sample_feed(),
+                       batch, compensation, summary)
 
 
-def _decompose(targets, cal: _Calibrated, config: CompressConfig, timer: LayerTimer | None,
-               progress: Progress) -> list:
+def _runtime(prepared: onnx.ModelProto, cal: _Calibrated, config: CompressConfig) -> _Runtime:
+    # ranges from the search part: the held-out part stays unseen by every fit and every choice
+    quantizer = Quantizer(prepared, cal.search_set, cal.batch, cal.feed) if config.quantize else None
+    runs_as, batch = prepared, cal.batch
+    if quantizer is not None:
+        runs_as = quantizer(prepared)  # a model the quantizer refuses fails now, before the search
+        # batched, a dynamically quantized model's drop depends on the batching: the search
+        # (fragile samples first) and the check (in order) measured different drops of one model
+        batch = measuring_batch(runs_as, batch)
+    timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch, quantizer=quantizer) \
+        if config.cost == "latency" else None
+    return _Runtime(batch, quantizer, runs_as, timer)
+
+
+def _decompose(targets, cal: _Calibrated, runtime: _Runtime, run: _Run) -> list:
     """Each target's ladder of candidates, priced in MACs, parameters or measured time."""
+    config, timer = run.config, runtime.timer
     problems = build_problems(targets, cal.stats, config.methods or auto_methods(),
                               "macs" if timer is not None else config.cost, config.data_aware,
-                              config.multiple(), config.jobs, progress("decompose", len(targets)),
+                              config.multiple(), config.jobs, run.progress("decompose", len(targets)),
                               FactorCache(config.max_memory // 32))
     if timer is not None:
-        advance = progress("time", len(problems))
+        advance = run.progress("time", len(problems))
         for p in problems:
             price_latency(p, timer)
             advance()
     return problems
 
 
-def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, config: CompressConfig,
-            timer: LayerTimer | None, quantizer: Quantizer | None, progress: Progress,
-            observer: SearchObserver) -> Search:
+def _search(prepared, problems, cal: _Calibrated, runtime: _Runtime, run: _Run) -> Search:
     """What the strategies search with: candidate models built and measured on the search part
     (quantized as written, with --quantize: selection spends eps on both), and the cost of the
-    rest of the model (skipped layers, activations, ...). `runs_as`: the original as it runs
-    (quantized with --quantize), timed whole under --cost latency."""
-    advance = progress("search", None)
-    meter = DropMeter(cal.metric, cal.search_set, cal.search_ref, config.eps, config.batch_size)
+    rest of the model (skipped layers, activations, ...)."""
+    config, quantizer = run.config, runtime.quantizer
+    advance = run.progress("search", None)
+    meter = DropMeter(cal.metric, cal.search_set, cal.search_ref, config.eps, runtime.batch)
 
     def measure(choice: Choice) -> float:
         model_ = build(prepared, problems, choice, False, cal.compensation, measured=True)
@@ -273,42 +318,51 @@ def _search(prepared, runs_as: onnx.ModelProto, problems, cal: _Calibrated, conf
             model_ = each(model_, lambda m: quantizer(export(m, config)))
         advance()
         drop = meter(model_)
-        observer.measured(search, choice, model_, drop)
+        run.observer.measured(search, choice, model_, drop)
         return drop
 
-
-    if timer is not None:
-        sess = session(runs_as, "deploy", config.threads, config.provider)
+    if runtime.timer is not None:
+        sess = session(runtime.runs_as, "deploy", config.threads, config.provider)
         total = time_session(sess, cal.data.sample_feed(config.latency_batch)).median
     else:
         total = cal.macs(prepared, config.cost)
     # latencies measured apart do not add up exactly, so never below zero
     search = Search(problems, measure, config.eps, other_cost=max(total - sum(p.base_cost for p in problems), 0.0),
-                    exact_original=quantizer is None, observer=observer,
+                    exact_original=quantizer is None, observer=run.observer,
                     written=lambda c: written(prepared, problems, c, config, cal.compensation, quantizer))
     return search
 
 
-def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _Calibrated, config: CompressConfig,
-            timer: LayerTimer | None, quantizer: Quantizer | None, report: Report,
-            way_back: list[Choice] | None = None) -> tuple[onnx.ModelProto, Choice, frozenset[str] | None, Bound]:
+def _select(loaded: _Loaded, search: Search, cal: _Calibrated, runtime: _Runtime,
+            config: CompressConfig) -> tuple[Choice, dict[str, str]]:
+    """--select's strategy on the search part; with --cost latency, its choice confirmed by timing."""
+    selected = STRATEGIES[config.select](search, config.strategy_context(loaded.prepared, cal.search_set,
+                                                                         loaded.targets))
+    choice, reasons = selected.choice, dict(selected.reasons)
+    if runtime.timer is not None:
+        choice = _confirm_latency(runtime.timer, search.problems, choice, reasons)
+    return choice, reasons
+
+
+def _verify(prepared, problems, search: Search, choice: Choice, reasons: dict[str, str], cal: _Calibrated,
+            runtime: _Runtime, run: _Run) -> _Decided:
     """The chosen model decided on the held-out part: the upper confidence bound of its drop there
     within eps, else a step back (strategies tuned to eps: verify.verify_choice); a failure raises
     VerificationError unless --no-verify."""
-    before_backoff = choice
+    config, timer = run.config, runtime.timer
+    # auto's own path back, unless --cost latency's confirmation changed the choice
+    way_back = search.path if search.path and all(search.path[-1][k] is c for k, c in choice.items()) else None
     confirm = (lambda c: _confirm_latency(timer, problems, c, reasons)) if timer is not None else None
     data, reference = cal.held, cal.held_ref
     verified = verify_choice(prepared, problems, choice, cal.metric, data, reference, config,
                              back_off=config.verify and tuned_to_eps(config), level=cal.level, confirm=confirm,
-                             quantizer=quantizer, feed=cal.feed, compensation=cal.compensation,
-                             way_back=way_back)
-    compressed, choice, outputs, bound = verified.model, verified.choice, verified.outputs, verified.bound
+                             quantizer=runtime.quantizer, feed=cal.feed, compensation=cal.compensation,
+                             way_back=way_back, batch=runtime.batch)
+    bound = verified.bound
     if timer is not None:
         timer.save()
-    _bound_report(report, bound)
-    report.backed_off, report.tested = verified.steps, verified.tested
     failures, notes = [], []  # failures fail verification; fixed ranks promised nothing
-    nonfinite = nonfinite_samples(reference, outputs, len(data))
+    nonfinite = nonfinite_samples(reference, verified.outputs, len(data))
     if nonfinite:
         failures.append(f"the compressed model outputs NaN or Inf on {nonfinite} of {len(data)} held-out "
                         "samples where the original does not")
@@ -323,104 +377,111 @@ def _verify(prepared, problems, choice: Choice, reasons: dict[str, str], cal: _C
     if failures and config.verify:
         raise VerificationError(f"{failures[0]}; nothing was written (--no-verify writes it anyway)")
     for message in failures + notes:
-        _warn(report, message)
-    for p in problems:
-        if choice[p.name] is not before_backoff[p.name]:
-            reasons[p.name] += " (backed off: the held-out bound exceeded eps)"
-    report.quality_before = quality(cal.metric, reference, reference, data.labels, data.indices).value
-    report.quality_after = quality(cal.metric, reference, outputs, data.labels, data.indices).value
-    check_model(compressed, prepared)
+        run.warn(message)
+    reasons = {k: v + (" (backed off: the held-out bound exceeded eps)" if verified.choice[k] is not choice[k] else "")
+               for k, v in reasons.items()}
+    check_model(verified.model, prepared)
+    latency = None
     if timer is not None:
-        sessions = [session(m, "deploy", config.threads, config.provider) for m in (prepared, compressed)]
-        report.latency_before, report.latency_after = (
-            float(np.median(t)) for t in interleaved(sessions, cal.data.sample_feed(config.latency_batch)))
-    return compressed, choice, verified.floats, bound
+        sessions = [session(m, "deploy", config.threads, config.provider) for m in (prepared, verified.model)]
+        latency = tuple(float(np.median(t)) for t in interleaved(sessions, cal.data.sample_feed(config.latency_batch)))
+    measure = cal.metric.against(reference, data.labels, data.indices)
+    return _Decided(verified.model, verified.choice, reasons, verified.floats, bound, verified.steps, verified.tested,
+                    measure.quality(reference).value, measure.quality(verified.outputs).value, latency)
 
 
-def _bound_report(report: Report, bound: Bound) -> None:
-    """The held-out part's verdict on the written model, into the report."""
-    report.drop, report.bound, report.confidence = bound.drop, bound.upper, bound.level
-    report.bound_method, report.groups, report.check_samples = bound.method, bound.groups, bound.samples
-
-
-def _finetune(original, prepared, problems, choice: Choice, reasons, compressed, verified: Bound, search: Search,
-              cal: _Calibrated, config: CompressConfig, report: Report
-              ) -> tuple[onnx.ModelProto, Choice, dict[str, str]]:
+def _finetune(loaded: _Loaded, problems, search: Search, decided: _Decided, cal: _Calibrated, runtime: _Runtime,
+              run: _Run) -> _Decided:
     """--finetune-epochs: the rounds of finetune_rounds.py, trained on the search part; the
-    cheapest model whose held-out bound is within eps is kept (`verified`: the selection's)."""
-    selected = compressed
-    compressed, choice, bound, reasons = finetune_rounds(
-        original, prepared, problems, choice, reasons, compressed, verified, search, config,
-        cal.search_set, cal.search_ref, cal.held, cal.held_ref, cal.metric, cal.level, report)
-    stopped = sum(r["stopped"] for r in report.finetune)
+    cheapest model whose held-out bound is within eps is kept (`decided`: the selection's)."""
+    config = run.config
+    tuned = finetune_rounds(loaded.original, loaded.prepared, problems, decided.choice, decided.reasons, decided.model,
+                            decided.bound, search, config, runtime.batch, cal.search_set, cal.search_ref, cal.held,
+                            cal.held_ref, cal.metric, cal.level)
+    stopped = sum(r["stopped"] for r in tuned.rounds)
     if stopped:
-        message = (f"fine-tuning stopped early in {stopped} of {len(report.finetune)} round(s): no learning "
-                   f"rate from --finetune-lr {config.finetune_lr:g} down to a thousandth of it lowered the "
-                   "training loss (or the model diverged)")
-        _warn(report, message)
-    if compressed is not selected:
-        _bound_report(report, bound)
-        report.quality_after = quality(cal.metric, cal.held_ref, predict(compressed, cal.held, config.batch_size),
-                                       cal.held.labels, cal.held.indices).value
-    check_model(compressed, prepared)
-    return compressed, choice, reasons
+        run.warn(f"fine-tuning stopped early in {stopped} of {len(tuned.rounds)} round(s): no learning rate from "
+                 f"--finetune-lr {config.finetune_lr:g} down to a thousandth of it lowered the training loss (or the "
+                 "model diverged)")
+    check_model(tuned.model, loaded.prepared)
+    if tuned.model is decided.model:
+        return replace(decided, finetune=tuple(tuned.rounds))
+    after = quality(cal.metric, cal.held_ref, predict(tuned.model, cal.held, runtime.batch), cal.held.labels,
+                    cal.held.indices).value
+    return replace(decided, model=tuned.model, choice=tuned.choice, reasons=tuned.reasons, bound=tuned.bound,
+                   quality_after=after, finetune=tuple(tuned.rounds))
 
 
-def _summarize(report: Report, prepared, compressed, problems, choice: Choice, reasons: dict[str, str],
-               search: Search, cal: _Calibrated, timed: bool) -> None:
-    """Per-layer and whole-model numbers of the result into the report."""
-    report.trace = search.trace
-    report.layers = [_layer_report(p, choice[p.name], reasons[p.name], timed) for p in problems]
-    report.macs_before, report.macs_after = cal.macs(prepared), cal.macs(compressed)
-    report.params_before, report.params_after = model_params(prepared), model_params(compressed)
-    report.file_size_after = compressed.ByteSize()
-    report.memory["peak_rss_bytes"] = peak_rss()
-    factored = {p.name for p in problems if choice[p.name].factored}
-    attention = attention_projections(prepared, factored)
-    if attention:
-        _warn(report, f"{len(attention)} factored layer(s) are attention projections, which onnxruntime's "
-                      "transformer optimizer cannot fuse into its Attention op once they are factored (MiniLM-L6 "
-                      "ran slower than the original so); to keep the fusion, run onnxruntime.transformers.optimizer "
-                      "first and convert the model it writes")
-
-
-def _quantization_report(report: Report, prepared, compressed, problems, choice: Choice,
-                         floats: frozenset[str] | None, cal: _Calibrated, config: CompressConfig,
-                         quantizer: Quantizer) -> None:
-    """--quantize: which layers are int8 and which float, and why; the same choice in float beside
-    it (its drop and size: what quantization cost and gave); quantized ops onnxruntime would still
-    run in float."""
-    float_model = written(prepared, problems, choice, config, cal.compensation)
+def _quantization(prepared, problems, decided: _Decided, cal: _Calibrated, runtime: _Runtime,
+                  run: _Run) -> tuple[dict, set[str]]:
+    """--quantize: which units are int8 and which float, and why (`float_layers`); the same choice
+    in float beside it (its drop and size: what quantization cost and gave); quantized ops
+    onnxruntime would still run in float. And the names of all the units."""
+    config, quantizer, floats = run.config, runtime.quantizer, decided.floats
+    float_model = written(prepared, problems, decided.choice, config, cal.compensation)
     data, reference = cal.held, cal.held_ref
-    float_drop = quality(cal.metric, reference, predict(float_model, data, config.batch_size), data.labels,
+    float_drop = quality(cal.metric, reference, predict(float_model, data, runtime.batch), data.labels,
                          data.indices).drop
     found = units(float_model, [p.target for p in problems])
     if floats is None:
         why = {u.name: "kept in float: no quantized model held eps (the back-off ended unquantized)" for u in found}
-        _warn(report, f"--quantize int8: no quantized model kept the {cal.metric} drop within eps {config.eps}, "
-                      "even with every Conv/Gemm/MatMul in float; the model is written unquantized")
+        run.warn(f"--quantize int8: no quantized model kept the {cal.metric} drop within eps {config.eps}, "
+                 "even with every Conv/Gemm/MatMul in float; the model is written unquantized")
     else:
-        done = quantized_units(compressed, found)
+        done = quantized_units(decided.model, found)
         why = {u.name: "kept in float by the back-off: that removed more error per MAC than a rank step"
                if u.name in floats else "left in float by onnxruntime's quantizer (no int8 kernel for it)"
                for u in found if u.name not in done}
         if not done:
-            _warn(report, "--quantize int8: onnxruntime's quantizer quantized no layer of this model; "
-                          "it is written in float")
-    report.quantization = {"mode": quantizer.mode, "float_drop": float_drop,
-                           "float_file_size": float_model.ByteSize(), "int8_layers": len(found) - len(why),
-                           "float_layers": why,
-                           "unfused": [] if floats is None else unfused(compressed, [n for u in found if u.name in why
-                                                                                    for n in u.nodes])}
-    for layer in report.layers:
-        layer.precision = "float" if layer.name in why else "int8"
-    for s in report.skipped:
-        if any(u.name == s["name"] for u in found):
-            s["precision"] = "float" if s["name"] in why else "int8"
-    if report.quantization["unfused"]:
-        _warn(report, f"{len(report.quantization['unfused'])} quantized op(s) would run in float between "
-                      f"DequantizeLinear and QuantizeLinear in onnxruntime (not fused): "
-                      f"{', '.join(report.quantization['unfused'][:3])}")
+            run.warn("--quantize int8: onnxruntime's quantizer quantized no layer of this model; it is written in float")
+    kept_float = [n for u in found if u.name in why for n in u.nodes]
+    result = {"mode": quantizer.mode, "float_drop": float_drop, "float_file_size": float_model.ByteSize(),
+              "int8_layers": len(found) - len(why), "float_layers": why,
+              "unfused": [] if floats is None else unfused(decided.model, kept_float)}
+    if result["unfused"]:
+        run.warn(f"{len(result['unfused'])} quantized op(s) would run in float between DequantizeLinear and "
+                 f"QuantizeLinear in onnxruntime (not fused): {', '.join(result['unfused'][:3])}")
+    return result, {u.name for u in found}
+
+
+def _report(loaded: _Loaded, cal: _Calibrated, problems, search: Search, search_drop: float, decided: _Decided,
+            quantized: tuple[dict, set[str]] | None, runtime: _Runtime, run: _Run) -> Report:
+    """The report, assembled once from what the stages gave."""
+    config, prepared, compressed, bound = run.config, loaded.prepared, decided.model, decided.bound
+    factored = {p.name for p in problems if decided.choice[p.name].factored}
+    attention = attention_projections(prepared, factored)
+    if attention:
+        run.warn(f"{len(attention)} factored layer(s) are attention projections, which onnxruntime's transformer "
+                 "optimizer cannot fuse into its Attention op once they are factored (MiniLM-L6 ran slower than the "
+                 "original so); to keep the fusion, run onnxruntime.transformers.optimizer first and convert the model "
+                 "it writes")
+    summary = dict(cal.summary)
+    memory = {"max_memory": config.max_memory, "statistics_bytes": summary.pop("statistics_bytes"),
+              "peak_rss_bytes": peak_rss()}
+    layers = [_layer_report(p, decided.choice[p.name], decided.reasons[p.name], runtime.timer is not None)
+              for p in problems]
+    skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in loaded.skipped]
+    quantization = {}
+    if quantized is not None:
+        quantization, unit_names = quantized
+        in_float = quantization["float_layers"]
+        for layer in layers:
+            layer.precision = "float" if layer.name in in_float else "int8"
+        for s in skipped:
+            if s["name"] in unit_names:
+                s["precision"] = "float" if s["name"] in in_float else "int8"
+    latency = decided.latency or (None, None)
+    return Report(
+        config.eps, str(cal.metric), config.select, config.cost, config.data_aware, summary, layers=layers,
+        skipped=skipped, params_before=model_params(prepared), params_after=model_params(compressed),
+        macs_before=cal.macs(prepared), macs_after=cal.macs(compressed),
+        file_size_before=loaded.file_size,
+        file_size_after=compressed.ByteSize(), quality_before=decided.quality_before,
+        quality_after=decided.quality_after, drop=bound.drop, bound=bound.upper, confidence=bound.level,
+        bound_method=bound.method, groups=bound.groups, check_samples=bound.samples, resolution=cal.resolution,
+        tested=decided.tested, search_drop=search_drop, backed_off=decided.backed_off, latency_before=latency[0],
+        latency_after=latency[1], timings=dict(run.timings), trace=search.trace, warnings=list(run.warnings),
+        finetune=list(decided.finetune), memory=memory, quantization=quantization)
 
 
 def peak_rss() -> int:
@@ -452,20 +513,20 @@ def compress_file(src: str | os.PathLike, dst: str | os.PathLike, config: Compre
     out, report = compress(src, config, calibration, labels, progress, groups=groups)
     if process_rank() != 0:  # under torchrun (--finetune-epochs): every process holds the same model
         return report
-    written: list[Path] = []
+    saved: list[Path] = []
     with _interrupts_ignored():
         try:  # all or nothing: a failure writing the report or the plots takes back the model
             save_model(out, dst)
-            written.append(Path(dst))
+            saved.append(Path(dst))
             report.file_size_after = Path(dst).stat().st_size
             report.file_size_before = Path(src).stat().st_size
             if report_path is not None:
                 report.write_json(report_path)
-                written.append(Path(report_path))
+                saved.append(Path(report_path))
             if plots is not None:  # last: on a failure it removes what it wrote itself
                 report.plots(plots)
         except BaseException:
-            for path in written:
+            for path in saved:
                 path.unlink(missing_ok=True)
             raise
     return report

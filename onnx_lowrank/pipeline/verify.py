@@ -95,7 +95,8 @@ class Verified:
 def verify_choice(prepared, problems, choice: Choice, metric, data, reference, config, back_off: bool,
                   level: float, confirm: Callable[[Choice], Choice] | None = None,
                   quantizer: Quantizer | None = None, feed: dict[str, np.ndarray] | None = None,
-                  compensation: Compensation | None = None, way_back: list[Choice] | None = None) -> Verified:
+                  compensation: Compensation | None = None, way_back: list[Choice] | None = None,
+                  batch: int | None = None) -> Verified:
     """What is written, decided on `data`, the held-out part: samples that no fitting (statistics,
     compensation) and no choice touched. A model holds when the upper confidence bound of its drop
     there, at `level`, is within eps (metrics.quality.drop_bound) and it outputs no NaN or Inf where the
@@ -119,7 +120,7 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
 
     def measured(state) -> tuple[onnx.ModelProto, list[np.ndarray], Bound, bool]:
         model = model_of(*state, infer=False)  # no shape inference while deciding: once, on the model kept
-        outputs = predict(model, data, config.batch_size)
+        outputs = predict(model, data, batch or config.batch_size)
         bound = drop_bound(metric, reference, outputs, data.labels, data.indices, data.groups, level, config.seed)
         finite = not nonfinite_samples(reference, outputs, len(data))
         return model, outputs, bound, finite and bound.upper <= config.eps
