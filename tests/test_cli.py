@@ -181,7 +181,7 @@ def test_an_unexpected_exception_is_one_line_and_exit_3(tmp_path, monkeypatch, c
     def broken(*args, **kwargs):
         raise IndexError("list index out of range\nsecond line")
 
-    monkeypatch.setattr(pipeline, "capture", broken)
+    monkeypatch.setattr(pipeline, "capture_within", broken)
     argv = ["onnx-lowrank", "convert", str(MODELS / "digit_cnn.onnx"), str(tmp_path / "out.onnx"), "--calib", str(calib)]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("ONNX_LOWRANK_DEBUG", raising=False)

@@ -170,6 +170,15 @@ def memory_batch(model: onnx.ModelProto, targets: list[LayerTarget], data: Calib
     return max(1, min(batch_size, int(budget // max(3 * per_sample, 1))))
 
 
+def capture_within(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet, batch_size: int,
+                   max_memory: int, seed: int = 0) -> tuple[dict[str, "LayerStats"], list[np.ndarray], int]:
+    """`capture` within --max-memory: a run's tensors sized to an eighth of it, the statistics to
+    a third. Also the batch the runs took (memory_batch)."""
+    batch = memory_batch(model, targets, data, batch_size, max_memory // 8)
+    stats, outputs = capture(model, targets, data, batch, seed=seed, stats_budget=max_memory // 3)
+    return stats, outputs, batch
+
+
 def _wanted(model: onnx.ModelProto, targets: list[LayerTarget]) -> list[str]:
     """The targets' inputs that are not graph inputs or outputs already."""
     present = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}

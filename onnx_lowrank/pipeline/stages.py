@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from ..calibration.capture import capture, memory_batch, statistics_bytes
+from ..calibration.capture import capture_within, statistics_bytes
 from ..calibration.data import CalibrationError, CalibrationSet, input_layout, load_calibration, model_inputs
 from ..compensation.refit import Compensation
 from ..config import CompressConfig
@@ -249,10 +249,8 @@ def _calibrate(loaded: _Loaded, calibration, labels, groups, run: _Run) -> _Cali
     search_set, held = data.split(config.holdout, config.seed)
     advance = run.progress("capture", 1)
     try:
-        # a run's tensors are sized to an eighth of --max-memory, the statistics to a third
-        batch = memory_batch(prepared, targets, search_set, config.batch_size, config.max_memory // 8)
-        stats, search_ref = capture(prepared, targets, search_set, batch, seed=config.seed,
-                                    stats_budget=config.max_memory // 3)
+        stats, search_ref, batch = capture_within(prepared, targets, search_set, config.batch_size,
+                                                  config.max_memory, config.seed)
         held_ref = predict(loaded.original, held, batch)
     except RUNTIME_ERRORS as e:
         raise _runtime_failure("onnxruntime failed running the model on the calibration data", e) from None

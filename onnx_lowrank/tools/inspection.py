@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..calibration.capture import LayerStats, capture, memory_batch, statistics_bytes
+from ..calibration.capture import LayerStats, capture_within, statistics_bytes
 from ..calibration.data import input_layout, load_calibration
 from ..decompositions import METHODS, reason_not_applicable
 from ..graph.targets import LayerTarget
@@ -51,8 +51,7 @@ def compressibility(model: onnx.ModelProto, targets: list[LayerTarget], calib, b
     how, data = how_run(model, calib)
     if data is not None:
         data = data.take(np.arange(min(INSPECT_SAMPLES, len(data))))
-        batch = memory_batch(model, factorable, data, batch_size, max_memory // 8)
-        stats, _ = capture(model, factorable, data, batch, stats_budget=max_memory // 3)
+        stats, _, batch = capture_within(model, factorable, data, batch_size, max_memory)
         how.update(run_batch=data.batch_for(batch), memory={"max_memory": max_memory,
                                                               "statistics_bytes": statistics_bytes(stats)})
     else:
