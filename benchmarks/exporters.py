@@ -38,7 +38,7 @@ def variants(net: em.Net) -> dict[str, onnx.ModelProto]:
         "dynamic batch, H, W": em.dynamic_hw(net),
         "float16, float32 I/O (Casts)": em.float16(net, keep_io_types=True),
         "float16 I/O": em.float16(net, keep_io_types=False),
-        "2 inputs, 3 outputs (cosine)": em.multi_io(net),
+        "2 inputs, 3 outputs": em.multi_io(net),
         "Concat joins": em.concat_blocks(net),
         "head inside If": em.if_head(net),
         "conv inside Loop": em.loop_block(net),
