@@ -3,7 +3,7 @@ eps 0.005 (accuracy, labels), each calibrated on many different sets, every writ
 on every MNIST image outside its set, part by part.
 
     .venv/bin/python benchmarks/calibration_sets.py [--models mnist_cnn,digit_cnn] [--eps 0.005]
-        [--sizes 300,1000,3000] [--finetune] [--confidence C] [--holdout H] [--json out.json]
+        [--sizes 300,1000,3000] [--finetune] [--confidence C] [--holdout H] [--no-compensate] [--json out.json]
 
 Sets: of 1000, ten (slices of training, validation and test, and random draws from each split);
 of 300 and 3000, five each. With --finetune, the 1000-image sets again with --finetune-epochs 2.
@@ -99,18 +99,20 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="the 1000-image sets with --finetune-epochs 2 too")
     parser.add_argument("--confidence", type=float, default=None, help="default: the converter's")
     parser.add_argument("--holdout", type=float, default=None, help="default: the converter's")
+    parser.add_argument("--no-compensate", action="store_true", help="convert with --no-compensate")
     parser.add_argument("--json", type=Path, default=None, help="every row, for later analysis")
     args = parser.parse_args()
     eps = args.eps
     splits = mnist()
     data = dict(zip(SPLITS, splits))
     runs = [(int(n), 0) for n in args.sizes.split(",") if n] + ([(1000, 2)] if args.finetune else [])
-    config = CompressConfig(eps=eps)
+    config = CompressConfig(eps=eps, compensate=not args.no_compensate)
     for field, value in (("confidence", args.confidence), ("holdout", args.holdout)):
         if value is not None:
             config = replace(config, **{field: value})
     parts = ("test rest", "validation rest", "test[:5000]", "test[5000:]")
-    table = Table(title=f"MNIST at eps {eps}, confidence {config.confidence}, --holdout {config.holdout}: every "
+    table = Table(title=f"MNIST at eps {eps}, confidence {config.confidence}, --holdout {config.holdout}"
+                        f"{'' if config.compensate else ', --no-compensate'}: every "
                         "written model judged on every test and validation image outside its calibration set")
     for col in ("model", "set", "fine-tune", "MACs", "bound (level)", "held-out drop", *parts, "time"):
         table.add_column(col, justify="right")
