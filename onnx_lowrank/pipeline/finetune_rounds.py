@@ -35,8 +35,9 @@ class Tuned:
 
 
 def finetune_rounds(original, prepared, problems, choice, reasons, compressed, bound, search, config, batch,
-                    train, train_ref, held, held_ref, metric, level) -> Tuned:
-    """Kokhazadeh et al.'s loop. The model selection chose is fine-tuned on the search part (`train`) and
+                    train, train_ref, held, held_ref, metric, level, compensation=None) -> Tuned:
+    """Kokhazadeh et al.'s loop. The model selection chose (compensated on the search part, as every
+    model of the rounds is, where `compensation` is given) is fine-tuned on the search part (`train`) and
     measured on the held-out part, where a model fits when the upper confidence bound of its drop
     at `level` is within eps (metrics.quality.drop_bound).
     From it (it holds without fine-tuning), and while the fine-tuned models fit eps, compress
@@ -62,7 +63,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
 
     def attempt(how: str, budget_: float | None, choice_: Choice, reasons_: dict) -> bool:
         nonlocal best
-        model = build(prepared, problems, choice_)
+        model = build(prepared, problems, choice_, True, compensation)  # fine-tuned from the refit chains
         untuned = quality(metric, held_ref, predict(model, held, batch), held.labels, held.indices)
         macs = sum(c.macs for c in costs_at(model, feed))  # the fine-tuned model has the same layers
         entry = {"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop}
@@ -105,8 +106,8 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
             if not 0 < budget < 1:  # (eps 0: no drop to double)
                 break
             meter = DropMeter(metric, train, train_ref, budget, batch)
-            wider = Search(problems, lambda c: meter(build(prepared, problems, c, infer=False)), budget,
-                           search.other_cost)
+            wider = Search(problems, lambda c: meter(build(prepared, problems, c, False, compensation, measured=True)),
+                           budget, search.other_cost)
             selected = STRATEGIES[config.select](wider, config.strategy_context(prepared, train,
                                                                                 [p.target for p in problems]))
             current, current_reasons = selected.choice, selected.reasons

@@ -395,7 +395,7 @@ def _finetune(loaded: _Loaded, problems, search: Search, decided: _Decided, cal:
     config = run.config
     tuned = finetune_rounds(loaded.original, loaded.prepared, problems, decided.choice, decided.reasons, decided.model,
                             decided.bound, search, config, runtime.batch, cal.search_set, cal.search_ref, cal.held,
-                            cal.held_ref, cal.metric, cal.level)
+                            cal.held_ref, cal.metric, cal.level, cal.compensation)
     stopped = sum(r["stopped"] for r in tuned.rounds)
     if stopped:
         run.warn(f"fine-tuning stopped early in {stopped} of {len(tuned.rounds)} round(s): no learning rate from "
