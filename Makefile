@@ -74,7 +74,10 @@ bench: $(STAMP) $(BENCH_MODELS)
 	$(PY) benchmarks/int8_widths.py
 	$(PY) benchmarks/rank_multiple.py
 	$(PY) benchmarks/calibration_sets.py --finetune
+	$(PY) benchmarks/calibration_sets.py --sizes 1000 --no-compensate
 	$(PY) benchmarks/path_unseen.py --holdout 0.5
+	$(PY) benchmarks/exporters.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
