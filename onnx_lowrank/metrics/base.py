@@ -63,8 +63,8 @@ class Measure:
         raise NotImplementedError
 
     def least(self, rows: np.ndarray) -> np.ndarray:
-        """Per part, the least the samples at `rows` can add to the sum: 0 unless a model can
-        gain there (accuracy: the samples the original gets wrong)."""
+        """Per part (or one value for all parts), the least the samples at `rows` can add to the
+        sum: 0 unless a model can gain there (accuracy: the samples the original gets wrong)."""
         return np.zeros(1)
 
     def order(self) -> np.ndarray:

@@ -238,9 +238,6 @@ class _R2Measure(Measure):
             parts.append(np.mean(err / v, axis=1))
         return np.stack(parts, axis=1)
 
-    def least(self, rows):
-        return np.zeros(len(self.reference))
-
 
 class Cosine(Metric):
     """1 - the mean cosine similarity per sample, the worst output counting. It can be fooled: a
@@ -256,9 +253,6 @@ class _CosineMeasure(Measure):
     def per_sample(self, outputs, rows=None):
         refs = self.reference if rows is None else [r[rows] for r in self.reference]
         return np.stack([1.0 - _cosines(r, o) for r, o in zip(refs, outputs)], axis=1)
-
-    def least(self, rows):
-        return np.zeros(len(self.reference))
 
 
 OWN_FLOOR = 1e-4  # a channel's variance is taken as at least this share of its mean square: one
@@ -327,10 +321,10 @@ class DropMeter:
     def __init__(self, metric: str | Metric, data: CalibrationSet, reference: list[np.ndarray], eps: float,
                  batch_size: int = 64) -> None:
         self.eps, self.batch_size = eps, batch_size
-        measure = named(metric).against(reference, data.labels, data.indices)
-        order = measure.order()
-        self.data = data.take(order)
-        self.measure = named(metric).against([r[order] for r in reference], self.data.labels, self.data.indices)
+        self.measure = named(metric).against(reference, data.labels, data.indices)
+        self.source = data
+        self.order = self.measure.order()  # the samples in the order they run: self.data[i] is source[order[i]]
+        self.data = data.take(self.order)
         self.n = len(self.data)
         self.exact = True
 
@@ -339,17 +333,16 @@ class DropMeter:
         names = [o.name for o in sess.get_outputs()]
         self.exact = True
         if not self.measure.samplewise:
-            return self.measure.drop(predict(sess, self.data, self.batch_size, names))
+            return self.measure.drop(predict(sess, self.source, self.batch_size, names))
         sums = None  # per part, the sum over the samples seen of what each adds to the drop
         start, size = 0, self.FIRST_CHUNK
         while start < self.n:
             stop = min(self.n, start + size)
-            rows = np.arange(start, stop)
-            outs = predict(sess, self.data.take(rows), self.batch_size, names)
-            added = np.sum(self.measure.per_sample(outs, rows), axis=0)
+            outs = predict(sess, self.data.take(np.arange(start, stop)), self.batch_size, names)
+            added = np.sum(self.measure.per_sample(outs, self.order[start:stop]), axis=0)
             sums = added if sums is None else sums + added
             start, size = stop, 2 * size
-            bound = float(np.max(sums + self.measure.least(np.arange(start, self.n)))) / self.n
+            bound = float(np.max(sums + self.measure.least(self.order[start:]))) / self.n
             if bound > self.eps and start < self.n:
                 self.exact = False
                 return bound

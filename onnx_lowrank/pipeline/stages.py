@@ -155,6 +155,7 @@ class _Calibrated:
     batch: int                   # samples per run asked for: --batch-size, or fewer to fit --max-memory
     compensation: Compensation | None  # refits every model built (compensation/refit.py); None: --no-compensate
     summary: dict                # the report's calibration entry
+    statistics_bytes: int        # what the layer statistics take
 
     def macs(self, model: onnx.ModelProto, kind: str = "macs") -> float:
         """The model's MACs (or parameters) per sample."""
@@ -258,8 +259,7 @@ def _calibrate(loaded: _Loaded, calibration, labels, groups, run: _Run) -> _Cali
     summary = {"source": data.source, "samples": len(data), "search": len(search_set), "heldout": len(held),
                "synthetic": data.synthetic, "labels": data.labels is not None,
                "groups": None if data.groups is None else len(np.unique(data.groups)),
-               "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch),
-               "statistics_bytes": statistics_bytes(stats)}
+               "inputs": input_layout(prepared, data), "run_batch": search_set.batch_for(batch)}
     require_finite(prepared, search_ref, held_ref, len(search_set), len(held))
     metric = resolve_metric(config.metric, search_ref, data.labels, search_set.indices, output_layouts(prepared))
     line, level, coarse = resolution(metric, len(held), held.groups, config.eps, config.confidence, config.holdout)
@@ -270,7 +270,7 @@ def _calibrate(loaded: _Loaded, calibration, labels, groups, run: _Run) -> _Cali
         # on the search part, in two folds: the search measures each refit on the fold it did not see
         compensation = Compensation(prepared, targets, search_set, batch, config.seed, config.max_memory // 8)
     return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, level, line, data.sample_feed(),
-                       batch, compensation, summary)
+                       batch, compensation, summary, statistics_bytes(stats))
 
 
 def _runtime(prepared: onnx.ModelProto, cal: _Calibrated, config: CompressConfig) -> _Runtime:
@@ -431,7 +431,8 @@ def _quantization(prepared, problems, decided: _Decided, cal: _Calibrated, runti
                if u.name in floats else "left in float by onnxruntime's quantizer (no int8 kernel for it)"
                for u in found if u.name not in done}
         if not done:
-            run.warn("--quantize int8: onnxruntime's quantizer quantized no layer of this model; it is written in float")
+            run.warn("--quantize int8: onnxruntime's quantizer quantized no layer of this model; "
+                     "it is written in float")
     kept_float = [n for u in found if u.name in why for n in u.nodes]
     result = {"mode": quantizer.mode, "float_drop": float_drop, "float_file_size": float_model.ByteSize(),
               "int8_layers": len(found) - len(why), "float_layers": why,
@@ -453,9 +454,7 @@ def _report(loaded: _Loaded, cal: _Calibrated, problems, search: Search, search_
                  "optimizer cannot fuse into its Attention op once they are factored (MiniLM-L6 ran slower than the "
                  "original so); to keep the fusion, run onnxruntime.transformers.optimizer first and convert the model "
                  "it writes")
-    summary = dict(cal.summary)
-    memory = {"max_memory": config.max_memory, "statistics_bytes": summary.pop("statistics_bytes"),
-              "peak_rss_bytes": peak_rss()}
+    memory = {"max_memory": config.max_memory, "statistics_bytes": cal.statistics_bytes, "peak_rss_bytes": peak_rss()}
     layers = [_layer_report(p, decided.choice[p.name], decided.reasons[p.name], runtime.timer is not None)
               for p in problems]
     skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in loaded.skipped]
@@ -470,7 +469,7 @@ def _report(loaded: _Loaded, cal: _Calibrated, problems, search: Search, search_
                 s["precision"] = "float" if s["name"] in in_float else "int8"
     latency = decided.latency or (None, None)
     return Report(
-        config.eps, str(cal.metric), config.select, config.cost, config.data_aware, summary, layers=layers,
+        config.eps, str(cal.metric), config.select, config.cost, config.data_aware, dict(cal.summary), layers=layers,
         skipped=skipped, params_before=model_params(prepared), params_after=model_params(compressed),
         macs_before=cal.macs(prepared), macs_after=cal.macs(compressed),
         file_size_before=loaded.file_size,

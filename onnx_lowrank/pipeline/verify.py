@@ -29,7 +29,7 @@ from ..selection.candidates import cost_of
 def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True,
           compensation: Compensation | None = None, measured: bool = False) -> onnx.ModelProto | FoldedModel:
     """The prepared model with the chosen candidates. With `compensation` their chains' last steps
-    are refit to the original's outputs (compensation/refit.py): on the whole calibration set for the
+    are refit to the original's outputs (compensation/refit.py): on the whole search part for the
     model written, or, `measured`, as two refits each answering for the fold it was not fitted on
     (a FoldedModel, not shape-inferred): what the drop of a refit model is measured on."""
     chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factored]
