@@ -57,7 +57,7 @@ def main() -> None:
         chosen = [(t, decompose(t.layer, "cp", rank=args.rank, correct=correct)) for t in convs]
         seconds = time.perf_counter() - start
         largest = max(float(np.max(np.abs(f))) for _, factors in chosen for f in factors.factors)
-        model = replace_layers(prepared, chosen)
+        model = replace_layers(prepared, chosen).model
         before = accuracy(model)
         for lr in args.lr:
             try:

@@ -172,7 +172,7 @@ def rank_table(calib: Path, unseen: dict, ranks: tuple[int, ...]) -> None:
                 else:
                     f = svd_llm(t.layer, raw[t.name], r)
                 chosen.append((t, f))
-            out = replace_layers(model, chosen)
+            out = replace_layers(model, chosen).model
             rows[how] = judged(ref, embed(out, unseen))
         macs = projection_mac_ratio(chosen, stats)
         print(f"| {r} | {macs:.2f}x | " + " | ".join(
@@ -217,7 +217,7 @@ def distill_table(calib: Path, unseen: dict, ranks: tuple[int, ...], epochs: int
         chosen = [(t, decompose(dataclasses.replace(t.layer, input_cov=stats[t.name].second_moment()), "svd", rank=r))
                   for t in targets]
         macs = projection_mac_ratio(chosen, stats)
-        module = to_torch(replace_layers(model, chosen))  # eval mode: no dropout
+        module = to_torch(replace_layers(model, chosen).model)  # eval mode: no dropout
         cells = [f"{unseen_r2(module):.4f}"]
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         rng = np.random.default_rng(0)

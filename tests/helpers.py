@@ -82,7 +82,7 @@ def compress(model: onnx.ModelProto, key: str, **options) -> onnx.ModelProto:
     targets, _ = find_targets(prepared)
     opts = dict(FULL[key], **options)
     chosen = [(t, decompose(t.layer, method_name(key), **opts)) for t in targets]
-    out = replace_layers(prepared, chosen)
+    out = replace_layers(prepared, chosen).model
     onnx.checker.check_model(out, full_check=True)
     return out
 

@@ -16,6 +16,7 @@ from onnx_lowrank.compensation.refit import Compensation
 from onnx_lowrank.decompositions import decompose
 from onnx_lowrank.graph import find_targets, prepare, replace_layers
 from onnx_lowrank.graph.downstream import with_outputs
+from onnx_lowrank.graph.rewrite import Rewritten
 from onnx_lowrank.runtime.sessions import predict
 
 
@@ -28,7 +29,7 @@ def _outputs(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -> list[np
     return predict(with_outputs(model, names), CalibrationSet({model.graph.input[0].name: x}), 256, names)
 
 
-def _factored(prepared, targets, rank: int, method: str = "svd") -> onnx.ModelProto:
+def _factored(prepared, targets, rank: int, method: str = "svd") -> Rewritten:
     return replace_layers(prepared, [(t, decompose(t.layer, method, rank=rank)) for t in targets], infer=False)
 
 
@@ -38,10 +39,11 @@ def test_refit_brings_every_layer_closer_to_the_original_on_unseen_digits():
     before = prepared.SerializeToString()
     fit_x, _ = _mnist(0, 512)
     x, labels = _mnist(5000, 2000)  # digits the refit never saw
-    comp = Compensation(prepared, targets, CalibrationSet({"image": fit_x}), 64, 0, 2**30)
+    comp = Compensation.read(prepared, targets, CalibrationSet({"image": fit_x}), 64, 0, 2**30)
     assert set(comp.targets) == {t.name for t in targets}
-    plain = _factored(prepared, targets, rank=4)
-    refit = comp.refit(_factored(prepared, targets, rank=4), [t.name for t in targets])
+    plain = _factored(prepared, targets, rank=4).model
+    factored = _factored(prepared, targets, rank=4)
+    refit = comp.refit(factored.model, factored.chains)
     assert prepared.SerializeToString() == before  # the model it was built from is left alone
 
     names = [t.output for t in targets]
@@ -62,9 +64,9 @@ def test_an_exact_chain_stays_exact():
     prepared = prepare(onnx.load(MODELS / "mnist_cnn.onnx"))
     targets, _ = find_targets(prepared)
     x, _ = _mnist(0, 256)
-    comp = Compensation(prepared, targets, CalibrationSet({"image": x}), 64, 0, 2**30)
+    comp = Compensation.read(prepared, targets, CalibrationSet({"image": x}), 64, 0, 2**30)
     full = replace_layers(prepared, [(t, decompose(t.layer, "svd")) for t in targets], infer=False)
-    refit = comp.refit(full, [t.name for t in targets])
+    refit = comp.refit(full.model, full.chains)
     want, got = run(prepared, {"image": x[:64]})[0], run(refit, {"image": x[:64]})[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
@@ -99,9 +101,10 @@ def test_dense_patterns_are_refit(bias):
     assert len(targets) == 2
     shape = (400, 16) if bias == "gemm" else (400, 5, 16)
     x = rng.standard_normal(shape).astype(np.float32)
-    comp = Compensation(prepared, targets, CalibrationSet({"x": x[:300]}), 64, 0, 2**30)
-    plain = _factored(prepared, targets, rank=6)
-    refit = comp.refit(_factored(prepared, targets, rank=6), [t.name for t in targets])
+    comp = Compensation.read(prepared, targets, CalibrationSet({"x": x[:300]}), 64, 0, 2**30)
+    plain = _factored(prepared, targets, rank=6).model
+    factored = _factored(prepared, targets, rank=6)
+    refit = comp.refit(factored.model, factored.chains)
     want = run(prepared, {"x": x[300:]})[0]
     err = {label: np.linalg.norm(run(m, {"x": x[300:]})[0] - want) for label, m in (("plain", plain), ("refit", refit))}
     assert err["refit"] < 0.9 * err["plain"], err
@@ -112,9 +115,10 @@ def test_a_folded_model_answers_each_sample_with_its_folds_model():
     targets, _ = find_targets(prepared)
     x, _ = _mnist(0, 200)
     data = CalibrationSet({"image": x})
-    comp = Compensation(prepared, targets, data, 64, 0, 2**30)
+    comp = Compensation.read(prepared, targets, data, 64, 0, 2**30)
     assert 80 <= comp.fold.sum() <= 120 and len(comp.fold) == 200
-    folded = comp.crossfit(_factored(prepared, targets, rank=4), [t.name for t in targets])
+    factored = _factored(prepared, targets, rank=4)
+    folded = comp.crossfit(factored.model, factored.chains)
     # a part taken in another order (the drop meter runs fragile samples first) keeps the pairing
     part = data.take(np.random.default_rng(1).permutation(200)[:150])
     got = predict(folded, part, 32)[0]
@@ -143,3 +147,23 @@ def test_convert_checks_the_written_model_and_the_cross_fitted_refits(calib, tmp
         reports[bool(flag)] = json.loads(report.read_text())
     compensated, plain = reports[False], reports[True]
     assert compensated["bound"] <= 0.01 and plain["bound"] <= 0.01
+
+
+def test_the_references_read_in_the_statistics_pass_are_those_read_alone():
+    """The pipeline reads what compensation fits to in the one calibration pass that also takes
+    the layer statistics: the same rows as a pass of its own."""
+    from onnx_lowrank.calibration.capture import capture_within
+    from onnx_lowrank.compensation.refit import References
+
+    prepared = prepare(onnx.load(MODELS / "mnist_cnn.onnx"))
+    targets, _ = find_targets(prepared)
+    x, _ = _mnist(0, 300)
+    data = CalibrationSet({"image": x})
+    references = References(targets, data, 0, 2**30)
+    stats, _, batch = capture_within(prepared, targets, data, 64, 8 * 2**30, 0, references)
+    together, alone = Compensation(references), Compensation.read(prepared, targets, data, batch, 0, 2**30)
+    assert set(stats) == {t.name for t in targets}
+    for k in (0, 1):
+        np.testing.assert_array_equal(together.parts[k].indices, alone.parts[k].indices)
+        for name in together.targets:
+            np.testing.assert_array_equal(together.reference[k][name].rows, alone.reference[k][name].rows)

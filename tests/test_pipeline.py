@@ -114,7 +114,7 @@ def test_back_off_writes_the_last_model_of_the_sequence_that_holds(calib):
     from onnx_lowrank.metrics.quality import drop_bound
     from onnx_lowrank.runtime.sessions import predict
     from onnx_lowrank.selection.candidates import AUTO_METHODS, build_problems
-    from onnx_lowrank.pipeline.verify import _sequence, build, nonfinite_samples, step_back, verify_choice
+    from onnx_lowrank.pipeline.verify import _sequence, assemble, nonfinite_samples, step_back, verify_choice
 
     prepared = prepare(load_model(DIGIT))
     targets, _ = find_targets(prepared)
@@ -129,7 +129,7 @@ def test_back_off_writes_the_last_model_of_the_sequence_that_holds(calib):
     assert nonfinite_samples(held_ref, verified.outputs, len(held)) == 0
 
     def bound(choice):
-        outputs = predict(build(prepared, problems, choice), held)
+        outputs = predict(assemble(prepared, problems, choice).model, held)
         return drop_bound("accuracy", held_ref, outputs, held.labels, None, None, 0.9).upper
 
     walk = [cheapest]

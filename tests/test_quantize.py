@@ -136,7 +136,7 @@ def test_unit_errors_find_the_layer_whose_quantization_breaks_the_model():
     model, x = outlier_model()
     data = CalibrationSet({"x": x})
     quantizer = Quantizer(model, data, 64, data.sample_feed())
-    found = units(model, [], data.sample_feed())
+    found = units(model, {}, data.sample_feed())
     assert [(u.name, u.nodes) for u in found] == [("conv1", ("conv1",)), ("conv2", ("conv2",))]
     errors = unit_errors(model, quantizer(model), found, quantizer.probe)
     assert errors["conv1"] > 0.3 and errors["conv2"] < errors["conv1"] / 10
@@ -161,7 +161,7 @@ def test_a_product_of_two_activations_is_no_unit():
              helper.make_node("MatMul", ["h", "ht"], ["y"], name="scores")]
     model = make_model(nodes, [tensor("x", [4, 8])], [tensor("y", [4, 4])],
                        [init("w", rng.standard_normal((8, 8)).astype(np.float32))])
-    assert [u.name for u in units(model, [])] == ["proj"]
+    assert [u.name for u in units(model, {})] == ["proj"]
 
 
 def test_matmul_model_is_quantized_dynamically(tmp_path):

@@ -191,7 +191,7 @@ def finetune_iteratively(model: onnx.ModelProto, teacher: onnx.ModelProto, layer
         found = {t.name: t for t in find_targets(work)[0]}
         if name not in found:
             raise OnnxLowrankError(f"{name}: the layer is no longer a target after the steps before it")
-        work = replace_layers(work, [(found[name], factor(found[name].layer))])
+        work = replace_layers(work, [(found[name], factor(found[name].layer))]).model
         module = to_torch(work)
         step = train(module, names, data, targets, options)
         # each step starts again at options.lr; the log keeps the lowest rate any step ended at

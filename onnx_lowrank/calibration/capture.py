@@ -7,6 +7,7 @@ patches (for data-aware factors and layer errors) and a bounded random sample of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -158,24 +159,54 @@ def row_budget(target: LayerTarget) -> int:
     return max(MIN_ROWS, min(ROWS_PER_DIM * input_width(target), MAX_ROWS))
 
 
-def memory_batch(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet, batch_size: int,
-                 budget: int) -> int:
-    """The most samples (up to `batch_size`) a run of the capture may take for what it hands out
-    (every layer's input) and onnxruntime's own buffers, counted as as large again twice, to fit
-    `budget` bytes: measured on one sample. VGG-16 at 224^2 hands out 55 MB of layer inputs per
-    sample: 3.5 GB at a batch of 64."""
+@dataclass(frozen=True)
+class Probe:
+    """One sample's run, measured: the bytes of its feed and of each tensor a run reads (the
+    graph's outputs, the targets' inputs, a reader's tensors). Runs are sized to memory by it."""
+
+    feed: int
+    tensors: dict[str, int]
+
+    def batch_within(self, batch_size: int, budget: int) -> int:
+        """The most samples (up to `batch_size`) one run may take for what it hands out and
+        onnxruntime's own buffers, counted as as large again twice, to fit `budget` bytes (VGG-16
+        at 224^2 hands out 55 MB of layer inputs per sample: 3.5 GB at a batch of 64)."""
+        per_sample = sum(self.tensors.values()) + self.feed
+        return max(1, min(batch_size, int(budget // max(3 * per_sample, 1))))
+
+
+def probe(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet, reads: list[str] = ()) -> Probe:
     feed, _ = next(data.take(np.zeros(1, dtype=int)).batches(1))
-    values = session(with_outputs(model, _wanted(model, targets))).run(None, feed)
-    per_sample = sum(v.nbytes for v in values) + sum(v.nbytes for v in feed.values())
-    return max(1, min(batch_size, int(budget // max(3 * per_sample, 1))))
+    names = [o.name for o in model.graph.output] + _wanted(model, targets) + list(reads)
+    names = [n for n in dict.fromkeys(names) if n not in feed]
+    values = session(with_outputs(model, names)).run(names, feed)
+    return Probe(sum(v.nbytes for v in feed.values()), {n: v.nbytes for n, v in zip(names, values)})
+
+
+class PassReader(Protocol):
+    """What a later stage reads in the calibration pass beside the statistics (compensation: the
+    original layers' outputs on its folds): `reads`, the tensors it wants; sized to the run batch
+    and the probe (`plan`), it names the `parts` of the set (positions) it reads them on, which
+    the pass runs first, each in runs of its own, handing each run's values to `visit`."""
+
+    reads: list[str]
+    parts: list[np.ndarray]
+
+    def plan(self, batch: int, measured: Probe) -> None: ...
+
+    def visit(self, part: int, values: dict[str, np.ndarray], count: int, mask: np.ndarray | None) -> None: ...
 
 
 def capture_within(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet, batch_size: int,
-                   max_memory: int, seed: int = 0) -> tuple[dict[str, "LayerStats"], list[np.ndarray], int]:
-    """`capture` within --max-memory: a run's tensors sized to an eighth of it, the statistics to
-    a third. Also the batch the runs took (memory_batch)."""
-    batch = memory_batch(model, targets, data, batch_size, max_memory // 8)
-    stats, outputs = capture(model, targets, data, batch, seed=seed, stats_budget=max_memory // 3)
+                   max_memory: int, seed: int = 0, reader: PassReader | None = None
+                   ) -> tuple[dict[str, "LayerStats"], list[np.ndarray], int]:
+    """`capture` within --max-memory: a run's tensors sized to an eighth of it (Probe), the
+    statistics to a third. Also the batch the runs took."""
+    measured = probe(model, targets, data, reader.reads if reader is not None else ())
+    batch = measured.batch_within(batch_size, max_memory // 8)
+    if reader is not None:
+        reader.plan(batch, measured)
+    stats, outputs = capture(model, targets, data, batch, seed=seed, stats_budget=max_memory // 3, reader=reader)
     return stats, outputs, batch
 
 
@@ -190,62 +221,81 @@ def statistics_bytes(stats: dict[str, LayerStats]) -> int:
 
 
 def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet,
-            batch_size: int = 64, keep: int = 1024, seed: int = 0,
-            stats_budget: int | None = None) -> tuple[dict[str, LayerStats], list[np.ndarray]]:
-    """Statistics per target name, and the model's own outputs over `data`. Each layer samples
+            batch_size: int = 64, keep: int = 1024, seed: int = 0, stats_budget: int | None = None,
+            reader: PassReader | None = None) -> tuple[dict[str, LayerStats], list[np.ndarray]]:
+    """Statistics per target name, and the model's own outputs over `data`, from one pass over
+    it; with `reader`, what it reads on its parts handed to it on the way. Each layer samples
     `row_budget` input rows over the whole set, spread over the batches, so the cost does not
     grow with the images' size. Statistics that would take more than `stats_budget` bytes are
     refused before they are allocated (OutOfMemory, naming the widest layers)."""
     rng = np.random.default_rng(seed)
-    batches = -(-len(data) // data.batch_for(batch_size))
+    parts = list(reader.parts) if reader is not None else []
+    rest = np.setdiff1d(np.arange(len(data)), np.concatenate(parts)) if parts else np.arange(len(data))
+    segments = [(k, data.take(p)) for k, p in enumerate(parts)] + ([(None, data.take(rest))] if len(rest) else [])
+    batches = sum(-(-len(part) // part.batch_for(batch_size)) for _, part in segments)
     outputs = [o.name for o in model.graph.output]
     wanted = _wanted(model, targets)
-    sess = session(with_outputs(model, wanted))
-    names = outputs + wanted
+    reads = list(reader.reads) if reader is not None else []
+    sess = session(with_outputs(model, wanted + reads))
 
     stats: dict[str, LayerStats] = {}
     results: list[list[tuple[np.ndarray, int]]] = [[] for _ in outputs]
-    for feed, count in data.batches(batch_size):
-        mask = token_mask(feed)
-        values = dict(zip(names, sess.run(names, feed)))
-        values.update(feed)
-        for store, name in zip(results, outputs):
-            store.append((without_padding(values[name], mask), count))
-        if not stats and stats_budget is not None:
-            _check_budget(targets, values, count, len(data), keep, stats_budget)
-        for t in targets:
-            x = values[t.activation]
-            if not t.inputs_in_columns:
-                x = data.own(x, count)
-            budget = row_budget(t)
-            real = real_tokens(x, mask, t)
-            rows = patches(x if real is None else x[real], t.layer, rng, -(-budget // batches), t.inputs_in_columns)
-            keys = rng.random(len(rows))
-            s = stats.get(t.name)
-            if s is None:
-                g, d = rows.shape[1], rows.shape[-1]
-                # one sample's input: Gemm's transposed A has its samples along axis 1
-                one = x.shape[:1] + (1,) if t.op_type == "Gemm" and t.inputs_in_columns else (1,) + x.shape[1:]
-                # the rows the whole set will give, at this batch's rate, against the width: fewer,
-                # and the shrinkage keeps only the diagonal (LayerStats)
-                expected = min(budget, len(rows) * batches)
-                moment = np.zeros((g, d) if expected <= d else (g, d, d))
-                s = stats[t.name] = LayerStats(moment, 0, _in_spatial(t, x), one, rows[:0], keys[:0], t.layer.is_conv)
-            flat = rows.transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
-            if s.diagonal:
-                s.moment_sum += np.sum(np.square(flat, dtype=np.float64), axis=1)
-            elif len(flat) == 1:  # the upper triangle only (BLAS syrk): half the work of the product;
-                # of the Fortran-ordered transpose, which BLAS takes without the copy trans=1 would make
-                s.moment_sum[0] += ssyrk(1.0, flat[0].T, trans=0)
-            else:
-                s.moment_sum += np.triu(np.matmul(flat.transpose(0, 2, 1), flat))
-            s.rows += len(rows)
-            if keep:
-                # a uniform sample of everything seen: keep the rows with the smallest random keys
-                merged, merged_keys = np.concatenate([s.sample, rows]), np.concatenate([s.sample_keys, keys])
-                order = np.argsort(merged_keys)[:keep]
-                s.sample, s.sample_keys = merged[order], merged_keys[order]
-    return stats, [data.join(r) for r in results]
+    for k, part in segments:
+        names = list(dict.fromkeys(outputs + wanted + (reads if k is not None else [])))
+        for feed, count in part.batches(batch_size):
+            mask = token_mask(feed)
+            values = dict(zip(names, sess.run(names, feed)))
+            values.update(feed)
+            if k is not None:
+                reader.visit(k, values, count, mask)
+            for store, name in zip(results, outputs):
+                store.append((without_padding(values[name], mask), count))
+            if not stats and stats_budget is not None:
+                _check_budget(targets, values, count, len(data), keep, stats_budget)
+            _accumulate(stats, targets, values, part, count, mask, rng, batches, keep)
+    joined = [data.join(r) for r in results]
+    if parts:  # the parts ran first: the outputs back in the set's order
+        order = np.argsort(np.concatenate([p for p in parts] + [rest]))
+        joined = [o[order] if o.ndim and len(o) == len(order) else o for o in joined]
+    return stats, joined
+
+
+def _accumulate(stats: dict[str, LayerStats], targets: list[LayerTarget], values: dict[str, np.ndarray],
+                data: CalibrationSet, count: int, mask: np.ndarray | None, rng: np.random.Generator,
+                batches: int, keep: int) -> None:
+    """One run's rows added to every target's statistics (`batches`: the runs of the pass)."""
+    for t in targets:
+        x = values[t.activation]
+        if not t.inputs_in_columns:
+            x = data.own(x, count)
+        budget = row_budget(t)
+        real = real_tokens(x, mask, t)
+        rows = patches(x if real is None else x[real], t.layer, rng, -(-budget // batches), t.inputs_in_columns)
+        keys = rng.random(len(rows))
+        s = stats.get(t.name)
+        if s is None:
+            g, d = rows.shape[1], rows.shape[-1]
+            # one sample's input: Gemm's transposed A has its samples along axis 1
+            one = x.shape[:1] + (1,) if t.op_type == "Gemm" and t.inputs_in_columns else (1,) + x.shape[1:]
+            # the rows the whole set will give, at this batch's rate, against the width: fewer,
+            # and the shrinkage keeps only the diagonal (LayerStats)
+            expected = min(budget, len(rows) * batches)
+            moment = np.zeros((g, d) if expected <= d else (g, d, d))
+            s = stats[t.name] = LayerStats(moment, 0, _in_spatial(t, x), one, rows[:0], keys[:0], t.layer.is_conv)
+        flat = rows.transpose(1, 0, 2)  # (groups, rows, d): float32 BLAS, float64 sums
+        if s.diagonal:
+            s.moment_sum += np.sum(np.square(flat, dtype=np.float64), axis=1)
+        elif len(flat) == 1:  # the upper triangle only (BLAS syrk): half the work of the product;
+            # of the Fortran-ordered transpose, which BLAS takes without the copy trans=1 would make
+            s.moment_sum[0] += ssyrk(1.0, flat[0].T, trans=0)
+        else:
+            s.moment_sum += np.triu(np.matmul(flat.transpose(0, 2, 1), flat))
+        s.rows += len(rows)
+        if keep:
+            # a uniform sample of everything seen: keep the rows with the smallest random keys
+            merged, merged_keys = np.concatenate([s.sample, rows]), np.concatenate([s.sample_keys, keys])
+            order = np.argsort(merged_keys)[:keep]
+            s.sample, s.sample_keys = merged[order], merged_keys[order]
 
 
 def real_tokens(x: np.ndarray, mask: np.ndarray | None, target: LayerTarget) -> np.ndarray | None:

@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..calibration.capture import real_tokens, row_count, rows_at
-from ..calibration.data import CalibrationSet, token_mask
-from ..decompositions.base import ConvGeometry, Layer
-from ..graph.downstream import downstream_model, pieces, with_outputs
-from ..graph.index import node_attrs
+from ..calibration.capture import Probe, capture, probe, real_tokens, row_count, rows_at
+from ..calibration.data import CalibrationSet
+from ..decompositions.base import Layer
+from ..graph.downstream import downstream_model, pieces
+from ..graph.rewrite import Chain, LastStep
 from ..graph.targets import LayerTarget
 from ..runtime.sessions import FoldedModel, session
 
@@ -42,88 +42,111 @@ class _Reference:
     rows: np.ndarray         # (rows, out channels): the original layer's output there, float32
 
 
-class Compensation:
-    """Refits the factored layers of models built from `prepared` (verify.build) on `data`, the
-    whole calibration set, split in two folds. A model is measured as its two refits, each on the
-    fold it was not fitted on (`crossfit`): a refit measured on its own samples looks better than
-    it is (the default MNIST model: drop 0.005 on the calibration set, 0.008 on unseen digits).
-    The model written is refit on both (`refit`)."""
+class References:
+    """The original layers' outputs a refit is fitted to, read in the calibration pass
+    (calibration.capture.PassReader): the search part split in two folds, a group on one side,
+    and on each fold's samples read (`parts`: at most SAMPLES / 2 of them, fewer where what a
+    refit keeps between its pieces would not fit half of `budget`), each layer's output at
+    positions drawn at random: every layer within `budget` bytes, wide outputs at fewer."""
 
-    def __init__(self, prepared: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet,
-                 batch: int, seed: int, budget: int):
+    def __init__(self, targets: list[LayerTarget], data: CalibrationSet, seed: int, budget: int):
         self.targets = {t.name: t for t in targets if _supported(t)}
-        self.batch = batch
-        rng = np.random.default_rng(seed)
+        self.all_targets, self.data, self.budget = targets, data, budget
+        self.rng = np.random.default_rng(seed)
         # a group on one side, where there are two groups to split (else samples: the folds only
         # serve the search's measurement, not the held-out part's decision)
         whole = data if len(np.unique(data.group_codes())) > 1 else replace(data, groups=None)
-        halves = [rng.permutation(h) for h in whole.split_positions(0.5, seed)]
+        self.halves = [self.rng.permutation(h) for h in whole.split_positions(0.5, seed)]
         self.fold = np.zeros(int(data.indices.max()) + 1, dtype=np.int64)  # by index in the whole set
-        self.fold[data.indices[halves[1]]] = 1
-        # each fold's refit reads at most SAMPLES / 2 of its samples, fewer where the values a
-        # refit keeps between its pieces would not fit half the budget
-        per_fold = max(1, min(SAMPLES // 2, budget // 2 // max(_kept_per_sample(prepared, targets, data), 1)))
-        self.parts = [data.take(np.sort(h[:per_fold])) for h in halves]
-        # the rows every layer keeps, within `budget` bytes: wide outputs read fewer positions
+        self.fold[data.indices[self.halves[1]]] = 1
+        self.reads = [t.output for t in self.targets.values()]
+        self.parts: list[np.ndarray] = []
+        self.batch = 0
+        self.reference: list[dict[str, _Reference]] = [{}, {}]
+        self.runs: list[list[tuple[int, np.ndarray | None]]] = [[], []]  # per fold, per run: samples, token mask
+
+    def plan(self, batch: int, measured: Probe) -> None:
+        """The parts read, at `batch` samples per run: a refit keeps the samples' inputs and twice
+        the widest layer input (a step's input and a residual path beside it) between its pieces."""
+        self.batch = batch
+        widest = max((measured.tensors.get(t.activation, 0) for t in self.all_targets), default=0)
+        per_fold = max(1, min(SAMPLES // 2, self.budget // 2 // max(measured.feed + 2 * widest, 1)))
+        self.parts = [np.sort(h[:per_fold]) for h in self.halves]
         width = sum(t.layer.out_channels for t in self.targets.values())
-        rows = max(64, min(ROWS, budget // max(4 * width, 1))) // 2
-        names = [t.output for t in self.targets.values()]
-        sess = session(with_outputs(prepared, names))
-        self.reference: list[dict[str, _Reference]] = []
-        self.runs: list[list[tuple[int, np.ndarray | None]]] = []  # per fold, per run: samples, token mask
-        for part in self.parts:
-            per_run = -(-rows // -(-len(part) // part.batch_for(batch)))
-            picks: dict[str, list[np.ndarray]] = {n: [] for n in self.targets}
-            totals: dict[str, list[int]] = {n: [] for n in self.targets}
-            found: dict[str, list[np.ndarray]] = {n: [] for n in self.targets}
-            self.runs.append([])
-            for feed, count in part.batches(batch):
-                mask = token_mask(feed)
-                self.runs[-1].append((count, mask))
-                for (name, t), y in zip(self.targets.items(), sess.run(names, feed)):
-                    y = self._rows(part.own(y, count), mask, t)
-                    pick = np.arange(len(y))
-                    if len(y) > per_run:
-                        pick = np.sort(rng.choice(len(y), per_run, replace=False))
-                    picks[name].append(pick)
-                    totals[name].append(len(y))
-                    found[name].append(y[pick].astype(np.float32))
-            self.reference.append({n: _Reference(picks[n], totals[n], np.concatenate(found[n]))
-                                   for n in self.targets})
+        rows = max(64, min(ROWS, self.budget // max(4 * width, 1))) // 2
+        self._per_run = [-(-rows // -(-len(p) // self.data.batch_for(batch))) for p in self.parts]
+        self._found = [{n: ([], [], []) for n in self.targets} for _ in self.parts]  # picks, totals, rows
 
-    def refit(self, model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-        """`model` (built by replace_layers from the prepared model, not shape-inferred) with the
-        last step of the named layers' chains refit on both folds, in graph order; in place."""
-        return self._refit_all(model, names, (0, 1))
+    def visit(self, part: int, values: dict[str, np.ndarray], count: int, mask: np.ndarray | None) -> None:
+        """One run of fold `part`'s samples: each layer's output rows at positions drawn at random."""
+        self.runs[part].append((count, mask))
+        for name, t in self.targets.items():
+            y = _rows(self.data.own(values[t.output], count), mask, t)
+            pick = np.arange(len(y))
+            if len(y) > self._per_run[part]:
+                pick = np.sort(self.rng.choice(len(y), self._per_run[part], replace=False))
+            picks, totals, found = self._found[part][name]
+            picks.append(pick)
+            totals.append(len(y))
+            found.append(y[pick].astype(np.float32))
 
-    def crossfit(self, model: onnx.ModelProto, names: list[str]) -> FoldedModel:
+    def done(self) -> None:
+        """The rows read, joined (after the pass)."""
+        self.reference = [{n: _Reference(picks, totals, np.concatenate(found))
+                           for n, (picks, totals, found) in fold.items()} for fold in self._found]
+        del self._found
+
+
+class Compensation:
+    """Refits the factored layers of models built from `prepared` (pipeline.verify.assemble) to
+    the original's outputs read in the calibration pass (`references`, on the search part's two
+    folds). A model is measured as its two refits, each on the fold it was not fitted on
+    (`crossfit`): a refit measured on its own samples looks better than it is (the default MNIST
+    model: drop 0.005 on the calibration set, 0.008 on unseen digits). The model written is refit
+    on both (`refit`)."""
+
+    def __init__(self, references: References):
+        references.done()
+        self.targets, self.batch, self.fold = references.targets, references.batch, references.fold
+        self.parts = [references.data.take(p) for p in references.parts]
+        self.reference, self.runs = references.reference, references.runs
+
+    @classmethod
+    def read(cls, prepared: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet, batch: int,
+             seed: int, budget: int) -> "Compensation":
+        """Compensation on `data` with a pass of its own (no statistics), at `batch` samples per run."""
+        references = References(targets, data, seed, budget)
+        references.plan(batch, probe(prepared, targets, data, references.reads))
+        capture(prepared, [], data, batch, reader=references)
+        return cls(references)
+
+    def refit(self, model: onnx.ModelProto, chains: dict[str, Chain]) -> onnx.ModelProto:
+        """`model` (built by replace_layers from the prepared model, not shape-inferred, with
+        `chains`) with the last step of each chain refit on both folds, in graph order; in place."""
+        return self._refit_all(model, chains, (0, 1))
+
+    def crossfit(self, model: onnx.ModelProto, chains: dict[str, Chain]) -> FoldedModel:
         """`model` as it is measured: refit on the second fold to answer for the first, and on the
         first to answer for the second (`model` itself is left as it is)."""
         models = []
         for k in (0, 1):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            models.append(self._refit_all(copy, names, (1 - k,)))
+            models.append(self._refit_all(copy, chains, (1 - k,)))
         return FoldedModel(models, self.fold)
 
-    def _refit_all(self, model: onnx.ModelProto, names: list[str], parts: tuple[int, ...]) -> onnx.ModelProto:
+    def _refit_all(self, model: onnx.ModelProto, chains: dict[str, Chain], parts: tuple[int, ...]) -> onnx.ModelProto:
         """Each layer's step refit in graph order, on the folds `parts`. The steps' inputs are
         computed piece by piece: the piece for a step's input starts from what earlier pieces
         computed (kept while a later piece needs it), so all the refits of a model cost about one
         pass over the samples, not one per layer (PP-OCRv4's recognizer: 635 s to convert when
         each refit ran the model from its input, 118 s so)."""
         graph = model.graph
-        inits = {init.name: init for init in graph.initializer}
-        produced = {o: i for i, node in enumerate(graph.node) for o in node.output}
+        position = {node.name: i for i, node in enumerate(graph.node)}
         steps = []  # (layer, its last step, the tensor the step reads)
-        for _, name in sorted((produced[self.targets[n].output], n) for n in names if n in self.targets):
-            node, bias_add = graph.node[produced[self.targets[name].output]], None
-            if node.op_type == "Add":  # MatMul + bias Add: the Add holds the bias
-                bias_add = node
-                node = next(graph.node[produced[n]] for n in node.input if n in produced)
-            fit = _last_step(node, bias_add, inits, graph)
-            if fit is not None:
-                steps.append((name, fit, node.input[0]))
+        for _, name, last in sorted((position[c.last.node], n, c.last) for n, c in chains.items()
+                                    if n in self.targets and c.last is not None and c.last.layer.groups == 1):
+            steps.append((name, _fit(graph, graph.node[position[last.node]], last), last.input))
         # every tensor a piece computes is final (its steps upstream are refit by then): later
         # pieces start from it, rather than from the model's input again through a residual path
         cut = pieces(graph, [z for _, _, z in steps])
@@ -179,22 +202,12 @@ class Compensation:
         w = np.linalg.solve(zz + lam * np.eye(d), zy + lam * fit.weight.T).T
         fit.write(w, (ysum - w @ zsum) / m if fit.bias is not None else None)
 
-    @staticmethod
-    def _rows(y: np.ndarray, mask, t: LayerTarget) -> np.ndarray:
-        """A layer's output as rows of its channels: a conv's (samples * positions, out)."""
-        if t.op_type == "Conv":
-            return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
-        real = real_tokens(y, mask, t)
-        return (y if real is None else y[real]).reshape(-1, y.shape[-1])
-
-
-def _kept_per_sample(prepared: onnx.ModelProto, targets: list[LayerTarget], data: CalibrationSet) -> int:
-    """Bytes a refit keeps per sample between its pieces, bounded: the sample's inputs and twice
-    the widest layer input (a step's input and a residual path beside it), measured on one."""
-    feed, _ = next(data.take(np.zeros(1, dtype=int)).batches(1))
-    names = list(dict.fromkeys(t.activation for t in targets if t.activation not in feed))
-    values = session(with_outputs(prepared, names)).run(names, feed) if names else []
-    return sum(v.nbytes for v in feed.values()) + 2 * max((v.nbytes for v in values), default=0)
+def _rows(y: np.ndarray, mask, t: LayerTarget) -> np.ndarray:
+    """A layer's output as rows of its channels: a conv's (samples * positions, out)."""
+    if t.op_type == "Conv":
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    real = real_tokens(y, mask, t)
+    return (y if real is None else y[real]).reshape(-1, y.shape[-1])
 
 
 def _supported(t: LayerTarget) -> bool:
@@ -219,52 +232,31 @@ class _Fit:
             self.write_bias(bias)
 
 
-def _last_step(node: onnx.NodeProto, bias_add, inits: dict, graph: onnx.GraphProto) -> _Fit | None:
-    """The refit of a chain's last node, or None where it is not a plain linear step on
-    initializers (a grouped conv, a Reshape ending a ring, a transposed input)."""
-    attrs = node_attrs(node)
-    w_init = inits.get(node.input[1]) if len(node.input) > 1 else None
-    if w_init is None:
-        return None
-    w = numpy_helper.to_array(w_init)
-    dtype = w.dtype
+def _fit(graph: onnx.GraphProto, node: onnx.NodeProto, step: LastStep) -> _Fit:
+    """The refit of a chain's last step (`node` in `graph`). Its bias is refit where it is a
+    constant vector, one per output; a Conv or Gemm without one gets one, zero until written."""
+    inits = {init.name: init for init in graph.initializer}
+    stored = numpy_helper.to_array(inits[step.weight])
+    dtype = stored.dtype
 
     def setter(init_name: str):
         def write(value: np.ndarray) -> None:
             inits[init_name].CopyFrom(numpy_helper.from_array(value.astype(dtype), init_name))
         return write
 
-    def fit(weight: np.ndarray, layer: Layer, write_weight, bias_name: str | None) -> _Fit:
-        """`weight` as (out, in); the bias is refit where it is a constant vector, one per output
-        (a Conv or Gemm without one gets one, zero until written)."""
-        if bias_name == "":
-            bias_name = f"{node.output[0]}/refit_bias"
-            graph.initializer.append(numpy_helper.from_array(np.zeros(len(weight), dtype), bias_name))
-            inits[bias_name] = graph.initializer[-1]
-            node.input.append(bias_name)
-        bias = numpy_helper.to_array(inits[bias_name]) if bias_name in inits else None
-        if bias is None or bias.shape != (len(weight),):  # a broadcast or computed C: left as it is
-            return _Fit(weight.astype(np.float64), None, layer, write_weight, None)
-        return _Fit(weight.astype(np.float64), bias.astype(np.float64), layer, write_weight, setter(bias_name))
-
-    third = node.input[2] if len(node.input) > 2 else ""
-    if node.op_type == "Conv":
-        if attrs.get("group", 1) != 1:
-            return None
-        ndim = w.ndim - 2
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        geometry = ConvGeometry(tuple(w.shape[2:]), tuple(attrs.get("strides", (1,) * ndim)),
-                                tuple(attrs.get("dilations", (1,) * ndim)),
-                                tuple(attrs.get("pads", (0,) * (2 * ndim))),
-                                "NOTSET" if auto_pad == "VALID" else auto_pad)
-        return fit(w.reshape(len(w), -1), Layer(w, None, geometry),
-                   lambda v: setter(node.input[1])(v.reshape(w.shape)), third)
-    if node.op_type == "Gemm":
-        if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0:
-            return None
-        return fit(w, Layer(w), setter(node.input[1]), third if attrs.get("beta", 1.0) == 1.0 else None)
-    if node.op_type == "MatMul" and w.ndim == 2:  # X @ W, W (in, out); the bias in the Add after it
-        bias_name = None if bias_add is None else next((n for n in bias_add.input if n in inits), None)
-        return fit(w.T, Layer(w.T), lambda v: setter(node.input[1])(v.T), bias_name)
-    return None
+    weight = stored.T if step.transposed else stored.reshape(len(stored), -1)  # (out, in)
+    write_weight = setter(step.weight)
+    if step.transposed:
+        write_weight = lambda v: setter(step.weight)(v.T)  # noqa: E731
+    elif stored.ndim > 2:
+        write_weight = lambda v: setter(step.weight)(v.reshape(stored.shape))  # noqa: E731
+    bias_name = step.bias
+    if bias_name is None and node.op_type in ("Conv", "Gemm") and len(node.input) < 3:
+        bias_name = f"{node.output[0]}/refit_bias"
+        graph.initializer.append(numpy_helper.from_array(np.zeros(len(weight), dtype), bias_name))
+        inits[bias_name] = graph.initializer[-1]
+        node.input.append(bias_name)
+    bias = numpy_helper.to_array(inits[bias_name]) if bias_name in inits else None
+    if bias is None or bias.shape != (len(weight),):  # a broadcast or computed C: left as it is
+        return _Fit(weight.astype(np.float64), None, step.layer, write_weight, None)
+    return _Fit(weight.astype(np.float64), bias.astype(np.float64), step.layer, write_weight, setter(bias_name))

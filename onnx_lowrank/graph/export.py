@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .index import GraphIndex, node_attrs
+from .index import GraphIndex, UniqueNames, node_attrs
 from .prepare import drop_unused, infer_shapes
 
 
@@ -79,19 +79,22 @@ def merge_linear_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         first_weight = index.constant(first.input[1])
         dtype = first_weight.dtype
         base = second.name or second.output[0]
-        w_name, b_name = f"{base}/merged/W", f"{base}/merged/B"
+        # the merged node keeps the second's name: the rewrite's chains (and quantization's units) know it by it
+        name = second.name or f"{base}/merged"
+        names = UniqueNames(index.names())
+        w_name, b_name = names.new(f"{base}/merged/W"), names.new(f"{base}/merged/B")
         if second.op_type == "Conv":
             ndim = first_weight.ndim - 2
             weight = w.reshape(w.shape + (1,) * ndim)
             node = helper.make_node("Conv", [first.input[0], w_name, b_name], [second.output[0]],
-                                    name=f"{base}/merged", kernel_shape=[1] * ndim)
+                                    name=name, kernel_shape=[1] * ndim)
         elif second.op_type == "Gemm" or first.op_type == "Gemm":
             weight = w
             node = helper.make_node("Gemm", [first.input[0], w_name, b_name], [second.output[0]],
-                                    name=f"{base}/merged", transB=1)
+                                    name=name, transB=1)
         else:
             weight = w.T
-            node = helper.make_node("MatMul", [first.input[0], w_name], [second.output[0]], name=f"{base}/merged")
+            node = helper.make_node("MatMul", [first.input[0], w_name], [second.output[0]], name=name)
         inits = [numpy_helper.from_array(weight.astype(dtype), w_name)]
         if node.op_type != "MatMul":
             inits.append(numpy_helper.from_array(bias.astype(dtype), b_name))

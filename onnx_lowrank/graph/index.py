@@ -65,6 +65,21 @@ def shape_of(value_info: onnx.ValueInfoProto) -> tuple | None:
                  for d in t.tensor_type.shape.dim)
 
 
+class UniqueNames:
+    """New tensor and node names, none already in use (`used`: GraphIndex.names())."""
+
+    def __init__(self, used: set[str]):
+        self.used = used
+
+    def new(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
 class GraphIndex:
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph

@@ -17,7 +17,7 @@ from ..metrics.quality import DropMeter, drop_bound, quality
 from ..runtime.sessions import costs_at, predict
 from ..selection import Choice, Search
 from ..selection.strategies import STRATEGIES, cosine, hessian
-from .verify import build, export, nonfinite_samples, tuned_to_eps
+from .verify import assemble, export, nonfinite_samples, tuned_to_eps
 
 FINETUNE_ROUNDS = 6  # fine-tunes after the first: compressing further, then raising ranks
 
@@ -63,7 +63,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
 
     def attempt(how: str, budget_: float | None, choice_: Choice, reasons_: dict) -> bool:
         nonlocal best
-        model = build(prepared, problems, choice_, True, compensation)  # fine-tuned from the refit chains
+        model = assemble(prepared, problems, choice_, compensation).model  # fine-tuned from the refit chains
         untuned = quality(metric, held_ref, predict(model, held, batch), held.labels, held.indices)
         macs = sum(c.macs for c in costs_at(model, feed))  # the fine-tuned model has the same layers
         entry = {"round": how, "search_eps": budget_, "mac_ratio": base / max(macs, 1), "drop_before": untuned.drop}
@@ -106,7 +106,7 @@ def finetune_rounds(original, prepared, problems, choice, reasons, compressed, b
             if not 0 < budget < 1:  # (eps 0: no drop to double)
                 break
             meter = DropMeter(metric, train, train_ref, budget, batch)
-            wider = Search(problems, lambda c: meter(build(prepared, problems, c, False, compensation, measured=True)),
+            wider = Search(problems, lambda c: meter(assemble(prepared, problems, c, compensation, measured=True).model),
                            budget, search.other_cost)
             selected = STRATEGIES[config.select](wider, config.strategy_context(prepared, train,
                                                                                 [p.target for p in problems]))

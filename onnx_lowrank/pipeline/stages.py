@@ -18,7 +18,7 @@ import onnx
 
 from ..calibration.capture import capture_within, statistics_bytes
 from ..calibration.data import CalibrationError, CalibrationSet, input_layout, load_calibration, model_inputs
-from ..compensation.refit import Compensation
+from ..compensation.refit import Compensation, References
 from ..config import CompressConfig
 from ..decompositions import reason_not_applicable
 from ..errors import InvalidModel, OnnxLowrankError, OutOfMemory, OutputError, VerificationError
@@ -29,7 +29,7 @@ from ..graph.targets import LayerTarget, Skipped, attention_projections
 from ..metrics.base import Metric
 from ..metrics.confidence import Bound
 from ..metrics.quality import DropMeter, quality, resolution, resolve_metric
-from ..quantization.int8 import Quantizer, quantized_units, unfused, units
+from ..quantization.int8 import Quantizer, quantized_units, unfused
 from ..runtime.latency import LayerTimer, interleaved, time_session
 from ..runtime.sessions import RUNTIME_ERRORS, costs_at, measuring_batch, predict, runtime_message, session
 from ..selection import Choice, Search, SearchObserver
@@ -37,8 +37,7 @@ from ..selection.candidates import FactorCache, build_problems, price_latency
 from ..selection.strategies import STRATEGIES
 from .finetune_rounds import finetune_rounds
 from .report import LayerReport, Report
-from .verify import (build, check_model, each, export, nonfinite_samples, require_finite, tuned_to_eps, verify_choice,
-                     written)
+from .verify import assemble, check_model, nonfinite_samples, require_finite, tuned_to_eps, verify_choice, written
 
 Progress = Callable[[str, int | None], Callable[[], None]]  # stage name, steps (None: open-ended) -> advance()
 
@@ -248,10 +247,14 @@ def _calibrate(loaded: _Loaded, calibration, labels, groups, run: _Run) -> _Cali
         raise CalibrationError("--finetune-epochs and --select hessian need every input batched along axis 0 "
                                "with a free batch size; this model takes one sample or a fixed batch per run")
     search_set, held = data.split(config.holdout, config.seed)
+    # what compensation fits to, read in the same pass: the original layers' outputs on the search part's two folds
+    references = None
+    if config.compensate and not data.synthetic and targets:
+        references = References(targets, search_set, config.seed, config.max_memory // 8)
     advance = run.progress("capture", 1)
-    try:
+    try:  # each sample runs once: the search part in the pass, the held-out part through the model as given
         stats, search_ref, batch = capture_within(prepared, targets, search_set, config.batch_size,
-                                                  config.max_memory, config.seed)
+                                                  config.max_memory, config.seed, references)
         held_ref = predict(loaded.original, held, batch)
     except RUNTIME_ERRORS as e:
         raise _runtime_failure("onnxruntime failed running the model on the calibration data", e) from None
@@ -265,10 +268,7 @@ def _calibrate(loaded: _Loaded, calibration, labels, groups, run: _Run) -> _Cali
     line, level, coarse = resolution(metric, len(held), held.groups, config.eps, config.confidence, config.holdout)
     if coarse:
         run.warn(coarse)
-    compensation = None
-    if config.compensate and not data.synthetic and targets:
-        # on the search part, in two folds: the search measures each refit on the fold it did not see
-        compensation = Compensation(prepared, targets, search_set, batch, config.seed, config.max_memory // 8)
+    compensation = Compensation(references) if references is not None else None
     return _Calibrated(data, search_set, held, stats, search_ref, held_ref, metric, level, line, data.sample_feed(),
                        batch, compensation, summary, statistics_bytes(stats))
 
@@ -311,9 +311,9 @@ def _search(prepared, problems, cal: _Calibrated, runtime: _Runtime, run: _Run) 
     meter = DropMeter(cal.metric, cal.search_set, cal.search_ref, config.eps, runtime.batch)
 
     def measure(choice: Choice) -> float:
-        model_ = build(prepared, problems, choice, False, cal.compensation, measured=True)
-        if quantizer is not None:
-            model_ = each(model_, lambda m: quantizer(export(m, config)))
+        # the export touches change a float model's outputs by rounding only: taken where it is quantized
+        model_ = assemble(prepared, problems, choice, cal.compensation, measured=True,
+                          config=config if quantizer is not None else None, quantizer=quantizer).model
         advance()
         drop = meter(model_)
         run.observer.measured(search, choice, model_, drop)
@@ -416,11 +416,12 @@ def _quantization(prepared, problems, decided: _Decided, cal: _Calibrated, runti
     in float beside it (its drop and size: what quantization cost and gave); quantized ops
     onnxruntime would still run in float. And the names of all the units."""
     config, quantizer, floats = run.config, runtime.quantizer, decided.floats
-    float_model = written(prepared, problems, decided.choice, config, cal.compensation)
+    built = assemble(prepared, problems, decided.choice, cal.compensation, config=config)
+    float_model = built.model
     data, reference = cal.held, cal.held_ref
     float_drop = quality(cal.metric, reference, predict(float_model, data, runtime.batch), data.labels,
                          data.indices).drop
-    found = units(float_model, [p.target for p in problems])
+    found = built.units()
     if floats is None:
         why = {u.name: "kept in float: no quantized model held eps (the back-off ended unquantized)" for u in found}
         run.warn(f"--quantize int8: no quantized model kept the {cal.metric} drop within eps {config.eps}, "

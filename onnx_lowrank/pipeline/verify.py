@@ -15,6 +15,7 @@ from ..compensation.refit import Compensation
 from ..config import CompressConfig
 from ..errors import InvalidModel, first_line
 from ..graph import replace_layers
+from ..graph.rewrite import Chain
 from ..graph.export import fp16_weights, merge_linear_pairs, ort_optimized
 from ..graph.index import FLOAT_TYPES
 from ..graph.prepare import infer_shapes
@@ -26,20 +27,42 @@ from ..selection import Choice
 from ..selection.candidates import cost_of
 
 
-def build(prepared: onnx.ModelProto, problems, choice: Choice, infer: bool = True,
-          compensation: Compensation | None = None, measured: bool = False) -> onnx.ModelProto | FoldedModel:
-    """The prepared model with the chosen candidates. With `compensation` their chains' last steps
-    are refit to the original's outputs (compensation/refit.py): on the whole search part for the
-    model written, or, `measured`, as two refits each answering for the fold it was not fitted on
-    (a FoldedModel, not shape-inferred): what the drop of a refit model is measured on."""
+@dataclass
+class Assembled:
+    """A model built from a choice, and the chains the rewrite wrote into it (per factored target)."""
+
+    model: onnx.ModelProto | FoldedModel
+    chains: dict[str, Chain]
+
+    def units(self, feed: dict[str, np.ndarray] | None = None) -> list[Unit]:
+        """Its quantization units (quantization.int8.units)."""
+        first = self.model.models[0] if isinstance(self.model, FoldedModel) else self.model
+        return units(first, self.chains, feed)
+
+
+def assemble(prepared: onnx.ModelProto, problems, choice: Choice, compensation: Compensation | None = None, *,
+             measured: bool = False, config: CompressConfig | None = None, quantizer: Quantizer | None = None,
+             floats: frozenset[str] = frozenset(), infer: bool = True) -> Assembled:
+    """The one way a model is built from `choice`: the prepared model with the chosen candidates.
+    With `compensation` their chains' last steps are refit to the original's outputs
+    (compensation/refit.py): on the whole search part for the model written, or, `measured`, as
+    two refits each answering for the fold it was not fitted on (a FoldedModel, not
+    shape-inferred): what the drop of a refit model is measured on. With `config`, the touches
+    of the file written (export); with `quantizer`, quantized but for the units named in `floats`."""
     chosen = [(p.target, choice[p.name].factors) for p in problems if choice[p.name].factored]
-    model = replace_layers(prepared, chosen, infer=False)
+    rewritten = replace_layers(prepared, chosen, infer=False)
+    model, chains = rewritten.model, rewritten.chains
     if compensation is not None and chosen:
-        names = [t.name for t, _ in chosen]
-        if measured:
-            return compensation.crossfit(model, names)
-        compensation.refit(model, names)
-    return infer_shapes(model) if infer else model
+        model = compensation.crossfit(model, chains) if measured else compensation.refit(model, chains)
+    if infer and not measured:
+        model = infer_shapes(model)
+    if config is not None:
+        model = each(model, lambda m: export(m, config))
+    if quantizer is not None:
+        built = Assembled(model, chains)
+        keep = [n for u in built.units() if u.name in floats for n in u.nodes]
+        model = each(model, lambda m: quantizer(m, keep))
+    return Assembled(model, chains)
 
 
 def each(model: onnx.ModelProto | FoldedModel, f: Callable[[onnx.ModelProto], onnx.ModelProto]):
@@ -52,10 +75,8 @@ def written(prepared: onnx.ModelProto, problems, choice: Choice, config: Compres
             floats: frozenset[str] = frozenset(), infer: bool = True) -> onnx.ModelProto:
     """The model `choice` makes as it is written: built (compensated on the whole search part),
     exported, and with `quantizer` quantized but for the units named in `floats`."""
-    model = export(build(prepared, problems, choice, infer, compensation), config)
-    if quantizer is None:
-        return model
-    return quantizer(model, [n for u in units(model, [p.target for p in problems]) if u.name in floats for n in u.nodes])
+    return assemble(prepared, problems, choice, compensation, config=config, quantizer=quantizer, floats=floats,
+                    infer=infer).model
 
 
 def export(model: onnx.ModelProto, config: CompressConfig) -> onnx.ModelProto:
@@ -112,7 +133,6 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
     chance that any model which exceeds eps is passed stays at 1 - level whatever the number
     tested (a fixed-sequence test; Learn then Test, Angelopoulos et al. 2021). `confirm` checks
     each choice measured (--cost latency)."""
-    targets = [p.target for p in problems]
 
     def model_of(c: Choice, floats: frozenset[str] | None, infer: bool) -> onnx.ModelProto:
         return written(prepared, problems, c, config, compensation, quantizer if floats is not None else None,
@@ -138,8 +158,9 @@ def verify_choice(prepared, problems, choice: Choice, metric, data, reference, c
             while any(c.factored for c in path[-1][0].values()):
                 path.append((step_back(problems, path[-1][0]), None))
         else:
-            float_model = model_of(path[0][0], None, infer=True)
-            found[:] = units(float_model, targets, feed)
+            built = assemble(prepared, problems, path[0][0], compensation, config=config)
+            float_model = built.model
+            found[:] = built.units(feed)
             errors = unit_errors(float_model, quantizer(float_model), found, quantizer.probe)
             while (state := joint_step(problems, *path[-1], found, errors)) is not None:
                 path.append(state)

@@ -29,7 +29,7 @@ from ..calibration.data import CalibrationSet
 from ..errors import QuantizationError, first_line
 from ..graph.downstream import with_outputs
 from ..graph.index import opset_version
-from ..graph.rewrite import chain_prefix
+from ..graph.rewrite import Chain
 from ..graph.targets import node_name
 from ..runtime.sessions import RUNTIME_ERRORS, costs_at, runtime_message, session
 
@@ -166,19 +166,19 @@ def named_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def units(model: onnx.ModelProto, targets, feed: dict[str, np.ndarray] | None = None) -> list[Unit]:
-    """The units of a built (float) model: each target's Conv/Gemm/MatMul nodes (the layer, or its
-    factor chain) together, every other such layer alone. A layer reads a weight: the product
-    of two activations (attention's) is no unit. Their MACs at `feed`'s shapes (0 without)."""
+def units(model: onnx.ModelProto, chains: dict[str, Chain], feed: dict[str, np.ndarray] | None = None) -> list[Unit]:
+    """The units of a built (float) model: each factored target's Conv/Gemm/MatMul nodes (its
+    factor chain, as the rewrite wrote it: `chains`) together, every other such layer alone (a
+    target kept whole is its node, named as the target). A layer reads a weight: the product of
+    two activations (attention's) is no unit. Their MACs at `feed`'s shapes (0 without)."""
     macs = {c.name: c.macs for c in costs_at(named_nodes(model), feed)} if feed is not None else {}
-    owner = {t.name: t.name for t in targets}
-    prefixes = [(chain_prefix(t) + "/", t.name) for t in targets]
+    owner = {node: name for name, chain in chains.items() for node in chain.nodes}
     weights = {t.name for t in model.graph.initializer}
     groups: dict[str, list[tuple[str, onnx.NodeProto]]] = {}
     for node, called in zip(model.graph.node, node_names(model)):
         if node.op_type not in UNIT_OPS or not weights.intersection(node.input):
             continue
-        name = owner.get(called) or next((t for p, t in prefixes if called.startswith(p)), called)
+        name = owner.get(called, called)
         groups.setdefault(name, []).append((called, node))
     result = []
     for name, members in groups.items():

@@ -126,7 +126,7 @@ class LayerTimer:
         (1, ...) (Gemm's transposed A: (K, 1)), as captured."""
         model, micro_target, feed = self._micro_model(target, input_shape)
         if factors is not None:
-            model = replace_layers(model, [(micro_target, factors)], infer=False)
+            model = replace_layers(model, [(micro_target, factors)], infer=False).model
         # keyed by the float structure and the quantizer's mode: a model found in the cache is not quantized
         key = self._key(model, self.quantizer.mode if self.quantizer is not None else "float")
         if key not in self._cache:

@@ -68,7 +68,7 @@ def sensitivities(problems: list[LayerProblem], model: onnx.ModelProto, data: Ca
             feeds = {n: values[n] for n in part.frontier}
             if sub is None:  # typed from the first run's feeds: their dtypes and ranks do not change
                 sub = session(replace_layers(downstream_model(light, part, feeds), [(p.target, c.factors)],
-                                             infer=False, copy=False), weights=weights)
+                                             infer=False, copy=False).model, weights=weights)
             changed = dict(zip(part.outputs, sub.run(part.outputs, feeds)))
             n, d = _squared([values[n] for n in outputs], [changed.get(n, values[n]) for n in outputs])
             num, den = num + n, den + d

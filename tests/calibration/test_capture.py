@@ -10,6 +10,7 @@ from onnx import helper
 from onnx_lowrank.calibration.capture import capture, patches
 from onnx_lowrank.calibration.data import CalibrationSet
 from onnx_lowrank.graph import find_targets, prepare
+from onnx_lowrank.graph.downstream import with_outputs
 
 
 @pytest.mark.parametrize("attrs", [
@@ -57,3 +58,43 @@ def test_statistics_are_exact_when_every_row_fits_and_bounded_otherwise():
     np.testing.assert_allclose(s.second_moment(shrink=False), all_rows.T @ all_rows / 640, rtol=1e-5, atol=1e-6)
     assert s.sample.shape == (50, 1, 27)  # a bounded sample, whatever the set's size
     assert outputs.shape == (10, 6, 8, 8)
+
+
+class _Reader:
+    """A PassReader that keeps what it is handed: per part, the samples' first input and a tensor."""
+
+    def __init__(self, parts: list[np.ndarray], reads: list[str]):
+        self.parts, self.reads, self.seen, self.planned = parts, reads, {}, None
+
+    def plan(self, batch, measured) -> None:
+        self.planned = (batch, measured)
+
+    def visit(self, part, values, count, mask) -> None:
+        self.seen.setdefault(part, []).append((values["x"][:count], values[self.reads[0]][:count]))
+
+
+def test_a_reader_gets_its_parts_in_the_same_pass_and_the_outputs_keep_the_sets_order():
+    """Compensation reads the original layers' outputs in the statistics' pass: its parts run
+    first, each in runs of its own, with what it reads; the statistics still see every sample
+    once, and the outputs come back in the set's order."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="c2", pads=[1] * 4)]
+    model = prepare(make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("y", None)],
+                               [init("W1", rng.standard_normal((5, 3, 3, 3)).astype(np.float32)),
+                                init("W2", rng.standard_normal((4, 5, 3, 3)).astype(np.float32))]))
+    targets, _ = find_targets(model)
+    x = rng.standard_normal((23, 3, 6, 6)).astype(np.float32)
+    data = CalibrationSet({"x": x})
+    parts = [np.array([2, 5, 11, 17, 19]), np.array([0, 7, 8])]
+    reader = _Reader(parts, ["h"])
+    stats, (outputs,) = capture(model, targets, data, batch_size=4, reader=reader)
+    np.testing.assert_allclose(outputs, run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    for k, part in enumerate(parts):
+        runs = reader.seen[k]
+        assert [len(r) for r, _ in runs] == [min(4, len(part) - i) for i in range(0, len(part), 4)]
+        np.testing.assert_array_equal(np.concatenate([r for r, _ in runs]), x[part])
+        h = np.concatenate([v for _, v in runs])
+        np.testing.assert_allclose(h, run(with_outputs(model, ["h"]), {"x": x[part]})[1], rtol=1e-5, atol=1e-5)
+    assert all(s.rows == 23 * 36 for s in stats.values())  # every sample's 36 positions, once

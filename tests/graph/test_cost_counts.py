@@ -35,7 +35,7 @@ METHOD_OPTIONS = {
 
 
 def chain_costs(model, target, factors):
-    out = replace_layers(model, [(target, factors)])
+    out = replace_layers(model, [(target, factors)]).model
     prefix = chain_prefix(target) + "/"
     costs = [c for c in node_costs(out) if c.name.startswith(prefix)]
     assert costs, "the chain's nodes carry the derived names"

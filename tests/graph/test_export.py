@@ -25,14 +25,16 @@ def chain(kind: str, relu_after: int | None = None) -> onnx.ModelProto:
         b = RNG.normal(size=t).astype(np.float32)
         if kind == "conv":
             inits += [init(f"W{i}", w.reshape(t, c, 1, 1)), init(f"B{i}", b)]
-            nodes.append(helper.make_node("Conv", [current, f"W{i}", f"B{i}"], [out + "_" if i == relu_after else out]))
+            nodes.append(helper.make_node("Conv", [current, f"W{i}", f"B{i}"], [out + "_" if i == relu_after else out],
+                                          name=f"l{i}"))
         elif kind == "gemm":
             inits += [init(f"W{i}", w), init(f"B{i}", b)]
             nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"B{i}"], [out + "_" if i == relu_after else out],
-                                          transB=1))
+                                          name=f"l{i}", transB=1))
         else:
             inits.append(init(f"W{i}", w.T))
-            nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out + "_" if i == relu_after else out]))
+            nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out + "_" if i == relu_after else out],
+                                          name=f"l{i}"))
         if i == relu_after:
             nodes.append(helper.make_node("Relu", [out + "_"], [out]))
         current = out
@@ -54,6 +56,8 @@ def test_merge_takes_out_the_wide_middle_only(kind):
     # pair (16 -> 4, 4 -> 16) would cost more as one layer and stays
     assert count == 2
     assert len(merged.graph.node) == 2
+    # a merged layer keeps the name of the one it replaced: chains and quantization units know it so
+    assert [n.name for n in merged.graph.node] == ["l2", "l3"]
     feed = inputs(kind)
     np.testing.assert_allclose(run(merged, feed)[0], run(model, feed)[0], rtol=1e-4, atol=1e-4)
     shapes = {"x": tuple(feed["x"].shape[:0]) + (1,) + feed["x"].shape[1:]}

@@ -13,11 +13,11 @@ import pytest
 from helpers import FULL, compress, conv_model, init, make_model, method_name, rel_err, run, tensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnx_lowrank.decompositions import Layer, decompose, reason_not_applicable
 from onnx_lowrank.errors import UnsupportedLayer
-from onnx_lowrank.graph import find_targets, prepare
+from onnx_lowrank.graph import find_targets, prepare, replace_layers
 
 TOL = 1e-5
 KERNELS = [(1, 1), (3, 3), (5, 5), (3, 1), (1, 3)]
@@ -195,6 +195,69 @@ def test_output_name_and_derived_names():
     assert out.graph.node[-1].output[0] == "y"
     assert all(n.name.startswith("conv/lowrank/") for n in out.graph.node)
     assert {t.name for t in out.graph.initializer}.isdisjoint({"W"})  # the old weight is gone
+
+
+def _step_output(model, step, x_name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a chain's last step computes from its input as the map describes it (Z W^T + b over
+    the rows), and what the written model computes there, as (rows, out)."""
+    from onnx_lowrank.calibration.capture import row_count, rows_at
+    from onnx_lowrank.graph.downstream import with_outputs
+
+    node = next(n for n in model.graph.node if n.name == step.node)
+    output = node.output[0]
+    if step.bias is not None and node.op_type == "MatMul":  # the Add after it holds the bias
+        output = next(n.output[0] for n in model.graph.node if step.bias in n.input)
+    augmented = with_outputs(model, [step.input, output])
+    values = dict(zip([o.name for o in augmented.graph.output], run(augmented, {x_name: x})))
+    z, y = values[step.input], values[output]
+    stored = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == step.weight))
+    w = stored.T if step.transposed else stored.reshape(len(stored), -1)
+    np.testing.assert_allclose(w, step.layer.weight.reshape(len(step.layer.weight), -1), rtol=1e-6, atol=1e-7)
+    rows = rows_at(z, step.layer, np.arange(row_count(z, step.layer)))[:, 0].astype(np.float64)
+    want = rows @ w.T.astype(np.float64)
+    if step.bias is not None:
+        want += numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == step.bias))
+    got = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]) if step.layer.is_conv else y.reshape(-1, y.shape[-1])
+    return want, got
+
+
+@pytest.mark.parametrize("key", list(FULL))
+def test_the_chain_map_says_what_was_written(key):
+    """Each chain's nodes are in the model, and its last step, computed as the map describes it
+    from the tensor it names, is what the model computes (compensation refits it so)."""
+    rng = np.random.default_rng(5)
+    model = conv_model(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), rng.standard_normal(6).astype(np.float32),
+                       input_shape=(2, 4, 9, 9), pads=[1, 0, 1, 2], strides=[2, 1])
+    prepared = prepare(model)
+    targets, _ = find_targets(prepared)
+    rewritten = replace_layers(prepared, [(t, decompose(t.layer, method_name(key), **FULL[key])) for t in targets])
+    (chain,) = rewritten.chains.values()
+    assert set(chain.nodes) == {n.name for n in rewritten.model.graph.node}
+    last = rewritten.model.graph.node[-1]
+    if last.op_type == "Reshape":  # a ring's chain ends in one: no linear last step
+        assert chain.last is None
+        return
+    assert chain.last.node == last.name
+    want, got = _step_output(rewritten.model, chain.last, "x", rng.standard_normal((2, 4, 9, 9)).astype(np.float32))
+    assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("form", ["gemm", "matmul", "matmul+add"])
+def test_the_chain_map_of_a_dense_layer(form):
+    rng = np.random.default_rng(6)
+    if form == "gemm":
+        model, x_name = gemm_model(rng, 0, 1, alpha=1.0, beta=1.0, c_kind="vector"), "a"
+        x = rng.standard_normal((5, 7)).astype(np.float32)
+    else:
+        model, x_name = matmul_model(rng, (2, 3, 6), bias=form == "matmul+add"), "x"
+        x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    prepared = prepare(model)
+    targets, _ = find_targets(prepared)
+    rewritten = replace_layers(prepared, [(t, decompose(t.layer, "svd", rank=2)) for t in targets])
+    (chain,) = rewritten.chains.values()
+    assert (chain.last.bias is not None) == (form != "matmul")
+    want, got = _step_output(rewritten.model, chain.last, x_name, x)
+    assert rel_err(got, want) <= TOL
 
 
 def test_rewritten_model_is_loadable_when_onnx_writes_a_newer_ir():

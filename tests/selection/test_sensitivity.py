@@ -51,6 +51,6 @@ def test_sensitivities_equal_whole_model_runs(setup, monkeypatch, apart):
     for p in problems:
         probes = [c for c in p.candidates if c.factored and c.error > 0]
         c = min(probes, key=lambda c: abs(np.log(c.error / PROBE_ERROR)))
-        changed = predict(replace_layers(model, [(p.target, c.factors)], infer=False), subset)
+        changed = predict(replace_layers(model, [(p.target, c.factors)], infer=False).model, subset)
         slow = max(output_distortion(reference, changed), 1e-12) / c.error ** 2
         assert fast[p.name] == pytest.approx(slow, rel=1e-3)
