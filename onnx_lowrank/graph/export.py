@@ -1,13 +1,10 @@
 """The last touches before a compressed model is written, each optional: merging adjacent linear
-layers where one layer is cheaper than two, weights stored in float16, and onnxruntime's own
-offline optimization. Each returns a new model that computes the same thing (float16 up to its
+layers where one layer is cheaper than two, and weights stored in float16 (onnxruntime's own
+offline optimization, the third, is runtime.sessions.offline_optimized). Each returns a new model that computes the same thing (float16 up to its
 rounding), and the pipeline verifies the result after them, so the held-out drop it reports is
 that of the file it writes."""
 
 from __future__ import annotations
-
-import os
-import tempfile
 
 import numpy as np
 import onnx
@@ -161,21 +158,3 @@ def fp16_weights(model: onnx.ModelProto, min_elements: int = 16) -> onnx.ModelPr
     del graph.node[:]
     graph.node.extend(nodes)
     return infer_shapes(out)
-
-
-def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxruntime's offline optimization at its basic level: constant folding and redundant-node
-    elimination, standard ops only, so the file still runs on every provider and platform (the
-    extended and layout levels are specific to the machine that runs them)."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "optimized.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = path
-        options.log_severity_level = 4
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(path)
-    del optimized.graph.value_info[:]
-    return infer_shapes(optimized)

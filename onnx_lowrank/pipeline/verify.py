@@ -16,13 +16,13 @@ from ..config import CompressConfig
 from ..errors import InvalidModel, first_line
 from ..graph import replace_layers
 from ..graph.rewrite import Chain
-from ..graph.export import fp16_weights, merge_linear_pairs, ort_optimized
+from ..graph.export import fp16_weights, merge_linear_pairs
 from ..graph.index import FLOAT_TYPES
 from ..graph.prepare import infer_shapes
 from ..metrics.confidence import Bound
 from ..metrics.quality import drop_bound
 from ..quantization.int8 import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
-from ..runtime.sessions import FoldedModel, predict
+from ..runtime.sessions import FoldedModel, offline_optimized, predict
 from ..selection import Choice
 from ..selection.candidates import cost_of
 
@@ -84,7 +84,7 @@ def export(model: onnx.ModelProto, config: CompressConfig) -> onnx.ModelProto:
     if config.merge:
         model, _ = merge_linear_pairs(model)
     if config.optimize:
-        model = ort_optimized(model)
+        model = offline_optimized(model)
     if config.fp16:  # after optimizing, whose constant folding would turn the weights back to float32
         model = fp16_weights(model)
     return model

@@ -3,7 +3,9 @@ opened (`session`, in the profile a use needs), what onnxruntime raises, and `pr
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from typing import Callable
 
 import numpy as np
@@ -16,6 +18,7 @@ from ..errors import first_line
 from ..graph.cost import NodeCost, node_costs
 from ..graph.downstream import with_outputs
 from ..graph.io import weights_apart
+from ..graph.prepare import infer_shapes
 
 
 # what onnxruntime raises on a model it cannot load or run (plain Exceptions, not RuntimeError)
@@ -30,7 +33,7 @@ def runtime_message(error: Exception) -> str:
     return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(error))
 
 
-PROFILES = ("measure", "deploy", "unoptimized")
+PROFILES = ("measure", "deploy", "unoptimized", "offline")
 
 
 def session(model: onnx.ModelProto | bytes, profile: str = "measure", threads: int = 0,
@@ -49,6 +52,8 @@ def session(model: onnx.ModelProto | bytes, profile: str = "measure", threads: i
       what timings measure.
     - unoptimized: no graph optimization, each node as the graph writes it (the quantizer's
       probes of single tensors).
+    - offline: onnxruntime's basic optimization level only (constant folding, redundant nodes:
+      standard ops), to write the graph it makes (offline_optimized).
     `optimized_to`: a file onnxruntime writes the graph it optimized to (which nodes it fused).
     Every profile logs fatal errors only: a failed run reaches the user once, as our error line."""
     if profile not in PROFILES:
@@ -60,6 +65,8 @@ def session(model: onnx.ModelProto | bytes, profile: str = "measure", threads: i
         options.optimized_model_filepath = optimized_to
     if profile == "unoptimized":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile == "offline":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if profile == "measure":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_cpu_mem_arena = False
@@ -77,6 +84,18 @@ def session(model: onnx.ModelProto | bytes, profile: str = "measure", threads: i
     sess.weights = arrays  # onnxruntime reads them where they are: they must live as long as the session
     return sess
 
+
+
+def offline_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's offline optimization at its basic level (--optimize): constant folding and
+    redundant-node elimination, standard ops only, so the file still runs on every provider and
+    platform (the extended and layout levels are specific to the machine that runs them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        session(model, "offline", optimized_to=path)
+        optimized = onnx.load(path)
+    del optimized.graph.value_info[:]
+    return infer_shapes(optimized)
 
 class FoldedModel:
     """Models that each answer for part of the calibration set: sample i (by its index in the

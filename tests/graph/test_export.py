@@ -11,7 +11,8 @@ from helpers import init, make_model, run, tensor
 from onnx import helper
 
 from onnx_lowrank.graph import node_costs
-from onnx_lowrank.graph.export import fp16_weights, merge_linear_pairs, ort_optimized
+from onnx_lowrank.graph.export import fp16_weights, merge_linear_pairs
+from onnx_lowrank.runtime.sessions import offline_optimized
 
 RNG = np.random.default_rng(0)
 WIDTHS = [16, 4, 16, 4, 16]  # x -> thin -> wide -> thin -> wide: only the wide middles can go
@@ -85,7 +86,7 @@ def test_fp16_weights_halve_the_file_and_keep_the_outputs():
 
 def test_ort_optimized_computes_the_same():
     model = chain("gemm", relu_after=1)
-    optimized = ort_optimized(model)
+    optimized = offline_optimized(model)
     onnx.checker.check_model(optimized, full_check=True)
     feed = inputs("gemm")
     np.testing.assert_allclose(run(optimized, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
