@@ -206,10 +206,15 @@ def convert(
     cost: str = typer.Option("macs", help="macs | params | latency: what the search minimises. latency: each "
                              "candidate timed in onnxruntime at the layer's real input shape, quantized with "
                              "--quantize (cached on disk); no layer is replaced by a slower chain."),
-    rank_multiple: Optional[int] = typer.Option(None, help="Round ranks to multiples of N (kernels like some "
-                                                "widths; default 8 with --quantize int8, else 1)."),
-    provider: str = typer.Option("CPUExecutionProvider", help="--cost latency: the execution provider."),
-    threads: int = typer.Option(0, help="--cost latency: onnxruntime threads (0: its default)."),
+    rank_multiple: Optional[int] = typer.Option(None, help="Round ranks to multiples of N. Default: the block of "
+                                                "channels onnxruntime's convs run in on this machine (measured "
+                                                "once at --provider/--threads and cached: 16 with AVX-512), so "
+                                                "the model is fast, not only small; 8 with --quantize int8; 1 "
+                                                "with --cost params."),
+    provider: str = typer.Option("CPUExecutionProvider", help="--cost latency and the rank widths: the "
+                                 "execution provider timed."),
+    threads: int = typer.Option(0, help="--cost latency and the rank widths: onnxruntime threads (0: its "
+                                "default)."),
     latency_batch: int = typer.Option(1, help="--cost latency: the batch size layers are timed at."),
     exclude: Optional[list[str]] = typer.Option(None, help="Node names or op types to leave alone (repeatable, "
                                                 "comma-separated)."),

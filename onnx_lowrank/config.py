@@ -64,11 +64,21 @@ class CompressConfig:
         layers and its options."""
         return Context(prepared, data, targets, self.methods, self.rank, self.ratio, self.energy, self.cost, self.seed)
 
-    def multiple(self) -> int:
-        """What ranks are rounded to: --rank-multiple, else INT8_RANK_MULTIPLE with --quantize, else 1."""
+    def multiple(self) -> tuple[int, str]:
+        """What ranks are rounded to, and why: --rank-multiple; else INT8_RANK_MULTIPLE with
+        --quantize; else, where the cost is speed (MACs, latency), the block of channels
+        onnxruntime's convs run in on this machine (runtime.widths: measured once, cached); 1 for
+        --cost params (size, whatever the speed)."""
         if self.rank_multiple is not None:
-            return self.rank_multiple
-        return INT8_RANK_MULTIPLE if self.quantize is not None else 1
+            return self.rank_multiple, "--rank-multiple"
+        if self.quantize is not None:
+            return INT8_RANK_MULTIPLE, "int8 kernels run widths in multiples of 4, best of 8 (docs/quantization.md)"
+        if self.cost == "params":
+            return 1, "--cost params: the size, whatever the speed"
+        from .runtime.widths import fast_block
+
+        block = fast_block(self.provider, self.threads)
+        return block, f"measured: {self.provider} convs here run widths in blocks of {block} channels"
 
     def validate(self) -> None:
         """Raise ValueError naming the rule and the value received."""

@@ -88,7 +88,7 @@ def test_the_default_metric_keeps_a_detectors_class_scores(tmp_path, metric):
     saw; cosine, blind to them, lets their branch go."""
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=features(400, 4))
-    model, report = compress(detector(), CompressConfig(eps=0.01, metric=metric), str(calib))
+    model, report = compress(detector(), CompressConfig(eps=0.01, metric=metric, rank_multiple=1), str(calib))
     x = features(300, 5)
     (ref,), (out,) = run(detector(), {"x": x}), run(model, {"x": x})
     class_drop = quality("r2", [ref[:, 4:]], [out[:, 4:]], None).drop

@@ -158,12 +158,14 @@ def test_gemm_with_transposed_activation_gets_its_rank(tmp_path):
     model = make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 32])], [init("W", weight)])
     x = rng.standard_normal((200, 16)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
-    out, report = compress(model, CompressConfig(eps=0.01, select="cosine"), calibration=tmp_path / "x.npz")
+    out, report = compress(model, CompressConfig(eps=0.01, select="cosine", rank_multiple=1),
+                           calibration=tmp_path / "x.npz")
     (layer,) = report.layers
     assert layer.method == "svd" and layer.ranks == [8]
     np.testing.assert_allclose(run(out, {"x": x[:5]})[0], x[:5] @ weight, rtol=1e-3, atol=1e-3)
     # timed as it runs: the micro-model feeds the transposed A with its samples along axis 1
-    _, timed = compress(model, CompressConfig(eps=0.01, cost="latency"), calibration=tmp_path / "x.npz")
+    _, timed = compress(model, CompressConfig(eps=0.01, cost="latency", rank_multiple=1),
+                        calibration=tmp_path / "x.npz")
     assert timed.layers[0].latency_before > 0
 
 

@@ -95,7 +95,7 @@ def test_model_with_sizes_computed_from_the_input_converts():
     rng = np.random.default_rng(0)
     model = resize_model(rng)
     x = rng.standard_normal((60, 3, 16, 16)).astype(np.float32)
-    out, report = compress(model, CompressConfig(eps=0.05), calibration=_reader({"x": x}))
+    out, report = compress(model, CompressConfig(eps=0.05, rank_multiple=1), calibration=_reader({"x": x}))
     assert report.mac_ratio > 1.2 and report.drop <= 0.05
     other = rng.standard_normal((2, 3, 24, 20)).astype(np.float32)  # H, W stay dynamic
     assert session(out).run(None, {"x": other})[0].shape == (2, 4, 24, 20)
@@ -132,7 +132,7 @@ def test_fixed_batch_state_and_scalar_inputs_run_one_sample_at_a_time():
              "h": rng.standard_normal((n, 1, 1, 8)).astype(np.float32),
              "gain": rng.uniform(0.5, 2, n).astype(np.float32)}
     model = state_model(rng, 1)
-    out, report = compress(model, CompressConfig(eps=0.05), calibration=_reader(calib))
+    out, report = compress(model, CompressConfig(eps=0.05, rank_multiple=1), calibration=_reader(calib))
     assert report.calibration["run_batch"] == 1
     layout = report.calibration["inputs"]
     assert layout["x"]["given"] == "samples along axis 0" and layout["x"]["static"] == [True] * 4
@@ -206,7 +206,8 @@ def test_costs_where_shape_inference_gives_up_are_onnxruntimes():
     (matmul,) = [c for c in costs_at(model, feed) if c.op_type == "MatMul"]
     assert matmul.macs == 2 * 32 * 24  # the two 32-wide rows one sample becomes, times W
     x = rng.standard_normal((80, 64)).astype(np.float32)
-    out, report = compress(model, CompressConfig(eps=0.05, metric="cosine"), calibration=_reader({"x": x}))
+    out, report = compress(model, CompressConfig(eps=0.05, metric="cosine", rank_multiple=1),
+                           calibration=_reader({"x": x}))
     assert report.macs_before == 2 * 32 * 24 and report.mac_ratio > 1.5 and report.drop <= 0.05
 
 
@@ -229,7 +230,8 @@ def test_a_layer_wider_than_the_vectors_it_sees_keeps_only_the_diagonal():
     assert s.diagonal and s.moment_sum.nbytes == 2048 * 8
     np.testing.assert_allclose(s.second_moment(), np.mean(x.astype(np.float64) ** 2, axis=0), rtol=1e-5)
     # at fixed ranks: 30 of 100 samples in the search part, too few to bound eps on the others
-    out, report = compress(model, CompressConfig(select="rank", ratio=0.4), calibration=_reader({"x": x}))
+    out, report = compress(model, CompressConfig(select="rank", ratio=0.4, rank_multiple=1),
+                           calibration=_reader({"x": x}))
     assert report.mac_ratio > 2
     assert report.memory["statistics_bytes"] < 2048 * 2048
 

@@ -1,8 +1,8 @@
 """The last touches before a compressed model is written, each optional: merging adjacent linear
 layers where one layer is cheaper than two, and weights stored in float16 (onnxruntime's own
-offline optimization, the third, is runtime.sessions.offline_optimized). Each returns a new model that computes the same thing (float16 up to its
-rounding), and the pipeline verifies the result after them, so the held-out drop it reports is
-that of the file it writes."""
+offline optimization, the third, is runtime.sessions.offline_optimized). Each returns a new model
+that computes the same thing (float16 up to its rounding), and the pipeline verifies the result
+after them, so the held-out drop it reports is that of the file it writes."""
 
 from __future__ import annotations
 

@@ -64,6 +64,8 @@ class Report:
     check_samples: int = 0
     resolution: str = ""          # what the check can resolve ("500 held-out samples: one changed sample is ...")
     tested: int = 0               # models of the back-off path measured on the held-out part
+    rank_multiple: int = 1        # every rank a multiple of it ...
+    rank_multiple_why: str = ""   # ... for this reason (CompressConfig.multiple)
     search_drop: float = 0.0
     backed_off: int = 0           # steps taken back along the path because the bound exceeded eps
     latency_before: float | None = None  # --cost latency: seconds per run of the whole model, measured
@@ -174,7 +176,7 @@ class Report:
                       f"{self.quality_after:.4f}", f"drop {self.drop:.4f}, at most {self.bound:.4f}")
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         whole.caption = (f"{self.promise()}\nsearch-part drop {self.search_drop:.4f}; {self.resolution}\n"
-                         f"time: {timing}")
+                         f"ranks in multiples of {self.rank_multiple} ({self.rank_multiple_why})\ntime: {timing}")
         if quantized:
             whole.caption += (f"\n{self.quantization['mode']}: {self.quantization['int8_layers']} layer(s) int8, "
                               f"{len(floats)} kept in float")

@@ -169,12 +169,15 @@ class _Runtime:
     """How candidate models run: `batch` samples at a time (the calibration's, or one per run for
     a dynamically quantized model), quantized as they will be written (`quantizer`, --quantize:
     ranges from the search part), each layer and chain timed (`timer`, --cost latency); `runs_as`,
-    the original as it runs (quantized with --quantize), is timed whole."""
+    the original as it runs (quantized with --quantize), is timed whole; the ranks rounded to
+    multiples of `multiple`, the widths the kernels run fast."""
 
     batch: int
     quantizer: Quantizer | None
     runs_as: onnx.ModelProto
     timer: LayerTimer | None
+    multiple: int                # ranks are multiples of it (config.multiple) ...
+    multiple_why: str            # ... for this reason
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,7 @@ def _runtime(prepared: onnx.ModelProto, cal: _Calibrated, config: CompressConfig
         batch = measuring_batch(runs_as, batch)
     timer = LayerTimer(prepared, config.provider, config.threads, config.latency_batch, quantizer=quantizer) \
         if config.cost == "latency" else None
-    return _Runtime(batch, quantizer, runs_as, timer)
+    return _Runtime(batch, quantizer, runs_as, timer, *config.multiple())
 
 
 def _decompose(targets, cal: _Calibrated, runtime: _Runtime, run: _Run) -> list:
@@ -292,7 +295,7 @@ def _decompose(targets, cal: _Calibrated, runtime: _Runtime, run: _Run) -> list:
     config, timer = run.config, runtime.timer
     problems = build_problems(targets, cal.stats, config.methods or auto_methods(),
                               "macs" if timer is not None else config.cost, config.data_aware,
-                              config.multiple(), config.jobs, run.progress("decompose", len(targets)),
+                              runtime.multiple, config.jobs, run.progress("decompose", len(targets)),
                               FactorCache(config.max_memory // 32))
     if timer is not None:
         advance = run.progress("time", len(problems))
@@ -477,7 +480,8 @@ def _report(loaded: _Loaded, cal: _Calibrated, problems, search: Search, search_
         file_size_after=compressed.ByteSize(), quality_before=decided.quality_before,
         quality_after=decided.quality_after, drop=bound.drop, bound=bound.upper, confidence=bound.level,
         bound_method=bound.method, groups=bound.groups, check_samples=bound.samples, resolution=cal.resolution,
-        tested=decided.tested, search_drop=search_drop, backed_off=decided.backed_off, latency_before=latency[0],
+        tested=decided.tested, rank_multiple=runtime.multiple, rank_multiple_why=runtime.multiple_why,
+        search_drop=search_drop, backed_off=decided.backed_off, latency_before=latency[0],
         latency_after=latency[1], timings=dict(run.timings), trace=search.trace, warnings=list(run.warnings),
         finetune=list(decided.finetune), memory=memory, quantization=quantization)
 

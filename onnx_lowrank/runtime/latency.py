@@ -168,8 +168,7 @@ class LayerTimer:
             t.ClearField("float_data")
         for n in skeleton.graph.node:
             n.name = ""
-        where = (f"{precision}|{self.provider}|{self.threads}|{ort.__version__}|{platform.machine()}|{_cpu_name()}|"
-                 f"{os.cpu_count()}")
+        where = f"{precision}|{self.provider}|{self.threads}|{ort.__version__}|{machine_key()}"
         return hashlib.sha256(skeleton.SerializeToString(deterministic=True) + where.encode()).hexdigest()
 
 
@@ -217,6 +216,11 @@ def _write_cache(path: Path, entries: dict[str, float]) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # a cache that cannot be written costs time next run, nothing else
+
+
+def machine_key() -> str:
+    """What a timing depends on of the machine: its architecture, CPU model and core count."""
+    return f"{platform.machine()}|{_cpu_name()}|{os.cpu_count()}"
 
 
 def _cpu_name() -> str:
