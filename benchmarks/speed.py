@@ -1,5 +1,14 @@
 """Deployment speed, measured in one run on this machine:
 
+0. How much of the MAC ratio becomes time (`--parts speedup`): a VGG-16-shaped classifier at
+   112^2 (PyTorch's default initialisation: speed does not depend on the weights' values) with
+   every layer at fixed fractions 0.5 / 0.35 / 0.25 of its cost (`--select rank --ratio R`), and
+   the three trained MNIST models (the default model, the digit CNN, the ResNet-18-shaped one) at
+   eps 0.005 (calibrated on models/mnist_calib.npz, their drop measured on the 10000 test digits),
+   each converted three ways: MAC cost with ranks any width (`--rank-multiple 1`), the default
+   (MAC cost, ranks in the widths the kernels run fast: runtime/widths.py), and `--cost latency`.
+   All versions of a model timed interleaved (`onnx-lowrank bench`) at batch 1 and 32, with 1 and
+   2 onnxruntime threads: the speed-up and its share of the MAC ratio.
 1. `--cost latency` on MobileNetV2 (real photos, eps 0.01 agreement), on a ResNet-18-shaped CNN
    trained here on MNIST (eps 0.005 accuracy) and on the default model (MNIST, eps 0.005):
    onnxruntime CPU latency of the original and the compressed model at batch 1 and 32 (run in
@@ -33,6 +42,8 @@ from onnx_lowrank.pipeline import compress_file
 from onnx_lowrank.tools.bench import bench
 
 RESNET = MODELS / "resnet18_mnist.onnx"
+WAYS = {"MAC cost": dict(rank_multiple=1), "default": {}, "latency cost": dict(cost="latency")}
+VGG_SIZE, VGG_RATIOS = 112, (0.5, 0.35, 0.25)
 MOBILENET = MODELS / "mobilenet_v2.onnx"
 
 
@@ -77,9 +88,52 @@ def peak_rss_mb(setup: dict, samples: int, folder: Path) -> tuple[float, float]:
     return int(out.stdout.split()[-1]) / 1024, time.perf_counter() - start
 
 
+def speedups(folder: Path, console: Console) -> Table:
+    """Part 0: every way of each model against its original, timed together."""
+    from memory import vgg16
+
+    table = Table(title="speed-up against the MAC ratio: onnxruntime CPU, all versions of a model timed interleaved")
+    for col in ("model", "way", "MAC ratio", "drop", "b1 1 thr", "b32 1 thr", "b1 2 thr", "b32 2 thr",
+                "share of MAC ratio (min - max)"):
+        table.add_column(col, justify="right")
+    vgg = folder / "vgg16.onnx"
+    vgg16(VGG_SIZE, vgg)
+    np.savez(folder / "vgg_calib.npz", x=photo_crops(8, seed=0, size=VGG_SIZE))
+    mnist_test = str(MODELS / "mnist_test.npz")
+    models = {"vgg16_112": (vgg, [dict(eps=0.01, select="rank", ratio=r) for r in VGG_RATIOS], folder / "vgg_calib.npz",
+                            None, None)}
+    for name, path in (("mnist_cnn", MODELS / "mnist_cnn.onnx"), ("digit_cnn", MODELS / "digit_cnn.onnx"),
+                       ("resnet18_mnist", RESNET)):
+        models[name] = (path, [dict(eps=0.005)], MODELS / "mnist_calib.npz", "labels", mnist_test)
+    for name, (src, settings, calib, labels, judge) in models.items():
+        outs, rows = [], []
+        for setting in settings:
+            for way, options in WAYS.items():
+                out = folder / f"{name}_{len(outs)}.onnx"
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    report = compress_file(src, out, CompressConfig(**setting, **options), str(calib), labels)
+                label = way if "ratio" not in setting else f"{way}, ratio {setting['ratio']}"
+                console.print(f"{name} {label}: {report.mac_ratio:.2f}x MACs, ranks in multiples of "
+                              f"{report.rank_multiple}, converted in {time.perf_counter() - start:.0f}s",
+                              highlight=False)
+                outs.append(out)
+                rows.append((label, report))
+        results = [bench(src, *outs, batches=(1, 32), threads=t, calibration=judge,
+                         labels="labels" if judge else None) for t in (1, 2)]
+        for k, (label, report) in enumerate(rows):
+            speed = [r.latency[b].speedup[k] for r in results for b in (0, 1)]  # t1 b1, t1 b32, t2 b1, t2 b32
+            share = [v / report.mac_ratio for v in speed]
+            drop = f"{results[0].drop[k]:.4f}" if judge else "-"
+            table.add_row(name, label, f"{report.mac_ratio:.2f}x", drop, *(f"{v:.2f}x" for v in
+                          (speed[0], speed[1], speed[2], speed[3])), f"{min(share):.2f} - {max(share):.2f}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="latency,time,memory")
+    parser.add_argument("--parts", default="speedup,latency,time,memory")
     args = parser.parse_args()
     parts = args.parts.split(",")
     for path in (RESNET, MOBILENET):
@@ -89,6 +143,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         runs = setups(folder)
+        if "speedup" in parts:
+            console.print(speedups(folder, console))
         if "latency" in parts:
             whole = Table(title="--cost latency: onnxruntime CPU latency, original vs compressed, run in turn")
             for col in ("model", "eps", "held-out drop", "MAC ratio", "batch", "original ms", "compressed ms",
