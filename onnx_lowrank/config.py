@@ -98,7 +98,7 @@ class CompressConfig:
             raise ValueError(f"--jobs must be >= 0; got {self.jobs}")
         if self.threads < 0 or self.latency_batch < 1:
             raise ValueError(f"--threads must be >= 0 and --latency-batch >= 1; got {self.threads}, {self.latency_batch}")
-        if self.cost == "latency":
+        if self.cost == "latency" or self.provider != "CPUExecutionProvider":  # what is timed (widths too)
             from .runtime.sessions import require_provider
 
             require_provider(self.provider)

@@ -1279,6 +1279,7 @@ for _what, _extra, _expect, _usage in [
         ("threads-negative", ["--threads", "-2"], "error", False),
         ("image-mean-text", ["--image-mean", "a,b,c"], "error", False),
         ("latency-unknown-provider", ["--cost", "latency", "--provider", "NoSuchProvider"], "error", False),
+        ("unknown-provider", ["--provider", "NoSuchProvider"], "error", False),  # the rank widths are timed there
         ("exclude-everything", ["--exclude", "Conv,Gemm"], "any", False)]:
     add(f"option-{_what}", _opts(*_extra), _expect, _usage)
 

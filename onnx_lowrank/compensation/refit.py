@@ -98,9 +98,9 @@ class References:
 
 
 class Compensation:
-    """Refits the factored layers of models built from `prepared` (pipeline.verify.assemble) to
-    the original's outputs read in the calibration pass (`references`, on the search part's two
-    folds). A model is measured as its two refits, each on the fold it was not fitted on
+    """Refits the factored layers of the models built from the prepared model
+    (pipeline.verify.assemble) to the original's outputs read in the calibration pass
+    (`references`, on the search part's two folds; joined here, once). A model is measured as its two refits, each on the fold it was not fitted on
     (`crossfit`): a refit measured on its own samples looks better than it is (the default MNIST
     model: drop 0.005 on the calibration set, 0.008 on unseen digits). The model written is refit
     on both (`refit`)."""
