@@ -116,7 +116,7 @@ class LayerTimer:
         self.quantizer = quantizer
         self.provider, self.threads, self.batch = provider, threads, batch
         self.cache_path = Path(cache) if cache is not None else default_cache_path()
-        self._cache: dict[str, float] = _read_cache(self.cache_path)
+        self._cache: dict[str, float] = read_cache(self.cache_path)
         self._dirty = False
         self._micro: dict[str, tuple[onnx.ModelProto, LayerTarget, dict]] = {}
         self.timed = 0   # micro-models actually run (not found in the cache)
@@ -140,7 +140,7 @@ class LayerTimer:
 
     def save(self) -> None:
         if self._dirty:
-            _write_cache(self.cache_path, self._cache)
+            write_cache(self.cache_path, self._cache)
             self._dirty = False
 
     def _micro_model(self, target: LayerTarget, input_shape: tuple[int, ...]):
@@ -198,7 +198,7 @@ def default_cache_path() -> Path:
     return Path(root) / "latency.json"
 
 
-def _read_cache(path: Path) -> dict[str, float]:
+def read_cache(path: Path) -> dict[str, float]:
     try:
         data = json.loads(path.read_text())
         return {k: float(v) for k, v in data.items()} if isinstance(data, dict) else {}
@@ -206,10 +206,10 @@ def _read_cache(path: Path) -> dict[str, float]:
         return {}  # no cache yet, or a damaged one: measure again
 
 
-def _write_cache(path: Path, entries: dict[str, float]) -> None:
+def write_cache(path: Path, entries: dict[str, float]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**_read_cache(path), **entries}  # another process may have added entries
+        merged = {**read_cache(path), **entries}  # another process may have added entries
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".latency-")
         with os.fdopen(fd, "w") as f:
             json.dump(merged, f)
