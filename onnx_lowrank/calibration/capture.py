@@ -255,7 +255,7 @@ def capture(model: onnx.ModelProto, targets: list[LayerTarget], data: Calibratio
             _accumulate(stats, targets, values, part, count, mask, rng, batches, keep)
     joined = [data.join(r) for r in results]
     if parts:  # the parts ran first: the outputs back in the set's order
-        order = np.argsort(np.concatenate([p for p in parts] + [rest]))
+        order = np.argsort(np.concatenate([*parts, rest]))
         joined = [o[order] if o.ndim and len(o) == len(order) else o for o in joined]
     return stats, joined
 

@@ -142,11 +142,12 @@ class Compensation:
         pass over the samples, not one per layer (PP-OCRv4's recognizer: 635 s to convert when
         each refit ran the model from its input, 118 s so)."""
         graph = model.graph
+        inits = {init.name: init for init in graph.initializer}
         position = {node.name: i for i, node in enumerate(graph.node)}
         steps = []  # (layer, its last step, the tensor the step reads)
         for _, name, last in sorted((position[c.last.node], n, c.last) for n, c in chains.items()
                                     if n in self.targets and c.last is not None and c.last.layer.groups == 1):
-            steps.append((name, _fit(graph, graph.node[position[last.node]], last), last.input))
+            steps.append((name, _fit(graph, inits, graph.node[position[last.node]], last), last.input))
         # every tensor a piece computes is final (its steps upstream are refit by then): later
         # pieces start from it, rather than from the model's input again through a residual path
         cut = pieces(graph, [z for _, _, z in steps])
@@ -232,10 +233,10 @@ class _Fit:
             self.write_bias(bias)
 
 
-def _fit(graph: onnx.GraphProto, node: onnx.NodeProto, step: LastStep) -> _Fit:
-    """The refit of a chain's last step (`node` in `graph`). Its bias is refit where it is a
-    constant vector, one per output; a Conv or Gemm without one gets one, zero until written."""
-    inits = {init.name: init for init in graph.initializer}
+def _fit(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], node: onnx.NodeProto, step: LastStep) -> _Fit:
+    """The refit of a chain's last step (`node` in `graph`, whose initializers `inits` names). Its
+    bias is refit where it is a constant vector, one per output; a Conv or Gemm without one gets
+    one, zero until written."""
     stored = numpy_helper.to_array(inits[step.weight])
     dtype = stored.dtype
 
@@ -245,11 +246,10 @@ def _fit(graph: onnx.GraphProto, node: onnx.NodeProto, step: LastStep) -> _Fit:
         return write
 
     weight = stored.T if step.transposed else stored.reshape(len(stored), -1)  # (out, in)
-    write_weight = setter(step.weight)
-    if step.transposed:
-        write_weight = lambda v: setter(step.weight)(v.T)  # noqa: E731
-    elif stored.ndim > 2:
-        write_weight = lambda v: setter(step.weight)(v.reshape(stored.shape))  # noqa: E731
+
+    def write_weight(value: np.ndarray) -> None:  # (out, in) back to the stored layout
+        setter(step.weight)(value.T if step.transposed else value.reshape(stored.shape))
+
     bias_name = step.bias
     if bias_name is None and node.op_type in ("Conv", "Gemm") and len(node.input) < 3:
         bias_name = f"{node.output[0]}/refit_bias"

@@ -15,10 +15,10 @@ from ..compensation.refit import Compensation
 from ..config import CompressConfig
 from ..errors import InvalidModel, first_line
 from ..graph import replace_layers
-from ..graph.rewrite import Chain
 from ..graph.export import fp16_weights, merge_linear_pairs
 from ..graph.index import FLOAT_TYPES
 from ..graph.prepare import infer_shapes
+from ..graph.rewrite import Chain
 from ..metrics.confidence import Bound
 from ..metrics.quality import drop_bound
 from ..quantization.int8 import INT8_MAC_COST, Quantizer, Unit, unit_errors, units
